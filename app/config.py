@@ -1,0 +1,90 @@
+"""Settings: the only code that reads CAPSULE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot start with."""
+
+
+def _parse_hosts(text: str) -> dict[str, str]:
+    hosts: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host_id, sep, address = item.partition("=")
+        if not sep or not host_id.strip() or ":" not in address:
+            raise ConfigError(f"CAPSULE_HOSTS entry {item!r} is not ID=HOST:PORT")
+        hosts[host_id.strip()] = address.strip()
+    return hosts
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a number") from exc
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r} is negative")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable, read once at startup and passed down."""
+
+    data_dir: Path = Path(".capsule")
+    database_url: str = ""
+    bus_url: str = "memory://"
+    hosts: Mapping[str, str] = field(default_factory=dict)
+    # The host agent's limits.
+    output_cap_bytes: int = 16 * MiB
+    retention_sec: float = 600.0
+    exec_output_cap_bytes: int = 1 * MiB
+    exec_default_timeout_sec: float = 60.0
+    # The API server's limits.
+    host_connect_timeout_sec: float = 2.0
+    host_call_timeout_sec: float = 30.0
+    max_input_bytes: int = 1 * MiB
+    idle_check_interval_sec: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite+aiosqlite:///{self.data_dir / 'capsule.db'}")
+
+    @property
+    def embedded_agent(self) -> bool:
+        """True when no host is configured here, so `serve` starts its own agent."""
+        return not self.hosts
+
+    @property
+    def agent_dir(self) -> Path:
+        return self.data_dir / "agent"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Reads CAPSULE_* variables; rejects bad values before anything starts."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {
+            "data_dir": Path(env.get("CAPSULE_DATA_DIR") or ".capsule"),
+            "database_url": env.get("CAPSULE_DATABASE_URL", ""),
+            "bus_url": env.get("CAPSULE_BUS_URL") or "memory://",
+            "hosts": _parse_hosts(env.get("CAPSULE_HOSTS", "")),
+            "output_cap_bytes": int(_number(env, "CAPSULE_OUTPUT_CAP_BYTES", 16 * MiB)),
+            "retention_sec": _number(env, "CAPSULE_RETENTION_SEC", 600.0),
+        }
+        settings = cls(**(values | overrides))
+        if not settings.bus_url.startswith(
+            ("memory://", "redis://", "rediss://", "postgres://", "postgresql://")
+        ):
+            raise ConfigError(f"CAPSULE_BUS_URL={settings.bus_url!r}: use memory://, redis:// or postgres://")
+        return settings

@@ -1,0 +1,251 @@
+"""Values and pure rules that both sides of the agent's gRPC surface share."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import re
+import secrets
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from app.errors import InvalidRequest
+
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_TIMEOUT_SEC = 7 * 24 * 3600
+
+# The signals a caller may send (the contract's Signal enum).
+SENDABLE_SIGNALS: frozenset[signal.Signals] = frozenset(
+    {
+        signal.SIGHUP,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGKILL,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGTERM,
+        signal.SIGCONT,
+        signal.SIGSTOP,
+    }
+)
+
+
+class CapsuleStatus(enum.Enum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    ERROR = "ERROR"
+
+
+class ProcessStatus(enum.Enum):
+    RUNNING = "RUNNING"
+    EXITED = "EXITED"
+
+
+class Stream(enum.Enum):
+    STDOUT = "STDOUT"
+    STDERR = "STDERR"
+
+
+class Encoding(enum.Enum):
+    UTF8 = "UTF8"
+    BASE64 = "BASE64"
+
+
+class SignalScope(enum.Enum):
+    PROCESS = "PROCESS"
+    GROUP = "GROUP"
+
+
+class ProcessEventKind(enum.Enum):
+    STARTED = "STARTED"
+    EXITED = "EXITED"
+
+
+def utcnow() -> datetime:
+    """The current instant, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Makes a datetime aware: naive ones (SQLite drops the zone) are taken as UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def parse_selector(selector: str) -> int | str:
+    """All digits: a PID (an int); anything else: a tag (a str)."""
+    if not selector:
+        raise InvalidRequest("selector is empty: pass a PID (digits) or a tag")
+    if selector.isascii() and selector.isdigit():
+        return int(selector)
+    return selector
+
+
+def check_tag(tag: str) -> str:
+    """Returns the tag when it keeps the rules, else raises InvalidRequest."""
+    if tag.isascii() and tag.isdigit():
+        raise InvalidRequest(f"tag {tag!r} is all digits, which selects a PID: add a letter")
+    if not TAG_RE.fullmatch(tag):
+        raise InvalidRequest(
+            f"tag {tag[:80]!r} is malformed: use 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+        )
+    return tag
+
+
+def new_tag() -> str:
+    """A generated tag: proc- plus 8 hex digits."""
+    return f"proc-{secrets.token_hex(4)}"
+
+
+def check_timeout(timeout_sec: float | None, *, name: str = "timeoutSec") -> float | None:
+    """Rejects negative or absurd timeouts; None passes through."""
+    if timeout_sec is None:
+        return None
+    if timeout_sec < 0:
+        raise InvalidRequest(f"{name} is negative ({timeout_sec}): pass 0 or more seconds")
+    if timeout_sec > MAX_TIMEOUT_SEC:
+        raise InvalidRequest(f"{name} is over {MAX_TIMEOUT_SEC} seconds")
+    return timeout_sec
+
+
+def check_cmd(cmd: str) -> str:
+    """Rejects an empty command or one with a NUL byte."""
+    if not cmd.strip():
+        raise InvalidRequest("cmd is empty: name a program, e.g. sh with args ['-c', '...']")
+    if "\0" in cmd:
+        raise InvalidRequest("cmd contains a NUL byte")
+    return cmd
+
+
+def signal_name(signum: signal.Signals | None) -> str | None:
+    """The signal's name (SIGTERM), or None."""
+    return None if signum is None else signum.name
+
+
+def to_signal(number: int) -> signal.Signals | None:
+    """A signal number as a Signals member; 0 or an unknown number is None."""
+    try:
+        return signal.Signals(number) if number else None
+    except ValueError:
+        return None
+
+
+def encode_output(data: bytes) -> tuple[str, Encoding]:
+    """Text for a GraphQL string field: UTF8 when the bytes are valid UTF-8, else BASE64."""
+    try:
+        return data.decode("utf-8"), Encoding.UTF8
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii"), Encoding.BASE64
+
+
+def decode_input(data: str, encoding: Encoding) -> bytes:
+    """Bytes from text a caller sent in the given encoding."""
+    if encoding is Encoding.UTF8:
+        return data.encode("utf-8")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError as exc:
+        raise InvalidRequest("data is not valid base64") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExecSpec:
+    """What to run to completion."""
+
+    cmd: str
+    args: Sequence[str] = ()
+    envs: Sequence[EnvVar] = ()
+    cwd: str | None = None
+    stdin: bytes | None = None
+    timeout_sec: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    duration_ms: int
+    timed_out: bool
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """What to start in the background."""
+
+    cmd: str
+    args: Sequence[str] = ()
+    envs: Sequence[EnvVar] = ()
+    cwd: str | None = None
+    tag: str | None = None
+    stdin: bool = False
+    timeout_sec: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """What the agent knows of one process."""
+
+    capsule_id: str
+    pid: int
+    tag: str
+    cmd: str
+    args: tuple[str, ...]
+    cwd: str
+    status: ProcessStatus
+    started_at: datetime
+    exit_code: int | None = None
+    signal: signal.Signals | None = None
+    timed_out: bool = False
+    ended_at: datetime | None = None
+    stdin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CapsuleInfo:
+    capsule_id: str
+    workspace: str
+    running_processes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    seq: int
+    stream: Stream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutputGap:
+    """Events before seq were asked for but are no longer retained."""
+
+    seq: int
+    lost_events: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExit:
+    seq: int
+    exit_code: int | None
+    signal: signal.Signals | None
+    timed_out: bool
+    ended_at: datetime
+
+
+OutputEvent = OutputChunk | OutputGap | ProcessExit
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessEvent:
+    kind: ProcessEventKind
+    process: ProcessInfo

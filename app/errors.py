@@ -1,0 +1,105 @@
+"""Error codes callers see, the exception type that carries them, and their gRPC twins."""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+import grpc
+
+
+class ErrorCode(enum.Enum):
+    """The codes of ARCHITECTURE.md; every error a client sees carries one."""
+
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    NOT_FOUND = "NOT_FOUND"
+    CONFLICT = "CONFLICT"
+    INVALID_STATE = "INVALID_STATE"
+    HOST_UNAVAILABLE = "HOST_UNAVAILABLE"
+    RATE_LIMITED = "RATE_LIMITED"
+    INTERNAL = "INTERNAL"
+
+
+class CapsuleError(Exception):
+    """An error a caller may see; the subclass fixes its code."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        # graphql-core copies an original error's `extensions` onto its GraphQLError.
+        return {"code": self.code.value}
+
+
+class Unauthenticated(CapsuleError):
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class InvalidRequest(CapsuleError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class NotFound(CapsuleError):
+    code = ErrorCode.NOT_FOUND
+
+
+class Conflict(CapsuleError):
+    code = ErrorCode.CONFLICT
+
+
+class InvalidState(CapsuleError):
+    code = ErrorCode.INVALID_STATE
+
+
+class HostUnavailable(CapsuleError):
+    code = ErrorCode.HOST_UNAVAILABLE
+
+
+class RateLimited(CapsuleError):
+    code = ErrorCode.RATE_LIMITED
+
+
+class Internal(CapsuleError):
+    code = ErrorCode.INTERNAL
+
+
+ERROR_TYPES: dict[ErrorCode, type[CapsuleError]] = {
+    cls.code: cls
+    for cls in (
+        Unauthenticated,
+        InvalidRequest,
+        NotFound,
+        Conflict,
+        InvalidState,
+        HostUnavailable,
+        RateLimited,
+        Internal,
+    )
+}
+
+# The one table between our codes and gRPC's; the host client reads it backwards.
+GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.INVALID_STATE: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.HOST_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+ERROR_CODE_OF_STATUS: dict[grpc.StatusCode, ErrorCode] = {
+    status: code for code, status in GRPC_STATUS.items()
+} | {grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.HOST_UNAVAILABLE}
+
+
+def error_from_status(status: grpc.StatusCode, message: str) -> CapsuleError:
+    """Turns a failed gRPC call's status back into the error the agent raised."""
+    code = ERROR_CODE_OF_STATUS.get(status, ErrorCode.INTERNAL)
+    if code is ErrorCode.HOST_UNAVAILABLE:
+        return HostUnavailable(message or "the capsule's host agent cannot be reached")
+    if code is ErrorCode.INTERNAL:
+        return Internal("internal error")
+    return ERROR_TYPES[code](message)

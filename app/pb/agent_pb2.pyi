@@ -1,0 +1,265 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ProcessStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROCESS_STATUS_UNSPECIFIED: _ClassVar[ProcessStatus]
+    PROCESS_RUNNING: _ClassVar[ProcessStatus]
+    PROCESS_EXITED: _ClassVar[ProcessStatus]
+
+class SignalScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCOPE_GROUP: _ClassVar[SignalScope]
+    SCOPE_PROCESS: _ClassVar[SignalScope]
+
+class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STDOUT: _ClassVar[Stream]
+    STDERR: _ClassVar[Stream]
+
+class ProcessEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROCESS_EVENT_KIND_UNSPECIFIED: _ClassVar[ProcessEventKind]
+    EVENT_STARTED: _ClassVar[ProcessEventKind]
+    EVENT_EXITED: _ClassVar[ProcessEventKind]
+PROCESS_STATUS_UNSPECIFIED: ProcessStatus
+PROCESS_RUNNING: ProcessStatus
+PROCESS_EXITED: ProcessStatus
+SCOPE_GROUP: SignalScope
+SCOPE_PROCESS: SignalScope
+STDOUT: Stream
+STDERR: Stream
+PROCESS_EVENT_KIND_UNSPECIFIED: ProcessEventKind
+EVENT_STARTED: ProcessEventKind
+EVENT_EXITED: ProcessEventKind
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CapsuleRef(_message.Message):
+    __slots__ = ("capsule_id",)
+    CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
+    capsule_id: str
+    def __init__(self, capsule_id: _Optional[str] = ...) -> None: ...
+
+class CapsuleInfo(_message.Message):
+    __slots__ = ("capsule_id", "workspace", "running_processes")
+    CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    capsule_id: str
+    workspace: str
+    running_processes: int
+    def __init__(self, capsule_id: _Optional[str] = ..., workspace: _Optional[str] = ..., running_processes: _Optional[int] = ...) -> None: ...
+
+class CapsuleList(_message.Message):
+    __slots__ = ("capsules",)
+    CAPSULES_FIELD_NUMBER: _ClassVar[int]
+    capsules: _containers.RepeatedCompositeFieldContainer[CapsuleInfo]
+    def __init__(self, capsules: _Optional[_Iterable[_Union[CapsuleInfo, _Mapping]]] = ...) -> None: ...
+
+class ProcessRef(_message.Message):
+    __slots__ = ("capsule_id", "selector")
+    CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    capsule_id: str
+    selector: str
+    def __init__(self, capsule_id: _Optional[str] = ..., selector: _Optional[str] = ...) -> None: ...
+
+class EnvVar(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class ExecRequest(_message.Message):
+    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "stdin", "timeout_sec")
+    CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENVS_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SEC_FIELD_NUMBER: _ClassVar[int]
+    capsule_id: str
+    cmd: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    envs: _containers.RepeatedCompositeFieldContainer[EnvVar]
+    cwd: str
+    stdin: bytes
+    timeout_sec: float
+    def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_sec: _Optional[float] = ...) -> None: ...
+
+class ExecReply(_message.Message):
+    __slots__ = ("stdout", "stderr", "exit_code", "duration_ms", "timed_out", "truncated")
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    duration_ms: int
+    timed_out: bool
+    truncated: bool
+    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., timed_out: _Optional[bool] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class StartRequest(_message.Message):
+    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "stdin", "timeout_sec")
+    CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENVS_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SEC_FIELD_NUMBER: _ClassVar[int]
+    capsule_id: str
+    cmd: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    envs: _containers.RepeatedCompositeFieldContainer[EnvVar]
+    cwd: str
+    tag: str
+    stdin: bool
+    timeout_sec: float
+    def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., stdin: _Optional[bool] = ..., timeout_sec: _Optional[float] = ...) -> None: ...
+
+class ProcessInfo(_message.Message):
+    __slots__ = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "status", "exit_code", "signal", "timed_out", "started_at", "ended_at", "stdin")
+    CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    capsule_id: str
+    pid: int
+    tag: str
+    cmd: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    cwd: str
+    status: ProcessStatus
+    exit_code: int
+    signal: int
+    timed_out: bool
+    started_at: _timestamp_pb2.Timestamp
+    ended_at: _timestamp_pb2.Timestamp
+    stdin: bool
+    def __init__(self, capsule_id: _Optional[str] = ..., pid: _Optional[int] = ..., tag: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., status: _Optional[_Union[ProcessStatus, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdin: _Optional[bool] = ...) -> None: ...
+
+class ProcessList(_message.Message):
+    __slots__ = ("processes",)
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
+    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ...) -> None: ...
+
+class SignalRequest(_message.Message):
+    __slots__ = ("process", "signal", "scope")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    signal: int
+    scope: SignalScope
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., signal: _Optional[int] = ..., scope: _Optional[_Union[SignalScope, str]] = ...) -> None: ...
+
+class StopRequest(_message.Message):
+    __slots__ = ("process", "grace_sec")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SEC_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    grace_sec: float
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., grace_sec: _Optional[float] = ...) -> None: ...
+
+class InputRequest(_message.Message):
+    __slots__ = ("process", "data")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    data: bytes
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class OutputRequest(_message.Message):
+    __slots__ = ("process", "from_seq")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    from_seq: int
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., from_seq: _Optional[int] = ...) -> None: ...
+
+class OutputChunk(_message.Message):
+    __slots__ = ("seq", "stream", "data")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    stream: Stream
+    data: bytes
+    def __init__(self, seq: _Optional[int] = ..., stream: _Optional[_Union[Stream, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class OutputGap(_message.Message):
+    __slots__ = ("seq", "lost_events")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOST_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    lost_events: int
+    def __init__(self, seq: _Optional[int] = ..., lost_events: _Optional[int] = ...) -> None: ...
+
+class ProcessExit(_message.Message):
+    __slots__ = ("seq", "exit_code", "signal", "timed_out", "ended_at")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    exit_code: int
+    signal: int
+    timed_out: bool
+    ended_at: _timestamp_pb2.Timestamp
+    def __init__(self, seq: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class OutputEvent(_message.Message):
+    __slots__ = ("chunk", "gap", "exit")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    chunk: OutputChunk
+    gap: OutputGap
+    exit: ProcessExit
+    def __init__(self, chunk: _Optional[_Union[OutputChunk, _Mapping]] = ..., gap: _Optional[_Union[OutputGap, _Mapping]] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ...) -> None: ...
+
+class OutputBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[OutputEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[OutputEvent, _Mapping]]] = ...) -> None: ...
+
+class ProcessEvent(_message.Message):
+    __slots__ = ("kind", "process")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    kind: ProcessEventKind
+    process: ProcessInfo
+    def __init__(self, kind: _Optional[_Union[ProcessEventKind, str]] = ..., process: _Optional[_Union[ProcessInfo, _Mapping]] = ...) -> None: ...

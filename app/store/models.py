@@ -1,0 +1,94 @@
+"""SQLModel tables: teams, API keys, hosts, capsules and process records."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlmodel import JSON, Column, Field, SQLModel
+
+from app.domain import CapsuleStatus, ProcessStatus, as_utc, utcnow
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Stores UTC and always returns aware datetimes (SQLite drops the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
+def _moment(*, nullable: bool = False, index: bool = False) -> Any:
+    return Field(
+        default_factory=None if nullable else utcnow,
+        sa_column=Column(UTCDateTime(), nullable=nullable, index=index),
+    )
+
+
+class Team(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True, max_length=64)
+    created_at: datetime = _moment()
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    team_id: int = Field(foreign_key="team.id", index=True)
+    # sha256 of the whole key; the key itself is shown once and never stored.
+    key_hash: str = Field(unique=True, index=True, max_length=64)
+    prefix: str = Field(max_length=16)
+    created_at: datetime = _moment()
+    revoked_at: datetime | None = _moment(nullable=True)
+
+
+class Host(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    address: str = Field(max_length=255)
+    created_at: datetime = _moment()
+
+
+class Capsule(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    team_id: int = Field(foreign_key="team.id", index=True)
+    host_id: str = Field(max_length=64, index=True)
+    status: CapsuleStatus = Field(
+        sa_column=Column(sa.Enum(CapsuleStatus, native_enum=False, length=16), nullable=False)
+    )
+    timeout_sec: int = 300
+    created_at: datetime = _moment()
+    last_active_at: datetime = _moment(index=True)
+
+
+class ProcessRecord(SQLModel, table=True):
+    __tablename__ = "process_record"
+    __table_args__ = (
+        sa.Index("ix_process_record_capsule_pid", "capsule_id", "pid"),
+        sa.Index("ix_process_record_capsule_tag", "capsule_id", "tag"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    team_id: int = Field(foreign_key="team.id", index=True)
+    capsule_id: str = Field(foreign_key="capsule.id", max_length=64)
+    pid: int
+    tag: str = Field(max_length=64)
+    cmd: str
+    args: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    cwd: str | None = None
+    status: ProcessStatus = Field(
+        sa_column=Column(sa.Enum(ProcessStatus, native_enum=False, length=16), nullable=False)
+    )
+    exit_code: int | None = None
+    # The name of the signal that ended the process (SIGTERM), if one did.
+    signal: str | None = Field(default=None, max_length=16)
+    timed_out: bool = False
+    started_at: datetime = _moment()
+    ended_at: datetime | None = _moment(nullable=True)

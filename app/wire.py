@@ -1,0 +1,234 @@
+"""Conversions between the agent's protobuf messages and domain values, written once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from app import domain
+from app.pb import agent_pb2 as pb
+
+_STATUS_TO_PB = {
+    domain.ProcessStatus.RUNNING: pb.PROCESS_RUNNING,
+    domain.ProcessStatus.EXITED: pb.PROCESS_EXITED,
+}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_STREAM_TO_PB = {domain.Stream.STDOUT: pb.STDOUT, domain.Stream.STDERR: pb.STDERR}
+_STREAM_FROM_PB = {v: k for k, v in _STREAM_TO_PB.items()}
+_SCOPE_TO_PB = {domain.SignalScope.GROUP: pb.SCOPE_GROUP, domain.SignalScope.PROCESS: pb.SCOPE_PROCESS}
+_SCOPE_FROM_PB: dict[int, domain.SignalScope] = {v: k for k, v in _SCOPE_TO_PB.items()}
+_KIND_TO_PB = {
+    domain.ProcessEventKind.STARTED: pb.EVENT_STARTED,
+    domain.ProcessEventKind.EXITED: pb.EVENT_EXITED,
+}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(moment.astimezone(UTC))
+    return ts
+
+
+def moment(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def envs_to_pb(envs: Iterable[domain.EnvVar]) -> list[pb.EnvVar]:
+    return [pb.EnvVar(name=e.name, value=e.value) for e in envs]
+
+
+def envs_from_pb(envs: Iterable[pb.EnvVar]) -> tuple[domain.EnvVar, ...]:
+    return tuple(domain.EnvVar(name=e.name, value=e.value) for e in envs)
+
+
+def process_ref(capsule_id: str, selector: str) -> pb.ProcessRef:
+    return pb.ProcessRef(capsule_id=capsule_id, selector=selector)
+
+
+def exec_request(capsule_id: str, spec: domain.ExecSpec) -> pb.ExecRequest:
+    request = pb.ExecRequest(
+        capsule_id=capsule_id,
+        cmd=spec.cmd,
+        args=list(spec.args),
+        envs=envs_to_pb(spec.envs),
+        cwd=spec.cwd or "",
+        timeout_sec=spec.timeout_sec or 0.0,
+    )
+    if spec.stdin is not None:
+        request.stdin = spec.stdin
+    return request
+
+
+def exec_spec(request: pb.ExecRequest) -> domain.ExecSpec:
+    return domain.ExecSpec(
+        cmd=request.cmd,
+        args=tuple(request.args),
+        envs=envs_from_pb(request.envs),
+        cwd=request.cwd or None,
+        stdin=request.stdin if request.HasField("stdin") else None,
+        timeout_sec=request.timeout_sec or None,
+    )
+
+
+def exec_reply(result: domain.ExecResult) -> pb.ExecReply:
+    return pb.ExecReply(
+        stdout=result.stdout,
+        stderr=result.stderr,
+        exit_code=result.exit_code,
+        duration_ms=result.duration_ms,
+        timed_out=result.timed_out,
+        truncated=result.truncated,
+    )
+
+
+def exec_result(reply: pb.ExecReply) -> domain.ExecResult:
+    return domain.ExecResult(
+        stdout=reply.stdout,
+        stderr=reply.stderr,
+        exit_code=reply.exit_code,
+        duration_ms=reply.duration_ms,
+        timed_out=reply.timed_out,
+        truncated=reply.truncated,
+    )
+
+
+def start_request(capsule_id: str, spec: domain.ProcessSpec) -> pb.StartRequest:
+    request = pb.StartRequest(
+        capsule_id=capsule_id,
+        cmd=spec.cmd,
+        args=list(spec.args),
+        envs=envs_to_pb(spec.envs),
+        cwd=spec.cwd or "",
+        tag=spec.tag or "",
+        stdin=spec.stdin,
+    )
+    if spec.timeout_sec is not None:
+        request.timeout_sec = spec.timeout_sec
+    return request
+
+
+def process_spec(request: pb.StartRequest) -> domain.ProcessSpec:
+    return domain.ProcessSpec(
+        cmd=request.cmd,
+        args=tuple(request.args),
+        envs=envs_from_pb(request.envs),
+        cwd=request.cwd or None,
+        tag=request.tag or None,
+        stdin=request.stdin,
+        timeout_sec=request.timeout_sec if request.HasField("timeout_sec") else None,
+    )
+
+
+def process_info_to_pb(info: domain.ProcessInfo) -> pb.ProcessInfo:
+    message = pb.ProcessInfo(
+        capsule_id=info.capsule_id,
+        pid=info.pid,
+        tag=info.tag,
+        cmd=info.cmd,
+        args=list(info.args),
+        cwd=info.cwd,
+        status=_STATUS_TO_PB[info.status],
+        signal=int(info.signal) if info.signal is not None else 0,
+        timed_out=info.timed_out,
+        started_at=timestamp(info.started_at),
+        stdin=info.stdin,
+    )
+    if info.exit_code is not None:
+        message.exit_code = info.exit_code
+    if info.ended_at is not None:
+        message.ended_at.CopyFrom(timestamp(info.ended_at))
+    return message
+
+
+def process_info(message: pb.ProcessInfo) -> domain.ProcessInfo:
+    return domain.ProcessInfo(
+        capsule_id=message.capsule_id,
+        pid=message.pid,
+        tag=message.tag,
+        cmd=message.cmd,
+        args=tuple(message.args),
+        cwd=message.cwd,
+        status=_STATUS_FROM_PB[message.status],
+        started_at=moment(message.started_at),
+        exit_code=message.exit_code if message.HasField("exit_code") else None,
+        signal=domain.to_signal(message.signal),
+        timed_out=message.timed_out,
+        ended_at=moment(message.ended_at) if message.HasField("ended_at") else None,
+        stdin=message.stdin,
+    )
+
+
+def capsule_info_to_pb(info: domain.CapsuleInfo) -> pb.CapsuleInfo:
+    return pb.CapsuleInfo(
+        capsule_id=info.capsule_id, workspace=info.workspace, running_processes=info.running_processes
+    )
+
+
+def capsule_info(message: pb.CapsuleInfo) -> domain.CapsuleInfo:
+    return domain.CapsuleInfo(
+        capsule_id=message.capsule_id,
+        workspace=message.workspace,
+        running_processes=message.running_processes,
+    )
+
+
+def signal_scope_to_pb(scope: domain.SignalScope) -> pb.SignalScope.ValueType:
+    return _SCOPE_TO_PB[scope]
+
+
+def signal_scope(value: pb.SignalScope.ValueType) -> domain.SignalScope:
+    return _SCOPE_FROM_PB[value]
+
+
+def output_event_to_pb(event: domain.OutputEvent) -> pb.OutputEvent:
+    match event:
+        case domain.OutputChunk(seq=seq, stream=stream, data=data):
+            return pb.OutputEvent(chunk=pb.OutputChunk(seq=seq, stream=_STREAM_TO_PB[stream], data=data))
+        case domain.OutputGap(seq=seq, lost_events=lost):
+            return pb.OutputEvent(gap=pb.OutputGap(seq=seq, lost_events=lost))
+        case domain.ProcessExit():
+            exit_message = pb.ProcessExit(
+                seq=event.seq,
+                signal=int(event.signal) if event.signal is not None else 0,
+                timed_out=event.timed_out,
+                ended_at=timestamp(event.ended_at),
+            )
+            if event.exit_code is not None:
+                exit_message.exit_code = event.exit_code
+            return pb.OutputEvent(exit=exit_message)
+
+
+def output_batch(events: Sequence[domain.OutputEvent]) -> pb.OutputBatch:
+    return pb.OutputBatch(events=[output_event_to_pb(e) for e in events])
+
+
+def output_event(message: pb.OutputEvent) -> domain.OutputEvent:
+    which = message.WhichOneof("event")
+    if which == "chunk":
+        chunk = message.chunk
+        return domain.OutputChunk(seq=chunk.seq, stream=_STREAM_FROM_PB[chunk.stream], data=chunk.data)
+    if which == "gap":
+        return domain.OutputGap(seq=message.gap.seq, lost_events=message.gap.lost_events)
+    end = message.exit
+    return domain.ProcessExit(
+        seq=end.seq,
+        exit_code=end.exit_code if end.HasField("exit_code") else None,
+        signal=domain.to_signal(end.signal),
+        timed_out=end.timed_out,
+        ended_at=moment(end.ended_at),
+    )
+
+
+def output_events(batch: pb.OutputBatch) -> list[domain.OutputEvent]:
+    return [output_event(e) for e in batch.events]
+
+
+def process_event_to_pb(event: domain.ProcessEvent) -> pb.ProcessEvent:
+    return pb.ProcessEvent(kind=_KIND_TO_PB[event.kind], process=process_info_to_pb(event.process))
+
+
+def process_event(message: pb.ProcessEvent) -> domain.ProcessEvent:
+    return domain.ProcessEvent(kind=_KIND_FROM_PB[message.kind], process=process_info(message.process))
