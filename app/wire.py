@@ -175,11 +175,11 @@ def capsule_info(message: pb.CapsuleInfo) -> domain.CapsuleInfo:
     )
 
 
-def signal_scope_to_pb(scope: domain.SignalScope) -> pb.SignalScope.ValueType:
+def signal_scope_to_pb(scope: domain.SignalScope) -> int:
     return _SCOPE_TO_PB[scope]
 
 
-def signal_scope(value: pb.SignalScope.ValueType) -> domain.SignalScope:
+def signal_scope(value: int) -> domain.SignalScope:
     return _SCOPE_FROM_PB[value]
 
 
