@@ -11,6 +11,15 @@ from sqlmodel import JSON, Column, Field, SQLModel
 
 from app.domain import CapsuleStatus, ProcessStatus, as_utc, utcnow
 
+# Named constraints, so later migrations can alter or drop them (SQLite's batch mode needs names).
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Stores UTC and always returns aware datetimes (SQLite drops the zone)."""

@@ -1,0 +1,75 @@
+"""Host agents: register them, merge in CAPSULE_HOSTS, choose where a new capsule goes."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+from app.errors import HostUnavailable, InvalidRequest
+from app.store import models
+from app.store.repositories import HostRepository
+from app.store.session import Database
+
+logger = logging.getLogger(__name__)
+
+HOST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# HOST:PORT, where HOST is a name, an IPv4 address or a bracketed IPv6 address.
+ADDRESS_RE = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
+
+
+def check_address(address: str) -> str:
+    """Returns a HOST:PORT address unchanged, or raises InvalidRequest."""
+    match = ADDRESS_RE.fullmatch(address)
+    if match is None or len(address) > 255 or not 1 <= int(match["port"]) <= 65535:
+        raise InvalidRequest(f"host address {address[:80]!r} is not HOST:PORT (e.g. agent-1.internal:7070)")
+    return address
+
+
+def check_host_id(host_id: str) -> str:
+    """Returns a host id unchanged, or raises InvalidRequest."""
+    if not HOST_ID_RE.fullmatch(host_id):
+        raise InvalidRequest(
+            f"host id {host_id[:80]!r} is malformed: use 1-64 of A-Z a-z 0-9 _ . -, not starting with _ . -"
+        )
+    return host_id
+
+
+class HostService:
+    """The host agents a server may place capsules on: registered ones and configured ones."""
+
+    def __init__(self, db: Database, configured: Mapping[str, str]) -> None:
+        self._db = db
+        self._configured = dict(configured)
+
+    async def register(self, host_id: str, address: str) -> models.Host:
+        """Registers a host agent, or moves a registered one to a new address."""
+        check_host_id(host_id)
+        check_address(address)
+        async with self._db.transaction() as session:
+            host = await HostRepository(session).upsert(host_id, address)
+        logger.info("registered host %s at %s", host_id, address)
+        return host
+
+    async def hosts(self) -> dict[str, str]:
+        """Every host id with its address: the store's, then CAPSULE_HOSTS over them."""
+        async with self._db.session() as session:
+            stored = await HostRepository(session).list()
+        return {host.id: host.address for host in stored} | self._configured
+
+    async def address(self, host_id: str) -> str | None:
+        """The address of one host, or None when it is neither registered nor configured."""
+        if host_id in self._configured:
+            return self._configured[host_id]
+        async with self._db.session() as session:
+            host = await HostRepository(session).get(host_id)
+        return None if host is None else host.address
+
+    async def choose(self) -> str:
+        """The host with the fewest active capsules (ties go to the lowest id)."""
+        hosts = await self.hosts()
+        if not hosts:
+            raise HostUnavailable("no host agent is registered")
+        async with self._db.session() as session:
+            counts = await HostRepository(session).active_capsule_counts()
+        return min(sorted(hosts), key=lambda host_id: counts.get(host_id, 0))

@@ -1,0 +1,329 @@
+"""Repositories: team-scoped ones for capsules and process records, global ones for the rest.
+
+Repositories flush; the service that opened the session commits (Database.transaction()).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import col, func, select, update
+from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import SelectOfScalar
+
+from app.domain import CapsuleStatus, ProcessStatus, as_utc, utcnow
+from app.store import models
+
+M = TypeVar("M", models.Capsule, models.ProcessRecord)
+
+# Capsules that take a share of their host: they count when choosing where a new one goes.
+ACTIVE_CAPSULE_STATUSES = (CapsuleStatus.STARTING, CapsuleStatus.RUNNING)
+
+
+async def _add(session: AsyncSession, row: Any) -> Any:
+    session.add(row)
+    await session.flush()
+    return row
+
+
+class TeamScoped(Generic[M]):
+    """A repository that can only see one team's rows."""
+
+    model: type[M]
+
+    def __init__(self, session: AsyncSession, team_id: int) -> None:
+        self._session, self._team_id = session, team_id
+
+    def _select(self) -> SelectOfScalar[M]:
+        # Every query of a subclass starts here, so no query can reach another team's rows.
+        return select(self.model).where(col(self.model.team_id) == self._team_id)
+
+    async def add(self, row: M) -> M:
+        """Adds a row of this team (its team_id must be this team's) and flushes."""
+        if row.team_id != self._team_id:
+            raise ValueError(f"row of team {row.team_id} added through team {self._team_id}'s repository")
+        added: M = await _add(self._session, row)
+        return added
+
+
+class CapsuleRepository(TeamScoped[models.Capsule]):
+    """One team's capsules."""
+
+    model = models.Capsule
+
+    async def get(self, capsule_id: str) -> models.Capsule | None:
+        """The team's capsule, or None (another team's capsule is None too)."""
+        statement = self._select().where(col(models.Capsule.id) == capsule_id)
+        return (await self._session.exec(statement)).one_or_none()
+
+    async def list(self) -> Sequence[models.Capsule]:
+        """The team's capsules, newest first."""
+        statement = self._select().order_by(
+            col(models.Capsule.created_at).desc(), col(models.Capsule.id).desc()
+        )
+        return (await self._session.exec(statement)).all()
+
+
+class ProcessRecordRepository(TeamScoped[models.ProcessRecord]):
+    """One team's process records."""
+
+    model = models.ProcessRecord
+
+    def _newest_first(self, capsule_id: str) -> SelectOfScalar[models.ProcessRecord]:
+        return (
+            self._select()
+            .where(col(models.ProcessRecord.capsule_id) == capsule_id)
+            .order_by(col(models.ProcessRecord.started_at).desc(), col(models.ProcessRecord.id).desc())
+        )
+
+    async def list(
+        self, capsule_id: str, status: ProcessStatus | None = None
+    ) -> Sequence[models.ProcessRecord]:
+        """The capsule's records: RUNNING ones first, then newest first; only `status` when given."""
+        running_first = sa.case((col(models.ProcessRecord.status) == ProcessStatus.RUNNING, 0), else_=1)
+        statement = self._newest_first(capsule_id)
+        if status is not None:
+            statement = statement.where(col(models.ProcessRecord.status) == status)
+        # order_by appends, so put the RUNNING key in front of the newest-first keys.
+        statement = statement.order_by(None).order_by(
+            running_first, col(models.ProcessRecord.started_at).desc(), col(models.ProcessRecord.id).desc()
+        )
+        return (await self._session.exec(statement)).all()
+
+    async def get_by_pid(self, capsule_id: str, pid: int) -> models.ProcessRecord | None:
+        """The newest record of this PID in the capsule (PIDs are reused), or None."""
+        statement = self._newest_first(capsule_id).where(col(models.ProcessRecord.pid) == pid).limit(1)
+        return (await self._session.exec(statement)).first()
+
+    async def get_by_tag(self, capsule_id: str, tag: str) -> models.ProcessRecord | None:
+        """The newest record with this tag in the capsule, or None."""
+        statement = self._newest_first(capsule_id).where(col(models.ProcessRecord.tag) == tag).limit(1)
+        return (await self._session.exec(statement)).first()
+
+
+class TeamRepository:
+    """Teams, for authentication and key management (not team-scoped)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, team_id: int) -> models.Team | None:
+        """The team with this id, or None."""
+        return await self._session.get(models.Team, team_id)
+
+    async def get_by_name(self, name: str) -> models.Team | None:
+        """The team with this name, or None."""
+        statement = select(models.Team).where(col(models.Team.name) == name)
+        return (await self._session.exec(statement)).one_or_none()
+
+    async def add(self, team: models.Team) -> models.Team:
+        """Adds a team and flushes, which gives it its id (a duplicate name raises IntegrityError)."""
+        added: models.Team = await _add(self._session, team)
+        return added
+
+
+class ApiKeyRepository:
+    """API keys by their hash (not team-scoped: the key is what finds the team)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get_by_hash(self, key_hash: str) -> models.ApiKey | None:
+        """The key with this sha256 hex digest, revoked or not, or None."""
+        statement = select(models.ApiKey).where(col(models.ApiKey.key_hash) == key_hash)
+        return (await self._session.exec(statement)).one_or_none()
+
+    async def team_of(self, key_hash: str) -> models.Team | None:
+        """The team of an unrevoked key with this hash, in one query; None otherwise."""
+        statement = (
+            select(models.Team)
+            .join(models.ApiKey, col(models.ApiKey.team_id) == col(models.Team.id))
+            .where(col(models.ApiKey.key_hash) == key_hash, col(models.ApiKey.revoked_at).is_(None))
+        )
+        return (await self._session.exec(statement)).one_or_none()
+
+    async def add(self, key: models.ApiKey) -> models.ApiKey:
+        """Adds a key and flushes."""
+        added: models.ApiKey = await _add(self._session, key)
+        return added
+
+    async def revoke(self, key_hash: str, now: datetime) -> bool:
+        """Revokes the key with this hash; False when there is none or it was revoked already."""
+        statement = (
+            update(models.ApiKey)
+            .where(col(models.ApiKey.key_hash) == key_hash, col(models.ApiKey.revoked_at).is_(None))
+            .values(revoked_at=now)
+        )
+        return bool((await self._session.exec(statement)).rowcount)
+
+
+class HostRepository:
+    """Registered host agents (not team-scoped)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def list(self) -> Sequence[models.Host]:
+        """Every registered host, by id."""
+        return (await self._session.exec(select(models.Host).order_by(col(models.Host.id)))).all()
+
+    async def get(self, host_id: str) -> models.Host | None:
+        """The host with this id, or None."""
+        return await self._session.get(models.Host, host_id)
+
+    async def upsert(self, host_id: str, address: str) -> models.Host:
+        """Registers the host, or moves it to a new address; safe when two callers race."""
+        insert = postgresql.insert if self._session.get_bind().dialect.name == "postgresql" else sqlite.insert
+        statement = (
+            insert(models.Host)
+            .values(id=host_id, address=address, created_at=utcnow())
+            .on_conflict_do_update(index_elements=["id"], set_={"address": address})
+            .returning(models.Host)
+        )
+        result = await self._session.exec(statement, execution_options={"populate_existing": True})
+        host: models.Host = result.scalar_one()
+        return host
+
+    async def active_capsule_counts(self) -> dict[str, int]:
+        """How many STARTING or RUNNING capsules each host has (hosts with none are absent)."""
+        statement = (
+            select(models.Capsule.host_id, func.count())
+            .where(col(models.Capsule.status).in_(ACTIVE_CAPSULE_STATUSES))
+            .group_by(col(models.Capsule.host_id))
+        )
+        return dict((await self._session.exec(statement)).all())
+
+
+def _idle_since(dialect: str, now: datetime) -> sa.ColumnElement[bool]:
+    """last_active_at + timeout_sec < now, in the dialect's own date arithmetic."""
+    moment = sa.literal(as_utc(now), models.UTCDateTime())
+    last_active, timeout = col(models.Capsule.last_active_at), col(models.Capsule.timeout_sec)
+    if dialect == "postgresql":
+        return last_active + func.make_interval(0, 0, 0, 0, 0, 0, timeout) < moment
+    # SQLite keeps datetimes as text; julianday() turns them into days.
+    return func.julianday(last_active) + timeout / 86400.0 < func.julianday(moment)
+
+
+class SystemRepository:
+    """Across teams, for the server's own background jobs (exits, idle capsules); never for a request."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    @property
+    def _dialect(self) -> str:
+        return self._session.get_bind().dialect.name
+
+    async def record_exit(
+        self,
+        *,
+        capsule_id: str,
+        pid: int,
+        tag: str,
+        exit_code: int | None,
+        signal: str | None,
+        timed_out: bool,
+        ended_at: datetime,
+    ) -> models.ProcessRecord | None:
+        """Marks the RUNNING record EXITED; the record for the one caller that changed it, else None.
+
+        A conditional UPDATE, so when several replicas see the same exit only one of them wins:
+        PostgreSQL re-checks the WHERE after the first writer commits, SQLite has one writer at a time.
+        """
+        record = models.ProcessRecord
+        statement = (
+            update(record)
+            .where(
+                col(record.capsule_id) == capsule_id,
+                col(record.pid) == pid,
+                col(record.tag) == tag,
+                col(record.status) == ProcessStatus.RUNNING,
+            )
+            .values(
+                status=ProcessStatus.EXITED,
+                exit_code=exit_code,
+                signal=signal,
+                timed_out=timed_out,
+                ended_at=ended_at,
+            )
+            .returning(record)
+        )
+        result = await self._session.exec(statement, execution_options={"populate_existing": True})
+        # A tag is unique among a capsule's running processes, so at most one row matches.
+        changed: models.ProcessRecord | None = result.scalars().first()
+        return changed
+
+    async def running_records(self, capsule_id: str) -> Sequence[models.ProcessRecord]:
+        """The capsule's RUNNING process records, oldest first."""
+        statement = (
+            select(models.ProcessRecord)
+            .where(
+                col(models.ProcessRecord.capsule_id) == capsule_id,
+                col(models.ProcessRecord.status) == ProcessStatus.RUNNING,
+            )
+            .order_by(col(models.ProcessRecord.id))
+        )
+        return (await self._session.exec(statement)).all()
+
+    async def running_capsule_ids(self, host_id: str) -> list[str]:
+        """The host's capsules that are RUNNING or still have a RUNNING process record."""
+        has_running = (
+            select(models.ProcessRecord.id)
+            .where(
+                col(models.ProcessRecord.capsule_id) == col(models.Capsule.id),
+                col(models.ProcessRecord.status) == ProcessStatus.RUNNING,
+            )
+            .exists()
+        )
+        statement = (
+            select(models.Capsule.id)
+            .where(
+                col(models.Capsule.host_id) == host_id,
+                sa.or_(col(models.Capsule.status) == CapsuleStatus.RUNNING, has_running),
+            )
+            .order_by(col(models.Capsule.id))
+        )
+        return list((await self._session.exec(statement)).all())
+
+    async def idle_capsules(self, now: datetime) -> Sequence[models.Capsule]:
+        """RUNNING capsules whose last_active_at + timeout_sec is before now."""
+        statement = select(models.Capsule).where(
+            col(models.Capsule.status) == CapsuleStatus.RUNNING, _idle_since(self._dialect, now)
+        )
+        return (await self._session.exec(statement.order_by(col(models.Capsule.id)))).all()
+
+    async def claim_idle_capsules(self, now: datetime) -> Sequence[models.Capsule]:
+        """Moves idle RUNNING capsules to STOPPING and returns them; each goes to one caller only."""
+        statement = (
+            update(models.Capsule)
+            .where(col(models.Capsule.status) == CapsuleStatus.RUNNING, _idle_since(self._dialect, now))
+            .values(status=CapsuleStatus.STOPPING)
+            .returning(models.Capsule)
+        )
+        result = await self._session.exec(statement, execution_options={"populate_existing": True})
+        return result.scalars().all()
+
+    async def set_capsule_status(self, capsule_id: str, status: CapsuleStatus) -> models.Capsule | None:
+        """Sets a capsule's status; the updated capsule, or None when there is no such capsule."""
+        statement = (
+            update(models.Capsule)
+            .where(col(models.Capsule.id) == capsule_id)
+            .values(status=status)
+            .returning(models.Capsule)
+        )
+        result = await self._session.exec(statement, execution_options={"populate_existing": True})
+        capsule: models.Capsule | None = result.scalars().one_or_none()
+        return capsule
+
+    async def touch(self, capsule_id: str, now: datetime) -> bool:
+        """Moves the capsule's last_active_at forward to now (never back); True when it moved."""
+        statement = (
+            update(models.Capsule)
+            .where(col(models.Capsule.id) == capsule_id, col(models.Capsule.last_active_at) < now)
+            .values(last_active_at=now)
+        )
+        return bool((await self._session.exec(statement)).rowcount)

@@ -1,0 +1,101 @@
+"""Database: sessions, transactions, SQLite's settings, aware datetimes on both databases."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app.domain import CapsuleStatus
+from app.store import models
+from app.store.repositories import CapsuleRepository, TeamRepository
+from app.store.session import Database
+from tests.factories import make_capsule, make_team
+
+
+async def _scalar(db: Database, sql: str) -> Any:
+    async with db.engine.connect() as connection:
+        return (await connection.execute(text(sql))).scalar_one()
+
+
+async def test_datetimes_read_back_aware_in_utc(database: Database) -> None:
+    team = await make_team(database)
+    # A moment given in another zone comes back as the same instant, in UTC.
+    moment = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2)))
+    capsule = await make_capsule(database, team, created_at=moment)
+    assert team.id is not None
+    async with database.session() as session:
+        stored = await CapsuleRepository(session, team.id).get(capsule.id)
+    assert stored is not None
+    assert stored.created_at.tzinfo is not None
+    assert stored.created_at.utcoffset() == timedelta(0)
+    assert stored.created_at == moment
+    assert stored.created_at.microsecond == 123456
+
+
+async def test_transaction_commits_on_success(database: Database) -> None:
+    async with database.transaction() as session:
+        await TeamRepository(session).add(models.Team(name="kept"))
+    async with database.session() as session:
+        assert await TeamRepository(session).get_by_name("kept") is not None
+
+
+async def test_transaction_rolls_back_on_error(database: Database) -> None:
+    with pytest.raises(RuntimeError):
+        async with database.transaction() as session:
+            await TeamRepository(session).add(models.Team(name="dropped"))
+            raise RuntimeError("boom")
+    async with database.session() as session:
+        assert await TeamRepository(session).get_by_name("dropped") is None
+
+
+async def test_objects_stay_readable_after_commit(database: Database) -> None:
+    team = await make_team(database, "readable")
+    # expire_on_commit=False: attributes of a committed object need no new query.
+    assert team.name == "readable"
+    assert team.id is not None
+
+
+async def test_concurrent_writers_do_not_fail(database: Database) -> None:
+    async def write(number: int) -> None:
+        for round_ in range(5):
+            async with database.transaction() as session:
+                # Read, then write in the same transaction: the pattern that upgrades a SQLite lock.
+                teams = TeamRepository(session)
+                assert await teams.get_by_name(f"writer-{number}-{round_}") is None
+                await teams.add(models.Team(name=f"writer-{number}-{round_}"))
+                await asyncio.sleep(0)
+                await teams.get_by_name("writer-0-0")
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(write(number) for number in range(8)))
+    assert await _scalar(database, "SELECT count(*) FROM team") == 40
+
+
+async def test_sqlite_settings(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "capsule.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        journal = await _scalar(db, "PRAGMA journal_mode")
+        keys = await _scalar(db, "PRAGMA foreign_keys")
+        busy = await _scalar(db, "PRAGMA busy_timeout")
+    finally:
+        await db.dispose()
+    assert path.exists()  # the parent directories were created
+    assert (journal, keys) == ("wal", 1)
+    assert busy >= 5000
+
+
+async def test_foreign_keys_are_enforced(database: Database) -> None:
+    capsule = models.Capsule(id="cap-orphan", team_id=999_999, host_id="h1", status=CapsuleStatus.RUNNING)
+    with pytest.raises(Exception, match=r"(?i)foreign key"):
+        async with database.transaction() as session:
+            session.add(capsule)
+
+
+async def test_dialect(database: Database, database_url: str) -> None:
+    assert database.dialect == database_url.split("+", 1)[0]
