@@ -133,12 +133,17 @@ def to_signal(number: int) -> signal.Signals | None:
         return None
 
 
+def to_base64(data: bytes) -> str:
+    """Bytes as base64 text."""
+    return base64.b64encode(data).decode("ascii")
+
+
 def encode_output(data: bytes) -> tuple[str, Encoding]:
     """Text for a GraphQL string field: UTF8 when the bytes are valid UTF-8, else BASE64."""
     try:
         return data.decode("utf-8"), Encoding.UTF8
     except UnicodeDecodeError:
-        return base64.b64encode(data).decode("ascii"), Encoding.BASE64
+        return to_base64(data), Encoding.BASE64
 
 
 def decode_input(data: str, encoding: Encoding) -> bytes:

@@ -257,6 +257,14 @@ class SystemRepository:
         changed: models.ProcessRecord | None = result.scalars().first()
         return changed
 
+    async def has_record(self, capsule_id: str, pid: int, tag: str) -> bool:
+        """True when a record of this process exists, in any status."""
+        record = models.ProcessRecord
+        statement = select(record.id).where(
+            col(record.capsule_id) == capsule_id, col(record.pid) == pid, col(record.tag) == tag
+        )
+        return (await self._session.exec(statement.limit(1))).first() is not None
+
     async def running_records(self, capsule_id: str) -> Sequence[models.ProcessRecord]:
         """The capsule's RUNNING process records, oldest first."""
         statement = (

@@ -1,0 +1,71 @@
+"""The contract's enums; most are the domain's own, exposed as they are."""
+
+from __future__ import annotations
+
+import enum
+import signal
+
+import strawberry
+
+from app import domain
+
+CapsuleStatus = strawberry.enum(domain.CapsuleStatus, name="CapsuleStatus")
+ProcessStatus = strawberry.enum(domain.ProcessStatus, name="ProcessStatus")
+OutputStream = strawberry.enum(domain.Stream, name="OutputStream")
+Encoding = strawberry.enum(
+    domain.Encoding,
+    name="Encoding",
+    description="How a text field carries bytes: UTF8 when the bytes are valid UTF-8, else BASE64.",
+)
+SignalScope = strawberry.enum(
+    domain.SignalScope,
+    name="SignalScope",
+    description="Who a signal reaches: the process alone, or its whole process group (children included).",
+)
+ProcessEventKind = strawberry.enum(domain.ProcessEventKind, name="ProcessEventKind")
+
+
+@strawberry.enum(
+    description="A POSIX signal. Any may be reported as the one that ended a process; "
+    "signalProcess sends the first nine."
+)
+class Signal(enum.Enum):
+    SIGHUP = "SIGHUP"
+    SIGINT = "SIGINT"
+    SIGQUIT = "SIGQUIT"
+    SIGKILL = "SIGKILL"
+    SIGUSR1 = "SIGUSR1"
+    SIGUSR2 = "SIGUSR2"
+    SIGTERM = "SIGTERM"
+    SIGCONT = "SIGCONT"
+    SIGSTOP = "SIGSTOP"
+    SIGABRT = "SIGABRT"
+    SIGALRM = "SIGALRM"
+    SIGBUS = "SIGBUS"
+    SIGCHLD = "SIGCHLD"
+    SIGFPE = "SIGFPE"
+    SIGILL = "SIGILL"
+    SIGIO = "SIGIO"
+    SIGPIPE = "SIGPIPE"
+    SIGPROF = "SIGPROF"
+    SIGPWR = "SIGPWR"
+    SIGSEGV = "SIGSEGV"
+    SIGSTKFLT = "SIGSTKFLT"
+    SIGSYS = "SIGSYS"
+    SIGTRAP = "SIGTRAP"
+    SIGTSTP = "SIGTSTP"
+    SIGTTIN = "SIGTTIN"
+    SIGTTOU = "SIGTTOU"
+    SIGURG = "SIGURG"
+    SIGVTALRM = "SIGVTALRM"
+    SIGWINCH = "SIGWINCH"
+    SIGXCPU = "SIGXCPU"
+    SIGXFSZ = "SIGXFSZ"
+
+    @classmethod
+    def of(cls, signum: signal.Signals | None) -> Signal | None:
+        """The enum value of a signal number; None for none or a real-time signal."""
+        return None if signum is None else cls.__members__.get(signum.name)
+
+    def to_signal(self) -> signal.Signals:
+        return signal.Signals[self.value]

@@ -1,0 +1,164 @@
+"""Process and ProcessEvent; processes, process, start/signal/stop, input, processEvents."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from datetime import datetime
+
+import strawberry
+from strawberry import ID
+
+from app import domain
+from app.api.auth import team_field, team_mutation, team_subscription
+from app.api.context import Info
+from app.api.enums import Encoding, ProcessEventKind, ProcessStatus, Signal, SignalScope
+
+
+@strawberry.input
+class EnvVarInput:
+    name: str
+    value: str
+
+    def to_env(self) -> domain.EnvVar:
+        return domain.EnvVar(name=self.name, value=self.value)
+
+
+@strawberry.input
+class StartProcessInput:
+    cmd: str
+    args: list[str] = strawberry.field(default_factory=list)
+    envs: list[EnvVarInput] = strawberry.field(default_factory=list)
+    cwd: str | None = None
+    tag: str | None = strawberry.field(
+        default=None,
+        description="Unique among the capsule's processes; not all digits. "
+        "Generated as proc-<8 hex> when absent.",
+    )
+    stdin: bool = strawberry.field(
+        default=False,
+        description="When false, the process reads an empty stdin and sendInput answers INVALID_STATE.",
+    )
+    timeout_sec: int | None = strawberry.field(
+        default=None,
+        description="Lifetime in seconds, after which the process group is killed; null: no limit.",
+    )
+
+    def to_spec(self) -> domain.ProcessSpec:
+        return domain.ProcessSpec(
+            cmd=self.cmd,
+            args=tuple(self.args),
+            envs=tuple(e.to_env() for e in self.envs),
+            cwd=self.cwd,
+            tag=self.tag,
+            stdin=self.stdin,
+            timeout_sec=self.timeout_sec,
+        )
+
+
+@strawberry.type
+class Process:
+    capsule_id: ID
+    pid: int
+    tag: str
+    cmd: str
+    args: list[str]
+    cwd: str | None
+    status: ProcessStatus
+    exit_code: int | None = strawberry.field(description="Set once the process has exited normally.")
+    signal: Signal | None = strawberry.field(description="Set when a signal ended the process.")
+    timed_out: bool = strawberry.field(
+        description="True when the process's lifetime (timeoutSec) ran out and the service ended it."
+    )
+    started_at: datetime
+    ended_at: datetime | None
+
+    @classmethod
+    def from_info(cls, info: domain.ProcessInfo) -> Process:
+        return cls(
+            capsule_id=ID(info.capsule_id),
+            pid=info.pid,
+            tag=info.tag,
+            cmd=info.cmd,
+            args=list(info.args),
+            cwd=info.cwd or None,
+            status=info.status,
+            exit_code=info.exit_code,
+            signal=Signal.of(info.signal),
+            timed_out=info.timed_out,
+            started_at=info.started_at,
+            ended_at=info.ended_at,
+        )
+
+
+@strawberry.type
+class ProcessEvent:
+    kind: ProcessEventKind
+    process: Process
+
+
+@strawberry.type
+class ProcessQuery:
+    @team_field(description="The capsule's processes, running first; EXITED ones while retained.")
+    async def processes(
+        self, info: Info, capsule_id: ID, status: ProcessStatus | None = None
+    ) -> list[Process]:
+        infos = await info.context.services.processes.list(capsule_id, status)
+        return [Process.from_info(p) for p in infos]
+
+    @team_field(description="selector: all digits = PID, anything else = tag.")
+    async def process(self, info: Info, capsule_id: ID, selector: str) -> Process | None:
+        found = await info.context.services.processes.get(capsule_id, selector)
+        return None if found is None else Process.from_info(found)
+
+
+@strawberry.type
+class ProcessMutation:
+    @team_mutation(description="Starts a background process and returns at once.")
+    async def start_process(self, info: Info, capsule_id: ID, input: StartProcessInput) -> Process:
+        started = await info.context.services.processes.start(capsule_id, input.to_spec())
+        return Process.from_info(started)
+
+    @team_mutation()
+    async def signal_process(
+        self,
+        info: Info,
+        capsule_id: ID,
+        selector: str,
+        signal: Signal = Signal.SIGKILL,
+        scope: SignalScope = domain.SignalScope.GROUP,
+    ) -> Process:
+        signalled = await info.context.services.processes.signal(
+            capsule_id, selector, signum=signal.to_signal(), scope=scope
+        )
+        return Process.from_info(signalled)
+
+    @team_mutation(
+        description="SIGTERM to the group, then SIGKILL after graceSec; returns once the process has exited."
+    )
+    async def stop_process(self, info: Info, capsule_id: ID, selector: str, grace_sec: int = 10) -> Process:
+        stopped = await info.context.services.processes.stop(capsule_id, selector, grace_sec=grace_sec)
+        return Process.from_info(stopped)
+
+    @team_mutation()
+    async def send_input(
+        self, info: Info, capsule_id: ID, selector: str, data: str, encoding: Encoding = domain.Encoding.UTF8
+    ) -> bool:
+        await info.context.services.processes.send_input(
+            capsule_id, selector, domain.decode_input(data, encoding)
+        )
+        return True
+
+    @team_mutation()
+    async def close_input(self, info: Info, capsule_id: ID, selector: str) -> bool:
+        await info.context.services.processes.close_input(capsule_id, selector)
+        return True
+
+
+@strawberry.type
+class ProcessSubscription:
+    @team_subscription(
+        description="STARTED and EXITED events of every process in the capsule, from every API replica."
+    )
+    async def process_events(self, info: Info, capsule_id: ID) -> AsyncGenerator[ProcessEvent, None]:
+        async for event in info.context.services.processes.events(capsule_id):
+            yield ProcessEvent(kind=event.kind, process=Process.from_info(event.process))

@@ -1,0 +1,43 @@
+"""Merges the domain root types into one strawberry.Schema with its extensions."""
+
+from __future__ import annotations
+
+import logging
+
+import strawberry
+from graphql.error import GraphQLError
+from strawberry.tools import merge_types
+from strawberry.types import ExecutionContext
+
+from app.api.capsules import CapsuleMutation, CapsuleQuery
+from app.api.errors import ErrorCodes
+from app.api.exec import ExecMutation
+from app.api.output import OutputSubscription
+from app.api.processes import ProcessMutation, ProcessQuery, ProcessSubscription
+from app.errors import CapsuleError
+
+log = logging.getLogger(__name__)
+
+Query = merge_types("Query", (CapsuleQuery, ProcessQuery))
+Mutation = merge_types("Mutation", (CapsuleMutation, ExecMutation, ProcessMutation))
+Subscription = merge_types("Subscription", (OutputSubscription, ProcessSubscription))
+
+
+class Schema(strawberry.Schema):
+    """Logs expected errors quietly and bugs once, with their traceback."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        for error in errors:
+            original = error.original_error
+            if original is None or isinstance(original, CapsuleError | GraphQLError):
+                log.debug("request error: %s", error.message)
+            else:
+                log.error("unexpected error in %s", error.path, exc_info=original)
+
+
+schema = Schema(query=Query, mutation=Mutation, subscription=Subscription, extensions=[ErrorCodes])
+
+if __name__ == "__main__":  # python -m app.api.schema > schema.graphql
+    print(schema.as_str())

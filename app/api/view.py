@@ -1,0 +1,77 @@
+"""The Starlette GraphQL view: HTTP and both WebSocket protocols, authenticated per connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
+from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage
+from strawberry.types.unset import UNSET, UnsetType
+
+from app.api.auth import authenticate, bearer_key, key_from_params
+from app.api.context import MISSING_KEY, Context
+from app.api.schema import schema
+from app.services.team import Platform
+
+FORBIDDEN = 4403
+
+
+class GraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
+    """Legacy graphql-ws: a rejected connection_init closes with 4403, as graphql-transport-ws does."""
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        payload = message.get("payload")
+        self.context.connection_params = payload if isinstance(payload, dict) else None
+        view = self.view
+        assert isinstance(view, GraphQLView)
+        if not await view.authorize_websocket(self.context):
+            await self.send_message({"type": "connection_error", "payload": {"message": MISSING_KEY}})
+            await self.websocket.close(code=FORBIDDEN, reason="Forbidden")
+            return
+        await super().handle_connection_init(message)
+
+
+class GraphQLView(GraphQL[Context, None]):
+    """Builds a Context per request; WebSocket callers authenticate in connection_init."""
+
+    graphql_ws_handler_class = GraphQLWSHandler
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(schema, keep_alive=True, keep_alive_interval=15, **kwargs)
+        self._platform: Platform | None = None
+
+    @property
+    def platform(self) -> Platform:
+        """The server's shared parts; set by the app's lifespan before the first request."""
+        if self._platform is None:
+            raise RuntimeError("the GraphQL view is used before the server has started")
+        return self._platform
+
+    @platform.setter
+    def platform(self, platform: Platform | None) -> None:
+        self._platform = platform
+
+    async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
+        context = Context(request=request, response=response, platform=self.platform)
+        if isinstance(request, Request):
+            await authenticate(context, bearer_key(request.headers.get("authorization")))
+        return context
+
+    async def authorize_websocket(self, context: Context) -> bool:
+        """Takes the key from connection_init, else from the upgrade request's header."""
+        if context.team is not None:
+            return True
+        key = key_from_params(context.connection_params) or bearer_key(
+            context.request.headers.get("authorization")
+        )
+        return await authenticate(context, key) is not None
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+        if not await self.authorize_websocket(context):
+            raise ConnectionRejectionError({"message": MISSING_KEY})
+        return UNSET

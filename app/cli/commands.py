@@ -1,0 +1,89 @@
+"""What each `capsule` command does, composed from the app's parts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import uvicorn
+
+from app.agent.server import run_agent
+from app.config import Settings
+from app.main import create_app
+from app.services.hosts import HostService
+from app.services.keys import KeyService
+from app.store.migrate import upgrade
+from app.store.session import Database
+
+
+def migrate(settings: Settings) -> int:
+    """Applies the alembic migrations."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    print("database is up to date")
+    return 0
+
+
+async def create_key(settings: Settings, team: str) -> int:
+    """Creates the team if needed and prints a new key."""
+    await asyncio.to_thread(migrate_quietly, settings)
+    db = Database(settings.database_url)
+    try:
+        _, key = await KeyService(db).create_key(team)
+    finally:
+        await db.dispose()
+    print(key)
+    return 0
+
+
+async def add_host(settings: Settings, host_id: str, address: str) -> int:
+    """Registers a host agent."""
+    await asyncio.to_thread(migrate_quietly, settings)
+    db = Database(settings.database_url)
+    try:
+        await HostService(db, settings.hosts).register(host_id, address)
+    finally:
+        await db.dispose()
+    print(f"host {host_id} registered at {address}")
+    return 0
+
+
+async def agent(settings: Settings, address: str) -> int:
+    """Runs a host agent alone until SIGINT or SIGTERM."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await run_agent(address, settings)
+    return 0
+
+
+def migrate_quietly(settings: Settings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+
+
+def serve(settings: Settings, *, host: str, port: int) -> int:
+    """Migrates, makes sure a key exists, prints how to connect, then serves until Ctrl-C."""
+    migrate_quietly(settings)
+    key, created = asyncio.run(_dev_key(settings))
+    url = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}/graphql"
+    print(f"GraphiQL: {url}", flush=True)
+    if key is not None:
+        where = settings.data_dir / "dev-api-key"
+        print(f"API key of team 'default' ({'new' if created else 'from'} {where}):", flush=True)
+        print(f"  Authorization: Bearer {key}", flush=True)
+        print('  (in GraphiQL, add it under Headers: {"Authorization": "Bearer <key>"})', flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", lifespan="on")
+    return 0
+
+
+async def _dev_key(settings: Settings) -> tuple[str | None, bool]:
+    db = Database(settings.database_url)
+    try:
+        return await KeyService(db).ensure_dev_key(settings.data_dir)
+    finally:
+        await db.dispose()

@@ -1,0 +1,46 @@
+"""create_app(settings): the Starlette app; its lifespan owns the AppState."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from app.api.view import GraphQLView
+from app.config import Settings
+from app.state import AppState
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The API server for these settings; nothing connects until the lifespan starts."""
+    view = GraphQLView()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with AppState.open(settings) as state:
+            app.state.capsule = state
+            view.platform = state.platform
+            try:
+                yield
+            finally:
+                view.platform = None
+
+    async def home(request: Request) -> Response:
+        return RedirectResponse(url="/graphql")
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(
+        routes=[
+            Route("/", home),
+            Route("/healthz", health),
+            Route("/graphql", view, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", view),
+        ],
+        lifespan=lifespan,
+    )

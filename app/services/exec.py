@@ -1,0 +1,67 @@
+"""Run a command to completion in a capsule."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from app import domain
+from app.domain import Encoding, ExecSpec
+from app.errors import InvalidRequest
+from app.hosts.pool import HostPool
+from app.services.capsules import CapsuleService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOutcome:
+    """An exec's result with its output as text in one encoding."""
+
+    capsule_id: str
+    cmd: str
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration_ms: int
+    encoding: Encoding
+    timed_out: bool
+    truncated: bool
+
+
+def _texts(stdout: bytes, stderr: bytes) -> tuple[str, str, Encoding]:
+    """Both streams in the same encoding: UTF8 when both are valid UTF-8, else BASE64."""
+    out, out_encoding = domain.encode_output(stdout)
+    err, err_encoding = domain.encode_output(stderr)
+    if out_encoding is err_encoding:
+        return out, err, out_encoding
+    return domain.to_base64(stdout), domain.to_base64(stderr), Encoding.BASE64
+
+
+class ExecService:
+    """Exec use case for one team; built per request."""
+
+    def __init__(self, *, pool: HostPool, capsules: CapsuleService, max_input_bytes: int) -> None:
+        self._pool, self._capsules, self._max_input_bytes = pool, capsules, max_input_bytes
+
+    async def run(self, capsule_id: str, spec: ExecSpec) -> ExecOutcome:
+        """Runs to completion or timeout and returns the output."""
+        domain.check_cmd(spec.cmd)
+        domain.check_timeout(spec.timeout_sec)
+        if spec.stdin is not None and len(spec.stdin) > self._max_input_bytes:
+            raise InvalidRequest(f"stdin is over {self._max_input_bytes} bytes")
+        capsule = await self._capsules.require_running(capsule_id)
+        result = await self._pool.client(capsule.host_id).exec(capsule_id, spec)
+        log.info("capsule %s exec %s exited %s", capsule_id, spec.cmd, result.exit_code)
+        stdout, stderr, encoding = _texts(result.stdout, result.stderr)
+        return ExecOutcome(
+            capsule_id=capsule_id,
+            cmd=spec.cmd,
+            stdout=stdout,
+            stderr=stderr,
+            exit_code=result.exit_code,
+            duration_ms=result.duration_ms,
+            encoding=encoding,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+        )

@@ -1,0 +1,110 @@
+"""The API server's own background work: recording exits and stopping idle capsules."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.domain import CapsuleStatus, ProcessEventKind, utcnow
+from app.errors import CapsuleError, NotFound
+from app.hosts.pool import HostPool
+from app.services.hosts import HostService
+from app.services.records import ProcessRecords
+from app.store.repositories import SystemRepository
+from app.store.session import Database
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS_SEC = (0.2, 0.5, 1.0, 2.0, 5.0)
+# How often new hosts are noticed and records checked against each agent's list.
+CHECK_INTERVAL_SEC = 15.0
+
+
+class ExitRecorder:
+    """Follows each host's lifecycle stream and writes every exit to the store once."""
+
+    def __init__(self, *, db: Database, pool: HostPool, hosts: HostService, records: ProcessRecords) -> None:
+        self._db, self._pool, self._hosts, self._records = db, pool, hosts, records
+
+    async def run(self) -> None:
+        """Follows every known host until cancelled; hosts registered later are picked up."""
+        followed: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for host_id in await self._hosts.hosts():
+                    if host_id not in followed or followed[host_id].done():
+                        followed[host_id] = asyncio.create_task(self.follow(host_id))
+                    else:  # a safety net for exits that passed while a stream was being opened
+                        await self._catch_up_quietly(host_id)
+                await asyncio.sleep(CHECK_INTERVAL_SEC)
+        finally:
+            for task in followed.values():
+                task.cancel()
+            await asyncio.gather(*followed.values(), return_exceptions=True)
+
+    async def follow(self, host_id: str) -> None:
+        """Follows one host, catching up on exits missed while the stream was down."""
+        failures = 0
+        while True:
+            try:
+                client = self._pool.client(host_id)
+                events = client.watch_processes("")
+                await self.catch_up(host_id)
+                async for event in events:
+                    failures = 0
+                    if event.kind is ProcessEventKind.EXITED:
+                        await self._records.record_exit(event.process)
+            except CapsuleError as exc:
+                delay = RETRY_DELAYS_SEC[min(failures, len(RETRY_DELAYS_SEC) - 1)]
+                failures += 1
+                log.debug("host %s lifecycle stream: %s; retrying in %.1fs", host_id, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _catch_up_quietly(self, host_id: str) -> None:
+        try:
+            await self.catch_up(host_id)
+        except CapsuleError as exc:
+            log.debug("host %s catch-up: %s", host_id, exc)
+
+    async def catch_up(self, host_id: str) -> None:
+        """Ends the records of processes that exited, or vanished, while nobody watched."""
+        async with self._db.session() as session:
+            capsule_ids = await SystemRepository(session).running_capsule_ids(host_id)
+        client = self._pool.client(host_id)
+        for capsule_id in capsule_ids:
+            try:
+                live = await client.list_processes(capsule_id)
+            except NotFound:  # the agent lost the capsule (it restarted): its processes are gone
+                live = []
+            await self._records.reconcile(capsule_id, live)
+
+
+class IdleReaper:
+    """Stops capsules idle longer than their timeoutSec, killing their processes."""
+
+    def __init__(self, *, db: Database, pool: HostPool, records: ProcessRecords, interval_sec: float) -> None:
+        self._db, self._pool, self._records, self._interval = db, pool, records, interval_sec
+
+    async def run(self) -> None:
+        """Checks every interval until cancelled."""
+        while True:
+            try:
+                await self.reap_once()
+            except Exception:
+                log.exception("idle capsule check failed")
+            await asyncio.sleep(self._interval)
+
+    async def reap_once(self) -> list[str]:
+        """Stops each idle capsule this replica claims first; returns their ids."""
+        async with self._db.transaction() as session:
+            claimed = await SystemRepository(session).claim_idle_capsules(utcnow())
+        for capsule in claimed:
+            try:
+                await self._pool.client(capsule.host_id).destroy_capsule(capsule.id)
+            except CapsuleError as exc:
+                log.warning("capsule %s idle stop on host %s failed: %s", capsule.id, capsule.host_id, exc)
+            await self._records.end_all(capsule.id)
+            async with self._db.transaction() as session:
+                await SystemRepository(session).set_capsule_status(capsule.id, CapsuleStatus.STOPPED)
+            log.info("capsule %s stopped after %ss idle", capsule.id, capsule.timeout_sec)
+        return [c.id for c in claimed]

@@ -1,0 +1,144 @@
+"""Background processes of one team's capsules: start, list, get, signal, stop, input."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from app import domain
+from app.bus.broadcast import Bus
+from app.bus.events import capsule_events_channel, process_event_from_json
+from app.domain import ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
+from app.errors import InvalidRequest, NotFound
+from app.hosts.pool import HostPool
+from app.services.capsules import CapsuleService
+from app.services.records import ProcessRecords, record_to_info
+from app.store import models
+from app.store.repositories import ProcessRecordRepository
+from app.store.session import Database
+
+log = logging.getLogger(__name__)
+
+MAX_GRACE_SEC = 3600
+
+
+def check_spec(spec: ProcessSpec) -> ProcessSpec:
+    """Rejects a bad start request before it reaches a host."""
+    domain.check_cmd(spec.cmd)
+    if spec.tag is not None:
+        domain.check_tag(spec.tag)
+    domain.check_timeout(spec.timeout_sec)
+    return spec
+
+
+def _sort_key(info: ProcessInfo) -> tuple[bool, float]:
+    return info.status is not ProcessStatus.RUNNING, -info.started_at.timestamp()
+
+
+class ProcessService:
+    """Process use cases for one team; built per request."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        pool: HostPool,
+        bus: Bus,
+        capsules: CapsuleService,
+        records: ProcessRecords,
+        team_id: int,
+        max_input_bytes: int,
+    ) -> None:
+        self._db, self._pool, self._bus = db, pool, bus
+        self._capsules, self._records, self._team_id = capsules, records, team_id
+        self._max_input_bytes = max_input_bytes
+
+    async def start(self, capsule_id: str, spec: ProcessSpec) -> ProcessInfo:
+        """Starts a background process and records it."""
+        check_spec(spec)
+        capsule = await self._capsules.require_running(capsule_id)
+        info = await self._pool.client(capsule.host_id).start_process(capsule_id, spec)
+        log.info("capsule %s started process %s (%s)", capsule_id, info.pid, info.tag)
+        await self._records.record_start(self._team_id, info)
+        return info
+
+    async def list(self, capsule_id: str, status: ProcessStatus | None = None) -> list[ProcessInfo]:
+        """Running processes first, then exited ones, newest first; records outlive the agent's memory."""
+        capsule = await self._capsules.require(capsule_id)
+        async with self._db.session() as session:
+            records = await ProcessRecordRepository(session, self._team_id).list(capsule_id, None)
+        merged = {(r.pid, r.tag): record_to_info(r) for r in records}
+        if capsule.status is domain.CapsuleStatus.RUNNING:
+            live = await self._pool.client(capsule.host_id).list_processes(capsule_id)
+            merged.update({(p.pid, p.tag): p for p in live})
+            await self._records.reconcile(capsule_id, live)
+        infos = [p for p in merged.values() if status is None or p.status is status]
+        return sorted(infos, key=_sort_key)
+
+    async def get(self, capsule_id: str, selector: str) -> ProcessInfo | None:
+        """The process a selector names (all digits: PID; else tag), or None."""
+        capsule = await self._capsules.require(capsule_id)
+        key = domain.parse_selector(selector)
+        if capsule.status is domain.CapsuleStatus.RUNNING:
+            try:
+                return await self._pool.client(capsule.host_id).get_process(capsule_id, selector)
+            except NotFound:
+                pass
+        record = await self._record(capsule_id, key)
+        return None if record is None else record_to_info(record)
+
+    async def signal(
+        self, capsule_id: str, selector: str, *, signum: signal.Signals, scope: SignalScope
+    ) -> ProcessInfo:
+        """Sends a signal to the process or its whole group."""
+        if signum not in domain.SENDABLE_SIGNALS:
+            raise InvalidRequest(f"{signum.name} cannot be sent; send one of the contract's signals")
+        capsule = await self._capsules.require_running(capsule_id)
+        domain.parse_selector(selector)
+        client = self._pool.client(capsule.host_id)
+        info = await client.signal_process(capsule_id, selector, signal=signum, scope=scope)
+        log.info("capsule %s process %s: sent %s to %s", capsule_id, info.tag, signum.name, scope.value)
+        return info
+
+    async def stop(self, capsule_id: str, selector: str, *, grace_sec: int) -> ProcessInfo:
+        """SIGTERM to the group, SIGKILL after the grace period; returns once it has exited."""
+        if not 0 <= grace_sec <= MAX_GRACE_SEC:
+            raise InvalidRequest(f"graceSec must be between 0 and {MAX_GRACE_SEC}")
+        capsule = await self._capsules.require_running(capsule_id)
+        domain.parse_selector(selector)
+        info = await self._pool.client(capsule.host_id).stop_process(
+            capsule_id, selector, grace_sec=float(grace_sec)
+        )
+        await self._records.record_exit(info)
+        return info
+
+    async def send_input(self, capsule_id: str, selector: str, data: bytes) -> None:
+        """Writes bytes to the stdin of a process started with stdin."""
+        if len(data) > self._max_input_bytes:
+            raise InvalidRequest(
+                f"input is {len(data)} bytes; send at most {self._max_input_bytes} at a time"
+            )
+        capsule = await self._capsules.require_running(capsule_id)
+        domain.parse_selector(selector)
+        await self._pool.client(capsule.host_id).send_input(capsule_id, selector, data)
+
+    async def close_input(self, capsule_id: str, selector: str) -> None:
+        """Closes the stdin of a process started with stdin."""
+        capsule = await self._capsules.require_running(capsule_id)
+        domain.parse_selector(selector)
+        await self._pool.client(capsule.host_id).close_input(capsule_id, selector)
+
+    async def events(self, capsule_id: str) -> AsyncIterator[domain.ProcessEvent]:
+        """STARTED and EXITED events of the capsule's processes, from every API replica."""
+        await self._capsules.require(capsule_id)
+        async with self._bus.subscribe(capsule_events_channel(capsule_id)) as messages:
+            async for message in messages:
+                yield process_event_from_json(message)
+
+    async def _record(self, capsule_id: str, key: int | str) -> models.ProcessRecord | None:
+        async with self._db.session() as session:
+            repository = ProcessRecordRepository(session, self._team_id)
+            if isinstance(key, int):
+                return await repository.get_by_pid(capsule_id, key)
+            return await repository.get_by_tag(capsule_id, key)

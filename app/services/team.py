@@ -1,0 +1,63 @@
+"""The services of one team, built per request from the server's shared parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.bus.broadcast import Bus
+from app.config import Settings
+from app.hosts.pool import HostPool
+from app.services.capsules import CapsuleService, Team
+from app.services.exec import ExecService
+from app.services.hosts import HostService
+from app.services.keys import KeyService
+from app.services.output import OutputService
+from app.services.processes import ProcessService
+from app.services.records import ProcessRecords
+from app.store.session import Database
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    """The parts every team service shares: store, bus, hosts; built once per server."""
+
+    settings: Settings
+    db: Database
+    bus: Bus
+    pool: HostPool
+    hosts: HostService
+    keys: KeyService
+    records: ProcessRecords
+
+    def for_team(self, team: Team) -> TeamServices:
+        """The use cases, acting for one team."""
+        capsules = CapsuleService(
+            db=self.db, pool=self.pool, hosts=self.hosts, records=self.records, team=team
+        )
+        limit = self.settings.max_input_bytes
+        return TeamServices(
+            team=team,
+            capsules=capsules,
+            processes=ProcessService(
+                db=self.db,
+                pool=self.pool,
+                bus=self.bus,
+                capsules=capsules,
+                records=self.records,
+                team_id=team.id,
+                max_input_bytes=limit,
+            ),
+            exec=ExecService(pool=self.pool, capsules=capsules, max_input_bytes=limit),
+            output=OutputService(pool=self.pool, capsules=capsules),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TeamServices:
+    """What a resolver may call, all for the same team."""
+
+    team: Team
+    capsules: CapsuleService
+    processes: ProcessService
+    exec: ExecService
+    output: OutputService

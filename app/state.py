@@ -1,0 +1,80 @@
+"""AppState: the server's shared parts, opened and closed by the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+from app.agent.server import AgentHandle, start_agent
+from app.bus.broadcast import Bus
+from app.config import Settings
+from app.hosts.pool import HostPool
+from app.services.hosts import HostService
+from app.services.jobs import ExitRecorder, IdleReaper
+from app.services.keys import KeyService
+from app.services.records import ProcessRecords
+from app.services.team import Platform
+from app.store.session import Database
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_HOST_ID = "local"
+
+
+@dataclass
+class AppState:
+    """Everything one API server holds: store, bus, host pool, its agent and background jobs."""
+
+    settings: Settings
+    platform: Platform
+    agent: AgentHandle | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[AppState]:
+        """Connects everything, starts the embedded agent where no host is configured, runs the jobs."""
+        async with AsyncExitStack() as stack:
+            db = Database(settings.database_url)
+            stack.push_async_callback(db.dispose)
+            bus = Bus(settings.bus_url)
+            await bus.connect()
+            stack.push_async_callback(bus.disconnect)
+            configured = dict(settings.hosts)
+            agent: AgentHandle | None = None
+            if not await HostService(db, configured).hosts():
+                agent = await start_agent("127.0.0.1:0", settings)
+                stack.push_async_callback(agent.stop)
+                configured[EMBEDDED_HOST_ID] = f"127.0.0.1:{agent.port}"
+                log.info("started the embedded host agent on 127.0.0.1:%s", agent.port)
+            hosts = HostService(db, configured)
+            pool = HostPool(settings)
+            stack.push_async_callback(pool.close)
+            pool.set_hosts(await hosts.hosts())
+            records = ProcessRecords(db=db, bus=bus)
+            platform = Platform(
+                settings=settings,
+                db=db,
+                bus=bus,
+                pool=pool,
+                hosts=hosts,
+                keys=KeyService(db),
+                records=records,
+            )
+            state = cls(settings=settings, platform=platform, agent=agent)
+            recorder = ExitRecorder(db=db, pool=pool, hosts=hosts, records=records)
+            reaper = IdleReaper(
+                db=db, pool=pool, records=records, interval_sec=settings.idle_check_interval_sec
+            )
+            state.tasks = [asyncio.create_task(recorder.run()), asyncio.create_task(reaper.run())]
+            stack.push_async_callback(state.stop_jobs)
+            yield state
+
+    async def stop_jobs(self) -> None:
+        """Cancels the background jobs and waits for them to end."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -1,0 +1,89 @@
+"""A real API server on loopback (uvicorn), with its embedded host agent and a real database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from app.config import Settings
+from app.main import create_app
+from app.state import AppState
+from tests.e2e.client import HttpClient
+
+
+@dataclass
+class Server:
+    """A running API server."""
+
+    url: str
+    ws_url: str
+    state: AppState
+
+    async def new_key(self, team: str) -> str:
+        _, key = await self.state.platform.keys.create_key(team)
+        return key
+
+
+@asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[Server]:
+    """Serves create_app(settings) on a free loopback port until the block ends."""
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(15):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield Server(
+            url=f"http://127.0.0.1:{port}/graphql",
+            ws_url=f"ws://127.0.0.1:{port}/graphql",
+            state=app.state.capsule,
+        )
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        retention_sec=60.0,
+        output_cap_bytes=4 * 1024 * 1024,
+        exec_output_cap_bytes=64 * 1024,
+        idle_check_interval_sec=0.2,
+    )
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[Server]:
+    async with running_server(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def key(server: Server) -> str:
+    return await server.new_key("team-a")
+
+
+@pytest.fixture
+async def api(server: Server, key: str) -> AsyncIterator[HttpClient]:
+    client = HttpClient(server.url, key)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def capsule_id(api: HttpClient) -> str:
+    return str((await api.run("CreateCapsule")).ok()["createCapsule"]["id"])

@@ -1,0 +1,178 @@
+"""Each error code caused for real, over HTTP and both WebSocket protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import websockets
+
+from app.config import Settings
+from tests.e2e.client import PROTOCOLS, HttpClient
+from tests.e2e.conftest import Server, running_server
+from tests.e2e.test_processes import start
+
+
+class TestUnauthenticated:
+    @pytest.mark.parametrize("key", [None, "cap_wrong", "not-even-a-key"])
+    async def test_http(self, server: Server, key: str | None) -> None:
+        client = HttpClient(server.url, key)
+        try:
+            answer = await client.run("Capsules")
+        finally:
+            await client.aclose()
+        assert answer.codes == ["UNAUTHENTICATED"]
+        assert "Authorization: Bearer" in answer.errors[0]["message"]
+
+    @pytest.mark.parametrize("protocol", PROTOCOLS)
+    @pytest.mark.parametrize("payload", [{}, {"Authorization": "Bearer cap_wrong"}])
+    async def test_websocket_closes_with_4403(
+        self, server: Server, protocol: str, payload: dict[str, str]
+    ) -> None:
+        async with websockets.connect(server.ws_url, subprotocols=[protocol]) as ws:  # type: ignore[list-item]
+            await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
+            async with asyncio.timeout(5):
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        message = json.loads(await ws.recv())
+                        assert message["type"] in ("connection_error", "ka")
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+
+    @pytest.mark.parametrize("protocol", PROTOCOLS)
+    async def test_websocket_key_in_upgrade_header(self, server: Server, key: str, protocol: str) -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with websockets.connect(
+            server.ws_url, subprotocols=[protocol], additional_headers=headers
+        ) as ws:  # type: ignore[list-item]
+            await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+            async with asyncio.timeout(5):
+                assert json.loads(await ws.recv())["type"] == "connection_ack"
+
+
+async def test_other_teams_capsule_is_not_found(server: Server, api: HttpClient, capsule_id: str) -> None:
+    other = HttpClient(server.url, await server.new_key("team-b"))
+    try:
+        assert (await other.run("Capsule", id=capsule_id)).ok()["capsule"] is None
+        assert (await other.run("Capsules")).ok()["capsules"] == []
+        answer = await other.run("StartProcess", capsuleId=capsule_id, input={"cmd": "true"})
+        assert answer.codes == ["NOT_FOUND"]
+        unknown = await other.run("StartProcess", capsuleId="cap-0000000000000000", input={"cmd": "true"})
+        # Another team's capsule and a capsule that does not exist read the same.
+        assert answer.errors[0]["message"].replace(capsule_id, "X") == unknown.errors[0]["message"].replace(
+            "cap-0000000000000000", "X"
+        )
+        destroyed = await other.run("DestroyCapsule", id=capsule_id)
+        assert destroyed.codes == ["NOT_FOUND"]
+    finally:
+        await other.aclose()
+
+
+async def test_duplicate_tag_is_conflict(api: HttpClient, capsule_id: str) -> None:
+    await start(api, capsule_id, "sleep", "1000", tag="web")
+    answer = await api.run(
+        "StartProcess", capsuleId=capsule_id, input={"cmd": "sleep", "args": ["1"], "tag": "web"}
+    )
+    assert answer.codes == ["CONFLICT"]
+    assert "web" in answer.errors[0]["message"]
+
+
+async def test_stopped_capsule_is_invalid_state(api: HttpClient, capsule_id: str) -> None:
+    await start(api, capsule_id, "sleep", "1000", tag="doomed")
+    destroyed = (await api.run("DestroyCapsule", id=capsule_id)).ok()["destroyCapsule"]
+    assert destroyed["status"] == "STOPPED"
+    answer = await api.run("StartProcess", capsuleId=capsule_id, input={"cmd": "true"})
+    assert answer.codes == ["INVALID_STATE"]
+    assert "STOPPED" in answer.errors[0]["message"]
+    # The records outlive the capsule.
+    ended = (await api.run("Processes", capsuleId=capsule_id, status="EXITED")).ok()["processes"]
+    assert [p["tag"] for p in ended] == ["doomed"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"cmd": ""}, "cmd is empty"),
+        ({"cmd": "true", "tag": "123"}, "all digits"),
+        ({"cmd": "true", "tag": "bad tag!"}, "malformed"),
+        ({"cmd": "true", "timeoutSec": -1}, "negative"),
+        ({"cmd": "no-such-program-here"}, "no-such-program-here"),
+        ({"cmd": "true", "cwd": "../../.."}, "cwd"),
+    ],
+)
+async def test_bad_start_input_is_invalid_request(
+    api: HttpClient, capsule_id: str, fields: dict[str, object], words: str
+) -> None:
+    answer = await api.run("StartProcess", capsuleId=capsule_id, input=fields)
+    assert answer.codes == ["INVALID_REQUEST"]
+    assert words in answer.errors[0]["message"]
+
+
+async def test_malformed_documents_are_invalid_request(api: HttpClient) -> None:
+    assert (await api.query("query { capsules { ")).codes == ["INVALID_REQUEST"]
+    assert (await api.query("query { capsules { nope } }")).codes == ["INVALID_REQUEST"]
+    answer = await api.query("mutation($id: ID!) { destroyCapsule(id: $id) { id } }", id=None)
+    assert answer.codes == ["INVALID_REQUEST"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def agent_process(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    """`capsule agent --listen` as its own OS process, to be killed for real."""
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = os.environ | {"CAPSULE_DATA_DIR": str(tmp_path / "agent-data")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli.main", "agent", "--listen", address], env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert process.poll() is None, "the agent exited at start"
+            assert time.monotonic() < deadline, "the agent did not listen in time"
+            await asyncio.sleep(0.05)
+        yield process, address
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+async def test_killed_agent_is_host_unavailable(
+    settings: Settings, agent_process: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    process, address = agent_process
+    async with running_server(replace(settings, hosts={"h1": address})) as server:
+        client = HttpClient(server.url, await server.new_key("team-a"))
+        try:
+            capsule = (await client.run("CreateCapsule")).ok()["createCapsule"]
+            assert capsule["hostId"] == "h1"
+            ok = await client.run("Exec", capsuleId=capsule["id"], input={"cmd": "echo", "args": ["hi"]})
+            assert ok.ok()["exec"]["stdout"] == "hi\n"
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            began = time.monotonic()
+            answer = await client.run("Exec", capsuleId=capsule["id"], input={"cmd": "echo"})
+            assert answer.codes == ["HOST_UNAVAILABLE"]
+            assert time.monotonic() - began < 2.5
+            listed = await client.run("Processes", capsuleId=capsule["id"])
+            assert listed.codes == ["HOST_UNAVAILABLE"]
+        finally:
+            await client.aclose()

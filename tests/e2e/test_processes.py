@@ -1,0 +1,140 @@
+"""The life of a background process through the API: start, list, get, signal, stop, input, events."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.e2e.client import PROTOCOLS, HttpClient, subscribe, ws_session
+from tests.e2e.conftest import Server
+
+
+async def start(api: HttpClient, capsule_id: str, cmd: str, *args: str, **fields: Any) -> dict[str, Any]:
+    answer = await api.run(
+        "StartProcess", capsuleId=capsule_id, input={"cmd": cmd, "args": list(args), **fields}
+    )
+    return dict(answer.ok()["startProcess"])
+
+
+async def wait_for_status(api: HttpClient, capsule_id: str, selector: str, status: str) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            process = (await api.run("Process", capsuleId=capsule_id, selector=selector)).ok()["process"]
+            if process and process["status"] == status:
+                return dict(process)
+            await asyncio.sleep(0.05)
+
+
+async def collect_output(server: Server, key: str, capsule_id: str, selector: str) -> str:
+    text = ""
+    async with ws_session(server.ws_url, key, "graphql-transport-ws") as session:
+        async with asyncio.timeout(10):
+            async for result in subscribe(session, "ProcessOutput", capsuleId=capsule_id, selector=selector):
+                event = result["processOutput"]
+                if event["__typename"] == "OutputChunk":
+                    text += event["data"]
+    return text
+
+
+class TestProcessLife:
+    async def test_start_list_output_signal_by_tag(
+        self, server: Server, key: str, api: HttpClient, capsule_id: str
+    ) -> None:
+        started = await start(api, capsule_id, "sh", "-c", "echo ready; exec sleep 1000", tag="sleeper")
+        assert started["tag"] == "sleeper" and started["status"] == "RUNNING" and started["pid"] > 0
+        assert started["cmd"] == "sh" and started["args"] == ["-c", "echo ready; exec sleep 1000"]
+
+        listed = (await api.run("Processes", capsuleId=capsule_id)).ok()["processes"]
+        assert [p["tag"] for p in listed] == ["sleeper"]
+        by_pid = (await api.run("Process", capsuleId=capsule_id, selector=str(started["pid"]))).ok()[
+            "process"
+        ]
+        assert by_pid["tag"] == "sleeper"
+
+        signalled = await api.run("SignalProcess", capsuleId=capsule_id, selector="sleeper", signal="SIGTERM")
+        assert signalled.ok()["signalProcess"]["tag"] == "sleeper"
+        assert await collect_output(server, key, capsule_id, "sleeper") == "ready\n"
+        exited = await wait_for_status(api, capsule_id, "sleeper", "EXITED")
+        assert exited["signal"] == "SIGTERM" and exited["exitCode"] is None and exited["endedAt"]
+
+        running = (await api.run("Processes", capsuleId=capsule_id, status="RUNNING")).ok()["processes"]
+        assert running == []
+        ended = (await api.run("Processes", capsuleId=capsule_id, status="EXITED")).ok()["processes"]
+        assert [p["signal"] for p in ended] == ["SIGTERM"]
+
+    async def test_signal_by_pid_to_group(self, api: HttpClient, capsule_id: str) -> None:
+        started = await start(api, capsule_id, "sh", "-c", "sleep 1000 & sleep 1000")
+        assert started["tag"].startswith("proc-")
+        answer = await api.run("SignalProcess", capsuleId=capsule_id, selector=str(started["pid"]))
+        answer.ok()
+        exited = await wait_for_status(api, capsule_id, str(started["pid"]), "EXITED")
+        assert exited["signal"] == "SIGKILL"
+
+    async def test_exit_code_is_recorded(self, api: HttpClient, capsule_id: str) -> None:
+        await start(api, capsule_id, "sh", "-c", "exit 3", tag="three")
+        exited = await wait_for_status(api, capsule_id, "three", "EXITED")
+        assert exited["exitCode"] == 3 and exited["signal"] is None and not exited["timedOut"]
+
+    async def test_lifetime_timeout(self, api: HttpClient, capsule_id: str) -> None:
+        await start(api, capsule_id, "sleep", "1000", tag="short", timeoutSec=1)
+        exited = await wait_for_status(api, capsule_id, "short", "EXITED")
+        assert exited["timedOut"] is True and exited["signal"] == "SIGKILL"
+
+    async def test_stop_process_gracefully(self, api: HttpClient, capsule_id: str) -> None:
+        script = "trap 'echo bye; exit 7' TERM; echo up; while :; do sleep 0.1; done"
+        await start(api, capsule_id, "sh", "-c", script, tag="trapper")
+        stopped = (await api.run("StopProcess", capsuleId=capsule_id, selector="trapper", graceSec=5)).ok()
+        assert stopped["stopProcess"]["status"] == "EXITED"
+        assert stopped["stopProcess"]["exitCode"] == 7
+
+    async def test_stop_process_escalates(self, api: HttpClient, capsule_id: str) -> None:
+        await start(api, capsule_id, "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done", tag="stubborn")
+        stopped = (await api.run("StopProcess", capsuleId=capsule_id, selector="stubborn", graceSec=1)).ok()
+        assert stopped["stopProcess"]["signal"] == "SIGKILL"
+
+    async def test_stdin_round_trip(self, server: Server, key: str, api: HttpClient, capsule_id: str) -> None:
+        await start(api, capsule_id, "cat", tag="echo", stdin=True)
+        (await api.run("SendInput", capsuleId=capsule_id, selector="echo", data="hello\n")).ok()
+        answer = await api.run(
+            "SendInput", capsuleId=capsule_id, selector="echo", data="d29ybGQK", encoding="BASE64"
+        )
+        answer.ok()
+        (await api.run("CloseInput", capsuleId=capsule_id, selector="echo")).ok()
+        assert await collect_output(server, key, capsule_id, "echo") == "hello\nworld\n"
+
+    async def test_input_without_stdin_is_invalid_state(self, api: HttpClient, capsule_id: str) -> None:
+        await start(api, capsule_id, "sleep", "1000", tag="deaf")
+        answer = await api.run("SendInput", capsuleId=capsule_id, selector="deaf", data="x")
+        assert answer.codes == ["INVALID_STATE"]
+        assert "stdin" in answer.errors[0]["message"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_process_events(
+    server: Server, key: str, api: HttpClient, capsule_id: str, protocol: str
+) -> None:
+    events: list[tuple[str, str]] = []
+    subscribed = asyncio.Event()
+
+    async def listen() -> None:
+        async with ws_session(server.ws_url, key, protocol) as session:
+            stream = subscribe(session, "ProcessEvents", capsuleId=capsule_id)
+            subscribed.set()
+            async for result in stream:
+                event = result["processEvents"]
+                events.append((event["kind"], event["process"]["tag"]))
+                if event["kind"] == "EXITED":
+                    return
+
+    listener = asyncio.create_task(listen())
+    async with asyncio.timeout(10):
+        await subscribed.wait()
+        # The subscription is live once a probe event reaches it.
+        while not events:
+            await start(api, capsule_id, "true")
+            await asyncio.sleep(0.1)
+        await listener
+    assert events[0][0] == "STARTED"
+    assert events[-1][0] == "EXITED"

@@ -1,0 +1,80 @@
+"""`capsule serve` run as the README says: embedded default, the key it writes, a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e.client import HttpClient
+
+CAPSULE = Path(sys.executable).parent / "capsule"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits for its parent to read its status.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
+
+
+async def test_serve_embedded_default(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
+    server = subprocess.Popen(
+        [str(CAPSULE), "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert server.stdout is not None
+    printed: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not any(
+                "Uvicorn running" in line or "Application startup complete" in line for line in printed
+            ):
+                line = await asyncio.to_thread(server.stdout.readline)
+                assert line, f"serve ended early: {''.join(printed)}"
+                printed.append(line.decode())
+        text = "".join(printed)
+        assert f"http://localhost:{port}/graphql" in text
+        key = (tmp_path / ".capsule" / "dev-api-key").read_text().strip()
+        assert key in text
+        api = HttpClient(f"http://127.0.0.1:{port}/graphql", key)
+        try:
+            capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
+            result = (await api.run("Exec", capsuleId=capsule_id, input={"cmd": "echo", "args": ["hi"]})).ok()
+            assert result["exec"]["stdout"] == "hi\n"
+            started = await api.run(
+                "StartProcess", capsuleId=capsule_id, input={"cmd": "sleep", "args": ["1000"]}
+            )
+            pid = started.ok()["startProcess"]["pid"]
+            graphiql = await api.http.get(f"http://127.0.0.1:{port}/graphql", headers={"Accept": "text/html"})
+            assert graphiql.status_code == 200 and "graphiql" in graphiql.text.lower()
+        finally:
+            await api.aclose()
+        server.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            code = await asyncio.to_thread(server.wait)
+        assert code == 0
+        assert not _alive(pid), "Ctrl-C must kill the processes the server started"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -1,0 +1,76 @@
+"""Generated and checked-in artefacts stay in step with the code: SDL, contract, documents, stubs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from graphql import parse, validate
+
+from app.api.auth import TeamRequired
+from app.api.schema import schema
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT_CHECK = ROOT.parent / "shared" / "tools" / "check_contract.py"
+
+
+def test_schema_file_matches_the_code() -> None:
+    exported = schema.as_str() + "\n"
+    assert (ROOT / "schema.graphql").read_text() == exported, (
+        "schema.graphql drifted: run `.venv/bin/python -m app.api.schema > schema.graphql`"
+    )
+
+
+def test_schema_keeps_the_contract() -> None:
+    if not CONTRACT_CHECK.exists():
+        pytest.fail(f"the contract checker is missing at {CONTRACT_CHECK}")
+    done = subprocess.run(
+        [sys.executable, str(CONTRACT_CHECK), str(ROOT / "schema.graphql")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "keeps the contract" in done.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "graphql").glob("*.graphql")), ids=lambda p: p.name)
+def test_documents_are_valid(path: Path) -> None:
+    errors = validate(schema._schema, parse(path.read_text()))
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("root", ["Query", "Mutation", "Subscription"])
+def test_every_root_field_requires_a_team(root: str) -> None:
+    definition = schema.get_type_by_name(root)
+    assert definition is not None
+    for field in definition.fields:  # type: ignore[union-attr]
+        assert any(p is TeamRequired for p in field.permission_classes), (
+            f"{root}.{field.name} lacks TeamRequired"
+        )
+
+
+def test_grpc_stubs_match_the_proto(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "app" / "pb").mkdir(parents=True)
+    protos = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto").glob("*.proto"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iapp/pb=proto",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *protos,
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+    for generated in sorted((out / "app" / "pb").iterdir()):
+        assert (ROOT / "app" / "pb" / generated.name).read_text() == generated.read_text(), (
+            f"app/pb/{generated.name} is stale: regenerate it (see README)"
+        )
