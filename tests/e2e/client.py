@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -81,3 +83,25 @@ async def subscribe(session: Any, name: str, **variables: Any) -> AsyncIterator[
     """Yields each result of a subscription document."""
     async for result in session.subscribe(GraphQLRequest(document(name), variable_values=variables)):
         yield result
+
+
+async def collect_events(
+    session: Any, capsule_id: str, *, until_tag: str, live: asyncio.Event
+) -> list[tuple[str, str]]:
+    """(kind, tag) of processEvents until the EXITED event of until_tag; sets live at the first event."""
+    seen: list[tuple[str, str]] = []
+    async for result in subscribe(session, "ProcessEvents", capsuleId=capsule_id):
+        event = result["processEvents"]
+        seen.append((event["kind"], event["process"]["tag"]))
+        live.set()
+        if seen[-1] == ("EXITED", until_tag):
+            return seen
+    return seen
+
+
+async def probe_until(live: asyncio.Event, start_probe: Callable[[], Awaitable[object]]) -> None:
+    """Starts probe processes until a subscriber reports that it receives events."""
+    while not live.is_set():
+        await start_probe()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.wait(), 0.2)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from tests.e2e.client import PROTOCOLS, HttpClient, subscribe, ws_session
-from tests.e2e.conftest import Server
+from app.config import Settings
+from tests.e2e.client import PROTOCOLS, HttpClient, collect_events, probe_until, subscribe, ws_session
+from tests.e2e.conftest import Server, running_server
 
 
 async def start(api: HttpClient, capsule_id: str, cmd: str, *args: str, **fields: Any) -> dict[str, Any]:
@@ -115,26 +117,29 @@ class TestProcessLife:
 async def test_process_events(
     server: Server, key: str, api: HttpClient, capsule_id: str, protocol: str
 ) -> None:
-    events: list[tuple[str, str]] = []
-    subscribed = asyncio.Event()
+    live = asyncio.Event()
+    async with ws_session(server.ws_url, key, protocol) as session:
+        async with asyncio.timeout(15):
+            listener = asyncio.create_task(collect_events(session, capsule_id, until_tag="final", live=live))
+            await probe_until(live, lambda: start(api, capsule_id, "true"))
+            await start(api, capsule_id, "sh", "-c", "exit 2", tag="final")
+            seen = await listener
+    assert seen.index(("STARTED", "final")) < seen.index(("EXITED", "final"))
 
-    async def listen() -> None:
-        async with ws_session(server.ws_url, key, protocol) as session:
-            stream = subscribe(session, "ProcessEvents", capsuleId=capsule_id)
-            subscribed.set()
-            async for result in stream:
-                event = result["processEvents"]
-                events.append((event["kind"], event["process"]["tag"]))
-                if event["kind"] == "EXITED":
-                    return
 
-    listener = asyncio.create_task(listen())
-    async with asyncio.timeout(10):
-        await subscribed.wait()
-        # The subscription is live once a probe event reaches it.
-        while not events:
-            await start(api, capsule_id, "true")
-            await asyncio.sleep(0.1)
-        await listener
-    assert events[0][0] == "STARTED"
-    assert events[-1][0] == "EXITED"
+async def test_records_outlive_the_agents_memory(settings: Settings) -> None:
+    async with running_server(replace(settings, retention_sec=0.2)) as server:
+        api = HttpClient(server.url, await server.new_key("team-a"))
+        try:
+            capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
+            await start(api, capsule_id, "sh", "-c", "exit 9", tag="brief")
+            client = server.state.platform.pool.client("local")
+            async with asyncio.timeout(10):  # until the agent has dropped it
+                while any(p.tag == "brief" for p in await client.list_processes(capsule_id)):
+                    await asyncio.sleep(0.05)
+            found = (await api.run("Process", capsuleId=capsule_id, selector="brief")).ok()["process"]
+            assert found["status"] == "EXITED" and found["exitCode"] == 9
+            ended = (await api.run("Processes", capsuleId=capsule_id, status="EXITED")).ok()["processes"]
+            assert [(p["tag"], p["exitCode"]) for p in ended] == [("brief", 9)]
+        finally:
+            await api.aclose()

@@ -1,0 +1,48 @@
+"""ErrorCodes: coded errors pass, request errors are INVALID_REQUEST, bugs are masked as INTERNAL."""
+
+from __future__ import annotations
+
+import strawberry
+
+from app.api.errors import INTERNAL_MESSAGE, ErrorCodes
+from app.errors import Conflict
+
+
+@strawberry.type
+class Query:
+    @strawberry.field
+    def bug(self) -> str:
+        raise RuntimeError("secret table name: api_key")
+
+    @strawberry.field
+    def conflict(self) -> str:
+        raise Conflict("tag web is in use in capsule c1")
+
+    @strawberry.field
+    def fine(self, n: int) -> int:
+        return n
+
+
+schema = strawberry.Schema(query=Query, extensions=[ErrorCodes])
+
+
+async def test_a_bug_is_masked_as_internal() -> None:
+    result = await schema.execute("{ bug }")
+    assert result.errors is not None
+    [error] = result.errors
+    assert error.message == INTERNAL_MESSAGE and "secret" not in error.message
+    assert error.extensions == {"code": "INTERNAL"}
+
+
+async def test_a_coded_error_passes_with_its_code() -> None:
+    result = await schema.execute("{ conflict }")
+    assert result.errors is not None
+    assert result.errors[0].message == "tag web is in use in capsule c1"
+    assert result.errors[0].extensions == {"code": "CONFLICT"}
+
+
+async def test_request_errors_are_invalid_request() -> None:
+    for document in ('{ fine(n: "x") }', "{ nope }", "{ fine(n: 1) "):
+        result = await schema.execute(document)
+        assert result.errors, document
+        assert all(e.extensions == {"code": "INVALID_REQUEST"} for e in result.errors), document

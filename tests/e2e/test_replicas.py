@@ -1,0 +1,47 @@
+"""Two API replicas on one database and one Redis bus, in front of one host agent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from app.agent.server import AgentHandle, start_agent
+from app.config import Settings
+from tests.e2e.client import HttpClient, collect_events, probe_until, ws_session
+from tests.e2e.conftest import running_server
+from tests.e2e.test_processes import start, wait_for_status
+
+
+@pytest.fixture
+async def agent(settings: Settings) -> AsyncIterator[AgentHandle]:
+    handle = await start_agent("127.0.0.1:0", replace(settings, data_dir=settings.data_dir / "agent"))
+    yield handle
+    await handle.stop()
+
+
+async def test_events_reach_every_replica(settings: Settings, agent: AgentHandle) -> None:
+    shared = replace(settings, hosts={"h1": f"127.0.0.1:{agent.port}"}, bus_url="redis://127.0.0.1:6379")
+    async with running_server(shared) as first, running_server(shared) as second:
+        key = await first.new_key("team-a")
+        api, other = HttpClient(first.url, key), HttpClient(second.url, key)
+        try:
+            capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
+            live = asyncio.Event()
+            async with ws_session(second.ws_url, key, "graphql-transport-ws") as session:
+                async with asyncio.timeout(15):
+                    listener = asyncio.create_task(
+                        collect_events(session, capsule_id, until_tag="final", live=live)
+                    )
+                    await probe_until(live, lambda: start(api, capsule_id, "true"))
+                    await start(api, capsule_id, "sh", "-c", "exit 3", tag="final")
+                    seen = await listener
+            assert seen.count(("EXITED", "final")) == 1
+            # Both replicas follow the agent; the exit is on record for either of them.
+            record = await wait_for_status(other, capsule_id, "final", "EXITED")
+            assert record["exitCode"] == 3
+        finally:
+            await api.aclose()
+            await other.aclose()
