@@ -69,6 +69,8 @@ class AppState:
             reaper = IdleReaper(
                 db=db, pool=pool, records=records, interval_sec=settings.idle_check_interval_sec
             )
+            if agent is not None:  # capsules of a previous run get their place on the new agent back
+                await recorder.catch_up(EMBEDDED_HOST_ID)
             state.tasks = [asyncio.create_task(recorder.run()), asyncio.create_task(reaper.run())]
             stack.push_async_callback(state.stop_jobs)
             yield state

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import strawberry
 from strawberry.permission import BasePermission
@@ -11,6 +11,8 @@ from strawberry.permission import BasePermission
 from app.api.context import MISSING_KEY, Context, Info
 from app.errors import ErrorCode
 from app.services.capsules import Team
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def bearer_key(value: object) -> str | None:
@@ -50,16 +52,16 @@ class TeamRequired(BasePermission):
         return info.context.team is not None
 
 
-def team_field(**kwargs: Any) -> Any:
+def team_field(**kwargs: Any) -> Callable[[F], F]:
     """A query field for authenticated callers only."""
-    return strawberry.field(permission_classes=[TeamRequired], **kwargs)
+    return cast("Callable[[F], F]", strawberry.field(permission_classes=[TeamRequired], **kwargs))
 
 
-def team_mutation(**kwargs: Any) -> Any:
+def team_mutation(**kwargs: Any) -> Callable[[F], F]:
     """A mutation for authenticated callers only."""
-    return strawberry.mutation(permission_classes=[TeamRequired], **kwargs)
+    return cast("Callable[[F], F]", strawberry.mutation(permission_classes=[TeamRequired], **kwargs))
 
 
-def team_subscription(**kwargs: Any) -> Any:
+def team_subscription(**kwargs: Any) -> Callable[[F], F]:
     """A subscription for authenticated callers only."""
-    return strawberry.subscription(permission_classes=[TeamRequired], **kwargs)
+    return cast("Callable[[F], F]", strawberry.subscription(permission_classes=[TeamRequired], **kwargs))

@@ -9,20 +9,28 @@ import strawberry
 
 from app import domain
 
-CapsuleStatus = strawberry.enum(domain.CapsuleStatus, name="CapsuleStatus")
-ProcessStatus = strawberry.enum(domain.ProcessStatus, name="ProcessStatus")
-OutputStream = strawberry.enum(domain.Stream, name="OutputStream")
-Encoding = strawberry.enum(
+# strawberry.enum marks the domain's own classes as GraphQL enums; the aliases name them here.
+strawberry.enum(domain.CapsuleStatus, name="CapsuleStatus")
+strawberry.enum(domain.ProcessStatus, name="ProcessStatus")
+strawberry.enum(domain.Stream, name="OutputStream")
+strawberry.enum(
     domain.Encoding,
     name="Encoding",
     description="How a text field carries bytes: UTF8 when the bytes are valid UTF-8, else BASE64.",
 )
-SignalScope = strawberry.enum(
+strawberry.enum(
     domain.SignalScope,
     name="SignalScope",
     description="Who a signal reaches: the process alone, or its whole process group (children included).",
 )
-ProcessEventKind = strawberry.enum(domain.ProcessEventKind, name="ProcessEventKind")
+strawberry.enum(domain.ProcessEventKind, name="ProcessEventKind")
+
+CapsuleStatus = domain.CapsuleStatus
+ProcessStatus = domain.ProcessStatus
+OutputStream = domain.Stream
+Encoding = domain.Encoding
+SignalScope = domain.SignalScope
+ProcessEventKind = domain.ProcessEventKind
 
 
 @strawberry.enum(

@@ -11,7 +11,7 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage
-from strawberry.types.unset import UNSET, UnsetType
+from strawberry.types.unset import UnsetType
 
 from app.api.auth import authenticate, bearer_key, key_from_params
 from app.api.context import MISSING_KEY, Context
@@ -74,4 +74,4 @@ class GraphQLView(GraphQL[Context, None]):
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         if not await self.authorize_websocket(context):
             raise ConnectionRejectionError({"message": MISSING_KEY})
-        return UNSET
+        return None  # a plain connection_ack

@@ -74,7 +74,7 @@ def serve(settings: Settings, *, host: str, port: int) -> int:
     print(f"GraphiQL: {url}", flush=True)
     if key is not None:
         where = settings.data_dir / "dev-api-key"
-        print(f"API key of team 'default' ({'new' if created else 'from'} {where}):", flush=True)
+        print(f"API key of team 'default' ({'written to' if created else 'read from'} {where}):", flush=True)
         print(f"  Authorization: Bearer {key}", flush=True)
         print('  (in GraphiQL, add it under Headers: {"Authorization": "Bearer <key>"})', flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", lifespan="on")

@@ -74,7 +74,10 @@ class ExitRecorder:
         for capsule_id in capsule_ids:
             try:
                 live = await client.list_processes(capsule_id)
-            except NotFound:  # the agent lost the capsule (it restarted): its processes are gone
+            except NotFound:
+                # The agent restarted and lost the capsule with its processes: give the capsule
+                # back its place there (the workspace is kept) and end the lost processes' records.
+                await client.create_capsule(capsule_id)
                 live = []
             await self._records.reconcile(capsule_id, live)
 

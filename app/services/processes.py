@@ -70,9 +70,13 @@ class ProcessService:
             records = await ProcessRecordRepository(session, self._team_id).list(capsule_id, None)
         merged = {(r.pid, r.tag): record_to_info(r) for r in records}
         if capsule.status is domain.CapsuleStatus.RUNNING:
-            live = await self._pool.client(capsule.host_id).list_processes(capsule_id)
-            merged.update({(p.pid, p.tag): p for p in live})
-            await self._records.reconcile(capsule_id, live)
+            try:
+                live = await self._pool.client(capsule.host_id).list_processes(capsule_id)
+            except NotFound:  # stopped meanwhile (idle, or destroyed by another request): records it is
+                live = None
+            if live is not None:
+                merged.update({(p.pid, p.tag): p for p in live})
+                await self._records.reconcile(capsule_id, live)
         infos = [p for p in merged.values() if status is None or p.status is status]
         return sorted(infos, key=_sort_key)
 
