@@ -51,6 +51,8 @@ class Settings:
     retention_sec: float = 600.0
     exec_output_cap_bytes: int = 1 * MiB
     exec_default_timeout_sec: float = 60.0
+    # How long a write to a process's stdin may wait for the process to read.
+    input_timeout_sec: float = 5.0
     # The API server's limits.
     host_connect_timeout_sec: float = 2.0
     host_call_timeout_sec: float = 30.0

@@ -183,26 +183,35 @@ def signal_scope(value: int) -> domain.SignalScope:
     return _SCOPE_FROM_PB[value]
 
 
-def output_event_to_pb(event: domain.OutputEvent) -> pb.OutputEvent:
+def _fill_output_event(message: pb.OutputEvent, event: domain.OutputEvent) -> None:
+    # Filled in place: building a sub-message and passing it in would copy its bytes once more.
     match event:
         case domain.OutputChunk(seq=seq, stream=stream, data=data):
-            return pb.OutputEvent(chunk=pb.OutputChunk(seq=seq, stream=_STREAM_TO_PB[stream], data=data))
+            chunk = message.chunk
+            chunk.seq, chunk.stream, chunk.data = seq, _STREAM_TO_PB[stream], data
         case domain.OutputGap(seq=seq, lost_events=lost):
-            return pb.OutputEvent(gap=pb.OutputGap(seq=seq, lost_events=lost))
+            message.gap.seq, message.gap.lost_events = seq, lost
         case domain.ProcessExit():
-            exit_message = pb.ProcessExit(
-                seq=event.seq,
-                signal=int(event.signal) if event.signal is not None else 0,
-                timed_out=event.timed_out,
-                ended_at=timestamp(event.ended_at),
-            )
+            end = message.exit
+            end.seq = event.seq
+            end.signal = int(event.signal) if event.signal is not None else 0
+            end.timed_out = event.timed_out
+            end.ended_at.CopyFrom(timestamp(event.ended_at))
             if event.exit_code is not None:
-                exit_message.exit_code = event.exit_code
-            return pb.OutputEvent(exit=exit_message)
+                end.exit_code = event.exit_code
+
+
+def output_event_to_pb(event: domain.OutputEvent) -> pb.OutputEvent:
+    message = pb.OutputEvent()
+    _fill_output_event(message, event)
+    return message
 
 
 def output_batch(events: Sequence[domain.OutputEvent]) -> pb.OutputBatch:
-    return pb.OutputBatch(events=[output_event_to_pb(e) for e in events])
+    batch = pb.OutputBatch()
+    for event in events:
+        _fill_output_event(batch.events.add(), event)
+    return batch
 
 
 def output_event(message: pb.OutputEvent) -> domain.OutputEvent:
