@@ -1,0 +1,82 @@
+"""Bus channel names and the JSON payloads carried on them."""
+
+from __future__ import annotations
+
+import json
+import signal
+from datetime import datetime
+from typing import Any
+
+from app import domain
+
+
+def capsule_events_channel(capsule_id: str) -> str:
+    """The channel that carries one capsule's process lifecycle events."""
+    return f"capsule-events.{capsule_id}"
+
+
+def _moment(value: datetime | None) -> str | None:
+    return None if value is None else domain.as_utc(value).isoformat()
+
+
+def _parse_moment(value: str | None) -> datetime | None:
+    return None if value is None else domain.as_utc(datetime.fromisoformat(value))
+
+
+def process_info_to_dict(info: domain.ProcessInfo) -> dict[str, Any]:
+    """Every field of a ProcessInfo as JSON-ready values; the signal goes by name."""
+    return {
+        "capsule_id": info.capsule_id,
+        "pid": info.pid,
+        "tag": info.tag,
+        "cmd": info.cmd,
+        "args": list(info.args),
+        "cwd": info.cwd,
+        "status": info.status.value,
+        "started_at": _moment(info.started_at),
+        "exit_code": info.exit_code,
+        "signal": domain.signal_name(info.signal),
+        "timed_out": info.timed_out,
+        "ended_at": _moment(info.ended_at),
+        "stdin": info.stdin,
+    }
+
+
+def process_info_from_dict(data: dict[str, Any]) -> domain.ProcessInfo:
+    """The inverse of process_info_to_dict."""
+    started_at = _parse_moment(data["started_at"])
+    if started_at is None:
+        raise ValueError("process event without started_at")
+    return domain.ProcessInfo(
+        capsule_id=str(data["capsule_id"]),
+        pid=int(data["pid"]),
+        tag=str(data["tag"]),
+        cmd=str(data["cmd"]),
+        args=tuple(str(arg) for arg in data["args"]),
+        cwd=str(data["cwd"]),
+        status=domain.ProcessStatus(data["status"]),
+        started_at=started_at,
+        exit_code=None if data["exit_code"] is None else int(data["exit_code"]),
+        signal=None if data["signal"] is None else signal.Signals[data["signal"]],
+        timed_out=bool(data["timed_out"]),
+        ended_at=_parse_moment(data["ended_at"]),
+        stdin=bool(data["stdin"]),
+    )
+
+
+def process_event_to_json(event: domain.ProcessEvent) -> str:
+    """A process lifecycle event as the JSON text published on the bus."""
+    return json.dumps(
+        {"kind": event.kind.value, "process": process_info_to_dict(event.process)}, separators=(",", ":")
+    )
+
+
+def process_event_from_json(text: str) -> domain.ProcessEvent:
+    """Parses process_event_to_json's output; anything else raises ValueError."""
+    try:
+        data = json.loads(text)
+        return domain.ProcessEvent(
+            kind=domain.ProcessEventKind(data["kind"]), process=process_info_from_dict(data["process"])
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a process event: {type(exc).__name__} {exc}") from exc

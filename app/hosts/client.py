@@ -1,0 +1,191 @@
+"""Typed calls to one host agent, each with a deadline, with its errors mapped back to ours."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import grpc
+
+from app import domain, wire
+from app.config import Settings
+from app.errors import CapsuleError, ErrorCode, HostUnavailable, error_from_status
+from app.pb import agent_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+UNREACHABLE = "the capsule's host agent cannot be reached; retry later"
+TIMED_OUT = "the capsule's host agent did not answer in time; retry later"
+# Added to a call's own duration (an exec's timeout, a stop's grace) for killing, reaping, replying.
+MARGIN_SEC = 5.0
+
+_READY = grpc.ChannelConnectivity.READY
+_FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+
+
+def _cancelled_from_outside() -> bool:
+    """True when a CancelledError came from gRPC (its channel closed), not from our own task."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+class HostClient:
+    """The agent's RPCs for one host; get one from HostPool.client()."""
+
+    def __init__(self, host_id: str, channel: grpc.aio.Channel, stub: Any, settings: Settings) -> None:
+        self.host_id = host_id
+        self._channel = channel
+        self._stub = stub
+        self._settings = settings
+
+    async def create_capsule(self, capsule_id: str) -> domain.CapsuleInfo:
+        """Creates the capsule's workspace and supervisor on the host."""
+        reply = await self._unary("CreateCapsule", pb.CapsuleRef(capsule_id=capsule_id))
+        return wire.capsule_info(reply)
+
+    async def destroy_capsule(self, capsule_id: str) -> None:
+        """Kills every process of the capsule and removes its workspace."""
+        await self._unary("DestroyCapsule", pb.CapsuleRef(capsule_id=capsule_id))
+
+    async def list_capsules(self) -> list[domain.CapsuleInfo]:
+        """Every capsule the agent holds."""
+        reply = await self._unary("ListCapsules", pb.Empty())
+        return [wire.capsule_info(c) for c in reply.capsules]
+
+    async def exec(self, capsule_id: str, spec: domain.ExecSpec) -> domain.ExecResult:
+        """Runs a command to completion or its timeout."""
+        run_sec = spec.timeout_sec or self._settings.exec_default_timeout_sec
+        reply = await self._unary(
+            "Exec", wire.exec_request(capsule_id, spec), deadline_sec=run_sec + MARGIN_SEC
+        )
+        return wire.exec_result(reply)
+
+    async def start_process(self, capsule_id: str, spec: domain.ProcessSpec) -> domain.ProcessInfo:
+        """Starts a background process; answers once it runs."""
+        reply = await self._unary("StartProcess", wire.start_request(capsule_id, spec))
+        return wire.process_info(reply)
+
+    async def list_processes(self, capsule_id: str) -> list[domain.ProcessInfo]:
+        """Running processes first, then retained exited ones."""
+        reply = await self._unary("ListProcesses", pb.CapsuleRef(capsule_id=capsule_id))
+        return [wire.process_info(p) for p in reply.processes]
+
+    async def get_process(self, capsule_id: str, selector: str) -> domain.ProcessInfo:
+        """One process by PID or tag."""
+        reply = await self._unary("GetProcess", wire.process_ref(capsule_id, selector))
+        return wire.process_info(reply)
+
+    async def signal_process(
+        self,
+        capsule_id: str,
+        selector: str,
+        *,
+        signal: signal.Signals,
+        scope: domain.SignalScope,
+    ) -> domain.ProcessInfo:
+        """Sends a signal to a process or its group."""
+        scope_value: Any = wire.signal_scope_to_pb(scope)  # an int; the stubs want the enum type
+        request = pb.SignalRequest(
+            process=wire.process_ref(capsule_id, selector), signal=int(signal), scope=scope_value
+        )
+        return wire.process_info(await self._unary("SignalProcess", request))
+
+    async def stop_process(self, capsule_id: str, selector: str, *, grace_sec: float) -> domain.ProcessInfo:
+        """SIGTERM, SIGKILL after grace_sec; answers once the process has exited."""
+        request = pb.StopRequest(process=wire.process_ref(capsule_id, selector), grace_sec=grace_sec)
+        reply = await self._unary("StopProcess", request, deadline_sec=grace_sec + MARGIN_SEC)
+        return wire.process_info(reply)
+
+    async def send_input(self, capsule_id: str, selector: str, data: bytes) -> None:
+        """Writes bytes to a process's stdin."""
+        request = pb.InputRequest(process=wire.process_ref(capsule_id, selector), data=data)
+        await self._unary("SendInput", request)
+
+    async def close_input(self, capsule_id: str, selector: str) -> None:
+        """Closes a process's stdin."""
+        await self._unary("CloseInput", wire.process_ref(capsule_id, selector))
+
+    async def stream_output(
+        self, capsule_id: str, selector: str, from_seq: int
+    ) -> AsyncGenerator[list[domain.OutputEvent], None]:
+        """Batches of output events from from_seq on; ends after the exit event."""
+        request = pb.OutputRequest(process=wire.process_ref(capsule_id, selector), from_seq=from_seq)
+        async for batch in self._stream("StreamOutput", request):
+            yield wire.output_events(batch)
+
+    async def watch_processes(self, capsule_id: str = "") -> AsyncGenerator[domain.ProcessEvent, None]:
+        """STARTED and EXITED events of one capsule, or of every capsule when capsule_id is empty."""
+        async for message in self._stream("WatchProcesses", pb.CapsuleRef(capsule_id=capsule_id)):
+            yield wire.process_event(message)
+
+    async def _unary(self, rpc: str, request: Any, *, deadline_sec: float | None = None) -> Any:
+        await self._connected(rpc)
+        deadline = self._settings.host_call_timeout_sec if deadline_sec is None else deadline_sec
+        try:
+            return await getattr(self._stub, rpc)(request, timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(rpc, exc) from exc
+        except grpc.aio.UsageError as exc:  # the pool closed this channel
+            raise HostUnavailable(UNREACHABLE) from exc
+        except asyncio.CancelledError:
+            if _cancelled_from_outside():
+                raise HostUnavailable(UNREACHABLE) from None
+            raise
+
+    async def _stream(self, rpc: str, request: Any) -> AsyncGenerator[Any, None]:
+        # No deadline: a stream lasts as long as its process; keepalive notices a dead agent.
+        await self._connected(rpc)
+        try:
+            call = getattr(self._stub, rpc)(request)
+        except grpc.aio.UsageError as exc:
+            raise HostUnavailable(UNREACHABLE) from exc
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(rpc, exc) from exc
+        except asyncio.CancelledError:
+            if _cancelled_from_outside():
+                raise HostUnavailable(UNREACHABLE) from None
+            raise
+        finally:
+            call.cancel()  # the caller stopped early or was cancelled: end the RPC on the agent too
+
+    async def _connected(self, rpc: str) -> None:
+        """Returns once the channel is READY; raises HostUnavailable within the connect timeout."""
+        try:
+            state = self._channel.get_state(try_to_connect=True)
+            # From IDLE or CONNECTING, a failure is our own attempt refused: no need to wait longer.
+            # From TRANSIENT_FAILURE (sticky while gRPC retries in the background), wait: a
+            # restarted agent is picked up within the reconnect backoff.
+            fail_fast = state is not _FAILED
+            async with asyncio.timeout(self._settings.host_connect_timeout_sec):
+                while state is not _READY:
+                    if state is _SHUTDOWN or (state is _FAILED and fail_fast):
+                        break
+                    await self._channel.wait_for_state_change(state)
+                    state = self._channel.get_state(try_to_connect=True)
+        except (TimeoutError, grpc.aio.UsageError, RuntimeError):
+            state = _SHUTDOWN
+        if state is not _READY:
+            logger.warning("host %s: %s: cannot connect to the agent (%s)", self.host_id, rpc, state.name)
+            raise HostUnavailable(UNREACHABLE)
+
+    def _error(self, rpc: str, exc: grpc.aio.AioRpcError) -> CapsuleError:
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            logger.warning("host %s: %s: %s (%s)", self.host_id, rpc, code.name, exc.details())
+            return HostUnavailable(UNREACHABLE)
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            logger.warning("host %s: %s: no answer before the deadline", self.host_id, rpc)
+            return HostUnavailable(TIMED_OUT)
+        error = error_from_status(code, exc.details() or "")
+        if error.code is ErrorCode.INTERNAL:
+            logger.error(
+                "host %s: %s failed in the agent: %s %s", self.host_id, rpc, code.name, exc.details()
+            )
+        return error

@@ -1,0 +1,96 @@
+"""Process events survive the trip through JSON with every field intact."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from app import domain
+from app.bus.events import capsule_events_channel, process_event_from_json, process_event_to_json
+
+STARTED_AT = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
+
+
+def running() -> domain.ProcessInfo:
+    return domain.ProcessInfo(
+        capsule_id="cap-1",
+        pid=4242,
+        tag="web.server-1",
+        cmd="sh",
+        args=("-c", "echo 'héllo' \"$X\""),
+        cwd="/workspace/sub dir",
+        status=domain.ProcessStatus.RUNNING,
+        started_at=STARTED_AT,
+        stdin=True,
+    )
+
+
+def exited() -> domain.ProcessInfo:
+    return domain.ProcessInfo(
+        capsule_id="cap-1",
+        pid=7,
+        tag="proc-0badf00d",
+        cmd="sleep",
+        args=("60",),
+        cwd="/workspace",
+        status=domain.ProcessStatus.EXITED,
+        started_at=STARTED_AT,
+        exit_code=-15,
+        signal=signal.SIGTERM,
+        timed_out=True,
+        ended_at=STARTED_AT + timedelta(seconds=3),
+    )
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        domain.ProcessEvent(kind=domain.ProcessEventKind.STARTED, process=running()),
+        domain.ProcessEvent(kind=domain.ProcessEventKind.EXITED, process=exited()),
+    ],
+    ids=["started", "exited"],
+)
+def test_round_trip_keeps_every_field(event: domain.ProcessEvent) -> None:
+    back = process_event_from_json(process_event_to_json(event))
+    assert back == event
+    assert back.process.started_at.tzinfo is UTC
+
+
+def test_signal_goes_by_name_and_times_as_utc() -> None:
+    ended_elsewhere = STARTED_AT.astimezone(timezone(timedelta(hours=2))) + timedelta(seconds=3)
+    info = exited()
+    event = domain.ProcessEvent(
+        kind=domain.ProcessEventKind.EXITED,
+        process=dataclasses.replace(info, ended_at=ended_elsewhere),
+    )
+    data = json.loads(process_event_to_json(event))
+    assert data["process"]["signal"] == "SIGTERM"
+    assert data["process"]["ended_at"] == "2024-05-01T12:30:18.123456+00:00"
+    back = process_event_from_json(process_event_to_json(event))
+    assert back.process.ended_at == ended_elsewhere
+    assert back.process.ended_at is not None and back.process.ended_at.tzinfo is UTC
+
+
+def test_naive_datetimes_are_taken_as_utc() -> None:
+    info = dataclasses.replace(running(), started_at=STARTED_AT.replace(tzinfo=None))
+    back = process_event_from_json(
+        process_event_to_json(domain.ProcessEvent(kind=domain.ProcessEventKind.STARTED, process=info))
+    )
+    assert back.process.started_at == STARTED_AT
+
+
+@pytest.mark.parametrize(
+    "text", ["{}", "[]", '{"kind": "STARTED"}', "not json", '{"kind": "X", "process": {}}']
+)
+def test_anything_else_is_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        process_event_from_json(text)
+
+
+def test_channel_names_are_per_capsule() -> None:
+    assert capsule_events_channel("a") != capsule_events_channel("b")
+    assert "cap-1" in capsule_events_channel("cap-1")
