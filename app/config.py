@@ -57,6 +57,8 @@ class Settings:
     host_connect_timeout_sec: float = 2.0
     host_call_timeout_sec: float = 30.0
     max_input_bytes: int = 1 * MiB
+    # Output an API replica keeps per followed process, so its subscribers share one agent stream.
+    fanout_buffer_bytes: int = 8 * MiB
     idle_check_interval_sec: float = 5.0
 
     def __post_init__(self) -> None:

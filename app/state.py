@@ -12,6 +12,7 @@ from app.agent.server import AgentHandle, start_agent
 from app.bus.broadcast import Bus
 from app.config import Settings
 from app.hosts.pool import HostPool
+from app.services.fanout import OutputFanout
 from app.services.hosts import HostService
 from app.services.jobs import ExitRecorder, IdleReaper
 from app.services.keys import KeyService
@@ -63,6 +64,7 @@ class AppState:
                 hosts=hosts,
                 keys=KeyService(db),
                 records=records,
+                fanout=OutputFanout(pool=pool, buffer_bytes=settings.fanout_buffer_bytes),
             )
             state = cls(settings=settings, platform=platform, agent=agent)
             recorder = ExitRecorder(db=db, pool=pool, hosts=hosts, records=records)

@@ -9,6 +9,7 @@ from app.config import Settings
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService, Team
 from app.services.exec import ExecService
+from app.services.fanout import OutputFanout
 from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.services.output import OutputService
@@ -28,6 +29,7 @@ class Platform:
     hosts: HostService
     keys: KeyService
     records: ProcessRecords
+    fanout: OutputFanout
 
     def for_team(self, team: Team) -> TeamServices:
         """The use cases, acting for one team."""
@@ -48,7 +50,7 @@ class Platform:
                 max_input_bytes=limit,
             ),
             exec=ExecService(pool=self.pool, capsules=capsules, max_input_bytes=limit),
-            output=OutputService(pool=self.pool, capsules=capsules),
+            output=OutputService(pool=self.pool, fanout=self.fanout, capsules=capsules),
         )
 
 

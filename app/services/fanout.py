@@ -1,0 +1,197 @@
+"""One upstream output stream per process per API replica, fanned out to that replica's subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit
+from app.errors import CapsuleError
+from app.hosts.pool import HostPool
+
+log = logging.getLogger(__name__)
+
+# Neighbouring chunks of one stream are joined up to this size before they go out as one event.
+MAX_MERGED_BYTES = 1024 * 1024
+
+
+def merge_chunks(events: Sequence[OutputEvent]) -> list[OutputEvent]:
+    """Joins neighbouring chunks of one stream; a merged chunk carries the seq of its last part."""
+    merged: list[OutputEvent] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if (
+            isinstance(event, OutputChunk)
+            and isinstance(last, OutputChunk)
+            and last.stream is event.stream
+            and len(last.data) + len(event.data) <= MAX_MERGED_BYTES
+        ):
+            merged[-1] = OutputChunk(seq=event.seq, stream=event.stream, data=last.data + event.data)
+        else:
+            merged.append(event)
+    return merged
+
+
+def _size(event: OutputEvent) -> int:
+    return len(event.data) if isinstance(event, OutputChunk) else 64
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessKey:
+    """A process on a host; the tag guards against a reused PID."""
+
+    host_id: str
+    capsule_id: str
+    pid: int
+    tag: str
+
+
+@dataclass(eq=False)
+class _Upstream:
+    """The events one agent stream has delivered, kept while subscribers read them."""
+
+    from_seq: int
+    events: deque[OutputEvent] = field(default_factory=deque)
+    first_index: int = 0  # the absolute index of events[0]
+    floor: int = 0  # the lowest seq a newcomer can still be served from
+    size: int = 0
+    subscribers: int = 0
+    done: bool = False
+    error: CapsuleError | None = None
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.floor = self.from_seq
+
+    @property
+    def end_index(self) -> int:
+        return self.first_index + len(self.events)
+
+    def covers(self, from_seq: int) -> bool:
+        return self.error is None and from_seq >= self.floor
+
+    def index_of(self, from_seq: int) -> int:
+        """The absolute index of the first event a subscriber from from_seq must see."""
+        for offset, event in enumerate(self.events):
+            if event.seq >= from_seq:
+                return self.first_index + offset
+        return self.end_index
+
+    def append(self, batch: Sequence[OutputEvent], cap: int) -> None:
+        self.events.extend(batch)
+        self.size += sum(_size(e) for e in batch)
+        while self.size > cap and len(self.events) > 1:
+            evicted = self.events.popleft()
+            self.first_index += 1
+            self.size -= _size(evicted)
+            self.floor = evicted.seq + 1
+
+
+class OutputFanout:
+    """Shares one agent stream per process among the subscribers one API replica holds."""
+
+    def __init__(self, *, pool: HostPool, buffer_bytes: int) -> None:
+        self._pool, self._cap = pool, buffer_bytes
+        self._upstreams: dict[ProcessKey, _Upstream] = {}
+
+    @property
+    def upstreams(self) -> int:
+        """How many agent streams are open now."""
+        return sum(1 for u in self._upstreams.values() if not u.done)
+
+    async def follow(self, key: ProcessKey, from_seq: int) -> AsyncGenerator[OutputEvent, None]:
+        """The process's events from from_seq: replayed, then live, ending after its exit event."""
+        upstream = self._upstreams.get(key)
+        if upstream is not None and not upstream.covers(from_seq) and upstream.subscribers > 0:
+            # Older than what the shared stream holds: this subscriber replays on its own.
+            async with aclosing(self._private(key, from_seq)) as events:
+                async for event in events:
+                    yield event
+            return
+        if upstream is None or not upstream.covers(from_seq):
+            upstream = self._open(key, from_seq)
+        upstream.subscribers += 1
+        try:
+            async with aclosing(self._read(key, upstream, from_seq)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            upstream.subscribers -= 1
+            if upstream.subscribers == 0 and self._upstreams.get(key) is upstream:
+                del self._upstreams[key]
+                if upstream.task is not None:
+                    upstream.task.cancel()
+
+    def _open(self, key: ProcessKey, from_seq: int) -> _Upstream:
+        upstream = _Upstream(from_seq=from_seq)
+        upstream.task = asyncio.create_task(self._pump(key, upstream))
+        self._upstreams[key] = upstream
+        return upstream
+
+    async def _pump(self, key: ProcessKey, upstream: _Upstream) -> None:
+        stream = self._pool.client(key.host_id).stream_output(key.capsule_id, key.tag, upstream.from_seq)
+        try:
+            async with aclosing(stream):
+                async for batch in stream:
+                    async with upstream.changed:
+                        upstream.append(batch, self._cap)
+                        upstream.changed.notify_all()
+        except CapsuleError as exc:
+            upstream.error = exc
+        finally:
+            upstream.done = True
+            async with upstream.changed:
+                upstream.changed.notify_all()
+
+    async def _read(
+        self, key: ProcessKey, upstream: _Upstream, from_seq: int
+    ) -> AsyncGenerator[OutputEvent, None]:
+        cursor = upstream.index_of(from_seq)
+        next_seq = from_seq
+        while True:
+            batch, cursor, finished = await self._take(upstream, cursor)
+            if batch is None:  # this subscriber fell behind the shared buffer: it goes on alone
+                async with aclosing(self._private(key, next_seq)) as events:
+                    async for event in events:
+                        yield event
+                return
+            for event in merge_chunks(batch):
+                out = event
+                if isinstance(event, OutputGap):
+                    if event.seq <= next_seq:  # lost before this subscriber's from_seq: not its loss
+                        continue
+                    if next_seq != upstream.from_seq:  # the agent numbers events one by one
+                        out = OutputGap(seq=event.seq, lost_events=event.seq - next_seq)
+                yield out
+                next_seq = out.seq + 1
+                if isinstance(out, ProcessExit):
+                    return
+            if finished:
+                if upstream.error is not None:
+                    raise upstream.error
+                return
+
+    @staticmethod
+    async def _take(upstream: _Upstream, cursor: int) -> tuple[list[OutputEvent] | None, int, bool]:
+        """Waits for events past cursor: (them or None when evicted, the new cursor, whether all is read)."""
+        async with upstream.changed:
+            await upstream.changed.wait_for(lambda: upstream.end_index > cursor or upstream.done)
+            if cursor < upstream.first_index:
+                return None, cursor, False
+            start = cursor - upstream.first_index
+            batch = [upstream.events[i] for i in range(start, len(upstream.events))]
+            return batch, upstream.end_index, upstream.done
+
+    async def _private(self, key: ProcessKey, from_seq: int) -> AsyncGenerator[OutputEvent, None]:
+        stream = self._pool.client(key.host_id).stream_output(key.capsule_id, key.tag, from_seq)
+        async with aclosing(stream):
+            async for batch in stream:
+                for event in merge_chunks(batch):
+                    yield event
+                    if isinstance(event, ProcessExit):
+                        return

@@ -1,0 +1,91 @@
+"""OutputFanout against a real agent: one agent stream shared, laggards and late joiners served whole."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+from app.domain import OutputChunk, OutputEvent, ProcessExit, ProcessSpec
+from app.hosts.client import HostClient
+from app.hosts.pool import HostPool
+from app.services.fanout import OutputFanout, ProcessKey
+
+LINES = 2000
+EXPECTED = b"".join(b"line %d\n" % i for i in range(1, LINES + 1))
+# Writes in bursts, with pauses, so readers meet it both live and behind.
+WRITER = (
+    f'i=1; while [ $i -le {LINES} ]; do echo "line $i"; '
+    "[ $((i % 200)) -eq 0 ] && sleep 0.05; i=$((i+1)); done"
+)
+
+
+async def read_all(fanout: OutputFanout, key: ProcessKey, from_seq: int = 0, *, pause: float = 0.0) -> bytes:
+    data = b""
+    async with aclosing(fanout.follow(key, from_seq)) as events:
+        async for event in events:
+            if isinstance(event, OutputChunk):
+                data += event.data
+            if pause:
+                await asyncio.sleep(pause)  # a slow reader, on purpose
+    return data
+
+
+async def start(
+    client: HostClient, capsule_id: str, script: str, tag: str, *, stdin: bool = False
+) -> ProcessKey:
+    spec = ProcessSpec(cmd="sh", args=("-c", script), tag=tag, stdin=stdin)
+    info = await client.start_process(capsule_id, spec)
+    return ProcessKey(host_id="h1", capsule_id=capsule_id, pid=info.pid, tag=info.tag)
+
+
+async def test_subscribers_share_one_agent_stream(
+    pool: HostPool, client: HostClient, capsule_id: str
+) -> None:
+    fanout = OutputFanout(pool=pool, buffer_bytes=8 * 1024 * 1024)
+    key = await start(client, capsule_id, f"read go; {WRITER}", "shared", stdin=True)
+    async with asyncio.timeout(20):
+        readers = [asyncio.create_task(read_all(fanout, key)) for _ in range(3)]
+        while fanout.upstreams != 1 or sum(u.subscribers for u in fanout._upstreams.values()) != 3:
+            await asyncio.sleep(0.01)
+        assert len(fanout._upstreams) == 1
+        await client.close_input(capsule_id, "shared")
+        results = await asyncio.gather(*readers)
+    assert results == [EXPECTED] * 3
+    assert fanout._upstreams == {}
+
+
+async def test_a_laggard_and_a_late_joiner_get_everything(
+    pool: HostPool, client: HostClient, capsule_id: str
+) -> None:
+    fanout = OutputFanout(pool=pool, buffer_bytes=512)  # tiny, so readers fall behind it
+    key = await start(client, capsule_id, WRITER, "lagged")
+    async with asyncio.timeout(30):
+        fast = asyncio.create_task(read_all(fanout, key))
+        slow = asyncio.create_task(read_all(fanout, key, pause=0.2))
+        while not any(u.floor > 0 for u in fanout._upstreams.values()) and not fast.done():
+            await asyncio.sleep(0.01)
+        late = asyncio.create_task(read_all(fanout, key))  # from 0, older than the shared buffer
+        assert await fast == EXPECTED
+        assert await slow == EXPECTED
+        assert await late == EXPECTED
+
+
+async def test_resume_from_a_seq_has_no_duplicate_and_no_hole(
+    pool: HostPool, client: HostClient, capsule_id: str
+) -> None:
+    fanout = OutputFanout(pool=pool, buffer_bytes=8 * 1024 * 1024)
+    key = await start(client, capsule_id, WRITER, "resumed")
+    seen: list[OutputEvent] = []
+    async with asyncio.timeout(20):
+        async with aclosing(fanout.follow(key, 0)) as events:
+            async for event in events:
+                seen.append(event)
+                if len(seen) == 3:
+                    break
+        async with aclosing(fanout.follow(key, seen[-1].seq + 1)) as events:
+            async for event in events:
+                seen.append(event)
+    assert isinstance(seen[-1], ProcessExit)
+    seqs = [e.seq for e in seen]
+    assert seqs == sorted(set(seqs))
+    assert b"".join(e.data for e in seen if isinstance(e, OutputChunk)) == EXPECTED
