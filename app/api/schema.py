@@ -6,6 +6,7 @@ import logging
 
 import strawberry
 from graphql.error import GraphQLError
+from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
 
@@ -37,7 +38,19 @@ class Schema(strawberry.Schema):
                 log.error("unexpected error in %s", error.path, exc_info=original)
 
 
-schema = Schema(query=Query, mutation=Mutation, subscription=Subscription, extensions=[ErrorCodes])
+# Bounds on a document's shape, far above what the contract's operations need, so that a hostile
+# query costs little to refuse; GraphiQL's introspection passes them.
+schema = Schema(
+    query=Query,
+    mutation=Mutation,
+    subscription=Subscription,
+    extensions=[
+        ErrorCodes,
+        lambda: QueryDepthLimiter(max_depth=8),
+        lambda: MaxTokensLimiter(max_token_count=5000),
+        lambda: MaxAliasesLimiter(max_alias_count=50),
+    ],
+)
 
 if __name__ == "__main__":  # python -m app.api.schema > schema.graphql
     print(schema.as_str())

@@ -176,3 +176,17 @@ async def test_killed_agent_is_host_unavailable(
             assert listed.codes == ["HOST_UNAVAILABLE"]
         finally:
             await client.aclose()
+
+
+async def test_oversized_documents_are_refused(api: HttpClient) -> None:
+    aliases = " ".join(f"a{i}: capsules {{ id }}" for i in range(60))
+    assert (await api.query(f"query {{ {aliases} }}")).codes == ["INVALID_REQUEST"]
+    answer = await api.query("query { capsules { id " + "__typename " * 6000 + "} }")
+    assert answer.codes == ["INVALID_REQUEST"]
+
+
+async def test_graphiql_introspection_passes_the_limits(api: HttpClient) -> None:
+    from graphql import get_introspection_query
+
+    answer = await api.query(get_introspection_query(descriptions=True))
+    assert answer.ok()["__schema"]["queryType"]["name"] == "Query"
