@@ -1,0 +1,109 @@
+"""The agent's capsules by id, each a workspace on disk with its own supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+
+from app.agent.events import ProcessEvents
+from app.agent.supervisor import Supervisor
+from app.config import Settings
+from app.domain import CapsuleInfo
+from app.errors import InvalidRequest, NotFound
+
+logger = logging.getLogger(__name__)
+
+# No slash and no leading dot, so an id can never name a path outside the capsules directory.
+CAPSULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_capsule_id(capsule_id: str) -> str:
+    """Returns the id when it is well formed, else raises InvalidRequest."""
+    if not capsule_id:
+        raise InvalidRequest("capsule_id is empty")
+    if not CAPSULE_ID_RE.fullmatch(capsule_id):
+        raise InvalidRequest(
+            f"capsule id {capsule_id[:80]!r} is malformed: use 1-64 of A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return capsule_id
+
+
+class Capsules:
+    """Creates, finds and destroys capsules; routes each call to the capsule's supervisor."""
+
+    def __init__(self, settings: Settings, events: ProcessEvents) -> None:
+        self._settings = settings
+        self._events = events
+        self._root = (settings.agent_dir / "capsules").resolve()
+        self._supervisors: dict[str, Supervisor] = {}
+        self._lock = asyncio.Lock()  # create and destroy of one id must not interleave on disk
+
+    def load(self) -> None:
+        """Adopts the capsule workspaces already on disk (their processes died with the last agent)."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self._root.iterdir()):
+            if CAPSULE_ID_RE.fullmatch(path.name) and (path / "workspace").is_dir():
+                self._supervisors[path.name] = self._supervisor_for(path.name)
+
+    def _supervisor_for(self, capsule_id: str) -> Supervisor:
+        workspace = self._root / capsule_id / "workspace"
+        return Supervisor(capsule_id, workspace, self._settings, self._events.publish)
+
+    def _info(self, supervisor: Supervisor) -> CapsuleInfo:
+        return CapsuleInfo(
+            capsule_id=supervisor.capsule_id,
+            workspace=str(supervisor.workspace),
+            running_processes=supervisor.running_count(),
+        )
+
+    async def create(self, capsule_id: str) -> CapsuleInfo:
+        """Makes the capsule's workspace; creating an existing capsule returns it."""
+        check_capsule_id(capsule_id)
+        async with self._lock:
+            supervisor = self._supervisors.get(capsule_id)
+            if supervisor is None:
+                supervisor = self._supervisor_for(capsule_id)
+                await asyncio.to_thread(supervisor.workspace.mkdir, mode=0o755, parents=True, exist_ok=True)
+                self._supervisors[capsule_id] = supervisor
+                logger.info("capsule %s: created", capsule_id)
+        return self._info(supervisor)
+
+    def supervisor(self, capsule_id: str) -> Supervisor:
+        """The capsule's supervisor, or NotFound."""
+        check_capsule_id(capsule_id)
+        supervisor = self._supervisors.get(capsule_id)
+        if supervisor is None:
+            raise NotFound(f"no capsule {capsule_id} on this host")
+        return supervisor
+
+    def get(self, capsule_id: str) -> CapsuleInfo:
+        """One capsule, or NotFound."""
+        return self._info(self.supervisor(capsule_id))
+
+    def list_capsules(self) -> list[CapsuleInfo]:
+        """Every capsule of this agent, by id."""
+        return [self._info(self._supervisors[key]) for key in sorted(self._supervisors)]
+
+    async def destroy(self, capsule_id: str) -> None:
+        """Kills every process group in the capsule and removes its directory."""
+        async with self._lock:
+            supervisor = self.supervisor(capsule_id)
+            del self._supervisors[capsule_id]
+            await supervisor.close()
+            self._events.end(capsule_id)
+            try:
+                await asyncio.to_thread(shutil.rmtree, self._root / capsule_id)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                logger.warning("capsule %s: its directory could not be removed: %s", capsule_id, exc)
+        logger.info("capsule %s: destroyed", capsule_id)
+
+    async def close(self) -> None:
+        """Kills the processes of every capsule; workspaces stay on disk."""
+        supervisors = list(self._supervisors.values())
+        self._supervisors.clear()
+        await asyncio.gather(*(supervisor.close() for supervisor in supervisors))

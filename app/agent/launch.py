@@ -1,0 +1,53 @@
+"""What a spawned process gets: its argv, a clean environment and a cwd inside the workspace."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from app.domain import EnvVar, check_cmd
+from app.errors import InvalidRequest
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+
+
+def argv(cmd: str, args: Sequence[str]) -> list[str]:
+    """The command and its arguments, checked (no shell ever parses them)."""
+    check_cmd(cmd)
+    for index, arg in enumerate(args):
+        if "\0" in arg:
+            raise InvalidRequest(f"args[{index}] contains a NUL byte")
+    return [cmd, *args]
+
+
+def environment(workspace: Path, envs: Sequence[EnvVar]) -> Mapping[str, str]:
+    """A clean base (never the agent's own environment, which holds secrets) plus the caller's envs."""
+    env = {"PATH": BASE_PATH, "HOME": str(workspace), "LANG": "C.UTF-8"}
+    for var in envs:
+        if not ENV_NAME_RE.fullmatch(var.name):
+            raise InvalidRequest(
+                f"env name {var.name[:80]!r} is malformed: use letters, digits and _, "
+                "not starting with a digit"
+            )
+        if "\0" in var.value:
+            raise InvalidRequest(f"env {var.name} contains a NUL byte")
+        env[var.name] = var.value
+    return env
+
+
+def working_dir(workspace: Path, cwd: str | None) -> Path:
+    """The directory to run in: the workspace, or cwd resolved inside it (symlinks followed)."""
+    root = workspace.resolve()
+    if not cwd:
+        return root
+    if "\0" in cwd:
+        raise InvalidRequest("cwd contains a NUL byte")
+    resolved = Path(os.path.realpath(root / cwd))  # an absolute cwd replaces root here
+    if resolved != root and root not in resolved.parents:
+        raise InvalidRequest(f"cwd {cwd!r} is outside the capsule's workspace {root}")
+    if not resolved.is_dir():
+        raise InvalidRequest(f"cwd {cwd!r} is not a directory in the workspace: create it first")
+    return resolved
