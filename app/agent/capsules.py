@@ -46,7 +46,12 @@ class Capsules:
         self._root.mkdir(parents=True, exist_ok=True)
         for path in sorted(self._root.iterdir()):
             if CAPSULE_ID_RE.fullmatch(path.name) and (path / "workspace").is_dir():
-                self._supervisors[path.name] = self._supervisor_for(path.name)
+                supervisor = self._supervisor_for(path.name)
+                if killed := supervisor.sessions.sweep():
+                    logger.warning(
+                        "capsule %s: killed %d processes left by a previous agent", path.name, killed
+                    )
+                self._supervisors[path.name] = supervisor
 
     def _supervisor_for(self, capsule_id: str) -> Supervisor:
         workspace = self._root / capsule_id / "workspace"

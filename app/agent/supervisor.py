@@ -13,6 +13,7 @@ from pathlib import Path
 from app.agent import launch
 from app.agent.child import Child
 from app.agent.events import Publish
+from app.agent.leftovers import Sessions
 from app.agent.output_log import OutputLog
 from app.agent.process import ManagedProcess
 from app.config import Settings
@@ -75,6 +76,7 @@ class Supervisor:
         self._reapers: set[asyncio.Task[None]] = set()
         self._drops: dict[str, asyncio.TimerHandle] = {}
         self._execs: set[Child] = set()
+        self.sessions = Sessions(workspace.parent / "sessions")
 
     def running_count(self) -> int:
         """How many background processes are running."""
@@ -89,6 +91,7 @@ class Supervisor:
         capture = _Capture(self._settings.exec_output_cap_bytes)
         started = time.monotonic()
         child = Child.spawn(argv, env=env, cwd=cwd, stdin=spec.stdin is not None, sink=capture.add)
+        self.sessions.add(child.pid)
         self._execs.add(child)
         feeder = (
             None if spec.stdin is None else asyncio.create_task(self._feed(child, spec.stdin, timeout_sec))
@@ -106,6 +109,7 @@ class Supervisor:
             self._execs.discard(child)
             if not child.has_exited:  # the caller went away: leave nothing running
                 child.kill_now()
+            self.sessions.remove(child.pid)
             if feeder is not None:
                 feeder.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -142,6 +146,7 @@ class Supervisor:
             )
         log = OutputLog(self._settings.output_cap_bytes)
         child = Child.spawn(argv, env=env, cwd=cwd, stdin=spec.stdin, sink=log.append_output)
+        self.sessions.add(child.pid)
         proc = ManagedProcess(
             capsule_id=self.capsule_id, tag=tag, argv=argv, cwd=cwd, stdin=spec.stdin, child=child, log=log
         )
@@ -163,6 +168,7 @@ class Supervisor:
 
     async def _reap(self, proc: ManagedProcess) -> None:
         info = await proc.run()
+        self.sessions.remove(proc.pid)
         logger.info(
             "capsule %s: pid %d tag %s exited (code %s, signal %s)",
             self.capsule_id,

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import websockets
 
+from app.agent.leftovers import Sessions
 from app.config import Settings
 from tests.e2e.client import PROTOCOLS, HttpClient
 from tests.e2e.conftest import Server, running_server
@@ -153,6 +154,9 @@ async def agent_process(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        # An agent killed outright leaves its processes; end them as the next agent would.
+        for sessions in (tmp_path / "agent-data").glob("agent/capsules/*/sessions"):
+            Sessions(sessions).sweep()
 
 
 async def test_killed_agent_is_host_unavailable(
