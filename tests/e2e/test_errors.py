@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import websockets
+from websockets.typing import Subprotocol
 
 from app.agent.leftovers import Sessions
 from app.config import Settings
@@ -40,7 +41,7 @@ class TestUnauthenticated:
     async def test_websocket_closes_with_4403(
         self, server: Server, protocol: str, payload: dict[str, str]
     ) -> None:
-        async with websockets.connect(server.ws_url, subprotocols=[protocol]) as ws:  # type: ignore[list-item]
+        async with websockets.connect(server.ws_url, subprotocols=[Subprotocol(protocol)]) as ws:
             await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
             async with asyncio.timeout(5):
                 with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -53,8 +54,8 @@ class TestUnauthenticated:
     async def test_websocket_key_in_upgrade_header(self, server: Server, key: str, protocol: str) -> None:
         headers = {"Authorization": f"Bearer {key}"}
         async with websockets.connect(
-            server.ws_url, subprotocols=[protocol], additional_headers=headers
-        ) as ws:  # type: ignore[list-item]
+            server.ws_url, subprotocols=[Subprotocol(protocol)], additional_headers=headers
+        ) as ws:
             await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
             async with asyncio.timeout(5):
                 assert json.loads(await ws.recv())["type"] == "connection_ack"
