@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import re
 import secrets
@@ -10,6 +11,7 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from app.errors import InvalidRequest
 
@@ -63,6 +65,11 @@ class SignalScope(enum.Enum):
 class ProcessEventKind(enum.Enum):
     STARTED = "STARTED"
     EXITED = "EXITED"
+
+
+def common_fields(source: object, target: type[Any]) -> dict[str, Any]:
+    """source's values for the dataclass fields of target that it has too: a mapping written once."""
+    return {f.name: getattr(source, f.name) for f in dataclasses.fields(target) if hasattr(source, f.name)}
 
 
 def utcnow() -> datetime:

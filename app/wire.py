@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -48,15 +49,28 @@ def process_ref(capsule_id: str, selector: str) -> pb.ProcessRef:
     return pb.ProcessRef(capsule_id=capsule_id, selector=selector)
 
 
+def _command_to_pb(capsule_id: str, spec: domain.ExecSpec | domain.ProcessSpec) -> dict[str, Any]:
+    """The fields every request that runs a command has."""
+    return {
+        "capsule_id": capsule_id,
+        "cmd": spec.cmd,
+        "args": list(spec.args),
+        "envs": envs_to_pb(spec.envs),
+        "cwd": spec.cwd or "",
+    }
+
+
+def _command(request: pb.ExecRequest | pb.StartRequest) -> dict[str, Any]:
+    return {
+        "cmd": request.cmd,
+        "args": tuple(request.args),
+        "envs": envs_from_pb(request.envs),
+        "cwd": request.cwd or None,
+    }
+
+
 def exec_request(capsule_id: str, spec: domain.ExecSpec) -> pb.ExecRequest:
-    request = pb.ExecRequest(
-        capsule_id=capsule_id,
-        cmd=spec.cmd,
-        args=list(spec.args),
-        envs=envs_to_pb(spec.envs),
-        cwd=spec.cwd or "",
-        timeout_sec=spec.timeout_sec or 0.0,
-    )
+    request = pb.ExecRequest(**_command_to_pb(capsule_id, spec), timeout_sec=spec.timeout_sec or 0.0)
     if spec.stdin is not None:
         request.stdin = spec.stdin
     return request
@@ -64,47 +78,23 @@ def exec_request(capsule_id: str, spec: domain.ExecSpec) -> pb.ExecRequest:
 
 def exec_spec(request: pb.ExecRequest) -> domain.ExecSpec:
     return domain.ExecSpec(
-        cmd=request.cmd,
-        args=tuple(request.args),
-        envs=envs_from_pb(request.envs),
-        cwd=request.cwd or None,
+        **_command(request),
         stdin=request.stdin if request.HasField("stdin") else None,
         timeout_sec=request.timeout_sec or None,
     )
 
 
 def exec_reply(result: domain.ExecResult) -> pb.ExecReply:
-    return pb.ExecReply(
-        stdout=result.stdout,
-        stderr=result.stderr,
-        exit_code=result.exit_code,
-        duration_ms=result.duration_ms,
-        timed_out=result.timed_out,
-        truncated=result.truncated,
-    )
+    # The reply's fields are the result's, name for name.
+    return pb.ExecReply(**domain.common_fields(result, domain.ExecResult))
 
 
 def exec_result(reply: pb.ExecReply) -> domain.ExecResult:
-    return domain.ExecResult(
-        stdout=reply.stdout,
-        stderr=reply.stderr,
-        exit_code=reply.exit_code,
-        duration_ms=reply.duration_ms,
-        timed_out=reply.timed_out,
-        truncated=reply.truncated,
-    )
+    return domain.ExecResult(**domain.common_fields(reply, domain.ExecResult))
 
 
 def start_request(capsule_id: str, spec: domain.ProcessSpec) -> pb.StartRequest:
-    request = pb.StartRequest(
-        capsule_id=capsule_id,
-        cmd=spec.cmd,
-        args=list(spec.args),
-        envs=envs_to_pb(spec.envs),
-        cwd=spec.cwd or "",
-        tag=spec.tag or "",
-        stdin=spec.stdin,
-    )
+    request = pb.StartRequest(**_command_to_pb(capsule_id, spec), tag=spec.tag or "", stdin=spec.stdin)
     if spec.timeout_sec is not None:
         request.timeout_sec = spec.timeout_sec
     return request
@@ -112,29 +102,23 @@ def start_request(capsule_id: str, spec: domain.ProcessSpec) -> pb.StartRequest:
 
 def process_spec(request: pb.StartRequest) -> domain.ProcessSpec:
     return domain.ProcessSpec(
-        cmd=request.cmd,
-        args=tuple(request.args),
-        envs=envs_from_pb(request.envs),
-        cwd=request.cwd or None,
+        **_command(request),
         tag=request.tag or None,
         stdin=request.stdin,
         timeout_sec=request.timeout_sec if request.HasField("timeout_sec") else None,
     )
 
 
+# ProcessInfo fields that cross the wire as they are; the others need a conversion each way.
+_PLAIN_PROCESS_FIELDS = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "timed_out", "stdin")
+
+
 def process_info_to_pb(info: domain.ProcessInfo) -> pb.ProcessInfo:
     message = pb.ProcessInfo(
-        capsule_id=info.capsule_id,
-        pid=info.pid,
-        tag=info.tag,
-        cmd=info.cmd,
-        args=list(info.args),
-        cwd=info.cwd,
+        **{name: getattr(info, name) for name in _PLAIN_PROCESS_FIELDS},
         status=_STATUS_TO_PB[info.status],
         signal=int(info.signal) if info.signal is not None else 0,
-        timed_out=info.timed_out,
         started_at=timestamp(info.started_at),
-        stdin=info.stdin,
     )
     if info.exit_code is not None:
         message.exit_code = info.exit_code
@@ -144,20 +128,14 @@ def process_info_to_pb(info: domain.ProcessInfo) -> pb.ProcessInfo:
 
 
 def process_info(message: pb.ProcessInfo) -> domain.ProcessInfo:
+    plain = {name: getattr(message, name) for name in _PLAIN_PROCESS_FIELDS}
     return domain.ProcessInfo(
-        capsule_id=message.capsule_id,
-        pid=message.pid,
-        tag=message.tag,
-        cmd=message.cmd,
-        args=tuple(message.args),
-        cwd=message.cwd,
+        **plain | {"args": tuple(message.args)},
         status=_STATUS_FROM_PB[message.status],
         started_at=moment(message.started_at),
         exit_code=message.exit_code if message.HasField("exit_code") else None,
         signal=domain.to_signal(message.signal),
-        timed_out=message.timed_out,
         ended_at=moment(message.ended_at) if message.HasField("ended_at") else None,
-        stdin=message.stdin,
     )
 
 

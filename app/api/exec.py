@@ -9,25 +9,18 @@ from app import domain
 from app.api.auth import team_mutation
 from app.api.context import Info
 from app.api.enums import Encoding
-from app.api.processes import EnvVarInput
+from app.api.processes import CommandInput
 from app.services.exec import ExecOutcome
 
 
 @strawberry.input
-class ExecInput:
-    cmd: str
-    args: list[str] = strawberry.field(default_factory=list)
-    envs: list[EnvVarInput] = strawberry.field(default_factory=list)
-    cwd: str | None = None
+class ExecInput(CommandInput):
     timeout_sec: int | None = 60
     stdin: str | None = None
 
     def to_spec(self) -> domain.ExecSpec:
         return domain.ExecSpec(
-            cmd=self.cmd,
-            args=tuple(self.args),
-            envs=tuple(e.to_env() for e in self.envs),
-            cwd=self.cwd,
+            **self.command(),
             stdin=None if self.stdin is None else self.stdin.encode("utf-8"),
             timeout_sec=self.timeout_sec,
         )
@@ -47,17 +40,8 @@ class ExecResult:
 
     @classmethod
     def from_outcome(cls, outcome: ExecOutcome) -> ExecResult:
-        return cls(
-            capsule_id=ID(outcome.capsule_id),
-            cmd=outcome.cmd,
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
-            exit_code=outcome.exit_code,
-            duration_ms=outcome.duration_ms,
-            encoding=outcome.encoding,
-            timed_out=outcome.timed_out,
-            truncated=outcome.truncated,
-        )
+        # The text fields come from the outcome, the rest from the agent's result.
+        return cls(**domain.common_fields(outcome.result, cls) | domain.common_fields(outcome, cls))
 
 
 @strawberry.type

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from datetime import datetime
+from typing import Any
 
 import strawberry
 from strawberry import ID
@@ -24,11 +25,26 @@ class EnvVarInput:
 
 
 @strawberry.input
-class StartProcessInput:
+class CommandInput:
+    """What every way of running a command takes."""
+
     cmd: str
     args: list[str] = strawberry.field(default_factory=list)
     envs: list[EnvVarInput] = strawberry.field(default_factory=list)
     cwd: str | None = None
+
+    def command(self) -> dict[str, Any]:
+        """The command's fields as a spec takes them."""
+        return {
+            "cmd": self.cmd,
+            "args": tuple(self.args),
+            "envs": tuple(e.to_env() for e in self.envs),
+            "cwd": self.cwd,
+        }
+
+
+@strawberry.input
+class StartProcessInput(CommandInput):
     tag: str | None = strawberry.field(
         default=None,
         description="Unique among the capsule's processes; not all digits. "
@@ -45,10 +61,7 @@ class StartProcessInput:
 
     def to_spec(self) -> domain.ProcessSpec:
         return domain.ProcessSpec(
-            cmd=self.cmd,
-            args=tuple(self.args),
-            envs=tuple(e.to_env() for e in self.envs),
-            cwd=self.cwd,
+            **self.command(),
             tag=self.tag,
             stdin=self.stdin,
             timeout_sec=self.timeout_sec,
@@ -75,18 +88,8 @@ class Process:
     @classmethod
     def from_info(cls, info: domain.ProcessInfo) -> Process:
         return cls(
-            capsule_id=ID(info.capsule_id),
-            pid=info.pid,
-            tag=info.tag,
-            cmd=info.cmd,
-            args=list(info.args),
-            cwd=info.cwd or None,
-            status=info.status,
-            exit_code=info.exit_code,
-            signal=Signal.of(info.signal),
-            timed_out=info.timed_out,
-            started_at=info.started_at,
-            ended_at=info.ended_at,
+            **domain.common_fields(info, cls)
+            | {"args": list(info.args), "cwd": info.cwd or None, "signal": Signal.of(info.signal)}
         )
 
 

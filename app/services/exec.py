@@ -16,17 +16,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ExecOutcome:
-    """An exec's result with its output as text in one encoding."""
+    """An exec's result, with its output as text: both streams in one encoding."""
 
     capsule_id: str
     cmd: str
+    result: domain.ExecResult
     stdout: str
     stderr: str
-    exit_code: int
-    duration_ms: int
     encoding: Encoding
-    timed_out: bool
-    truncated: bool
 
 
 def _texts(stdout: bytes, stderr: bytes) -> tuple[str, str, Encoding]:
@@ -57,11 +54,8 @@ class ExecService:
         return ExecOutcome(
             capsule_id=capsule_id,
             cmd=spec.cmd,
+            result=result,
             stdout=stdout,
             stderr=stderr,
-            exit_code=result.exit_code,
-            duration_ms=result.duration_ms,
             encoding=encoding,
-            timed_out=result.timed_out,
-            truncated=result.truncated,
         )
