@@ -11,6 +11,7 @@ from graphql import parse, validate
 
 from app.api.auth import TeamRequired
 from app.api.schema import schema
+from tests.e2e.client import document
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_CHECK = ROOT.parent / "shared" / "tools" / "check_contract.py"
@@ -38,7 +39,7 @@ def test_schema_keeps_the_contract() -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "graphql").glob("*.graphql")), ids=lambda p: p.name)
 def test_documents_are_valid(path: Path) -> None:
-    errors = validate(schema._schema, parse(path.read_text()))
+    errors = validate(schema._schema, parse(document(path.stem)))
     assert not errors, errors
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -105,15 +104,6 @@ async def echoed_pid(stub: Any, capsule: str, selector: str | int) -> int:
             if b"\n" in seen:
                 return int(seen.split(b"\n", 1)[0])
     raise AssertionError("no PID was echoed")
-
-
-def is_alive(pid: int) -> bool:
-    """True while pid names a process that is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def grpc_error(call: Any) -> grpc.aio.AioRpcError:

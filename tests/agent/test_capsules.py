@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from app.agent.server import run_agent, start_agent
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.conftest import agent_settings
-from tests.agent.helpers import echoed_pid, eventually, grpc_error, is_alive, start_sh
+from tests.agent.helpers import echoed_pid, eventually, grpc_error, start_sh
+from tests.system import free_port, is_alive
 
 
 class TestCapsules:
@@ -100,13 +100,6 @@ class TestAgent:
                         assert info.running_processes == 0
             finally:
                 await handle.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def connect(port: int) -> tuple[grpc.aio.Channel, Any]:

@@ -6,7 +6,8 @@ import signal
 from typing import Any
 
 from app.pb import agent_pb2 as pb
-from tests.agent.helpers import eventually, exec_sh, is_alive, start_sh
+from tests.agent.helpers import eventually, exec_sh, start_sh
+from tests.system import is_alive
 
 
 class TestExec:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,24 +15,11 @@ from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.conftest import MakeStub
 from tests.agent.helpers import eventually, start_sh, wait_output
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.system import free_port, is_alive
 
 
 async def test_next_agent_kills_what_a_killed_agent_left(tmp_path: Path, make_stub: MakeStub) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = os.environ | {"CAPSULE_DATA_DIR": str(tmp_path)}
     agent = subprocess.Popen(
         [sys.executable, "-m", "app.cli.main", "agent", "--listen", address], env=env, start_new_session=True
@@ -50,12 +36,12 @@ async def test_next_agent_kills_what_a_killed_agent_left(tmp_path: Path, make_st
             family = session_members(leader)
         os.killpg(agent.pid, signal.SIGKILL)
         agent.wait()
-        assert len(family) >= 2 and all(_alive(pid) for pid in family), "killed outright, it leaves them"
+        assert len(family) >= 2 and all(is_alive(pid) for pid in family), "killed outright, it leaves them"
 
         stub = await make_stub()  # a new agent on the same data directory
         info = await stub.GetCapsule(pb.CapsuleRef(capsule_id="c1"))
         assert info.running_processes == 0
-        await eventually(lambda: not any(_alive(pid) for pid in family), what="leftovers killed")
+        await eventually(lambda: not any(is_alive(pid) for pid in family), what="leftovers killed")
     finally:
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)

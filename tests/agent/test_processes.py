@@ -17,7 +17,6 @@ from tests.agent.helpers import (
     echoed_pid,
     eventually,
     grpc_error,
-    is_alive,
     joined,
     read_output,
     ref,
@@ -25,6 +24,7 @@ from tests.agent.helpers import (
     wait_exited,
     wait_output,
 )
+from tests.system import is_alive
 
 
 class TestStartListGet:

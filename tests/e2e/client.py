@@ -21,8 +21,12 @@ PROTOCOLS = ("graphql-transport-ws", "graphql-ws")
 
 @cache
 def document(name: str) -> str:
-    """The text of graphql/<name>.graphql."""
-    return (DOCUMENTS / f"{name}.graphql").read_text()
+    """The text of graphql/<name>.graphql, with the fragments it spreads from graphql/fragments/."""
+    text = (DOCUMENTS / f"{name}.graphql").read_text()
+    for fragment in sorted((DOCUMENTS / "fragments").glob("*.graphql")):
+        if f"...{fragment.stem}" in text:
+            text += "\n" + fragment.read_text()
+    return text
 
 
 @dataclass
@@ -99,9 +103,23 @@ async def collect_events(
     return seen
 
 
-async def probe_until(live: asyncio.Event, start_probe: Callable[[], Awaitable[object]]) -> None:
-    """Starts probe processes until a subscriber reports that it receives events."""
-    while not live.is_set():
-        await start_probe()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(live.wait(), 0.2)
+@asynccontextmanager
+async def live_events(
+    url: str,
+    key: str,
+    protocol: str,
+    capsule_id: str,
+    *,
+    until_tag: str,
+    start_probe: Callable[[], Awaitable[object]],
+) -> AsyncIterator[asyncio.Task[list[tuple[str, str]]]]:
+    """A processEvents subscription that is known to receive: probe processes are started until it
+    sees one. Yields the task collecting (kind, tag) until the EXITED event of until_tag."""
+    live = asyncio.Event()
+    async with ws_session(url, key, protocol) as session:
+        listener = asyncio.create_task(collect_events(session, capsule_id, until_tag=until_tag, live=live))
+        while not live.is_set():
+            await start_probe()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.wait(), 0.2)
+        yield listener

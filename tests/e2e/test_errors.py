@@ -23,6 +23,7 @@ from app.config import Settings
 from tests.e2e.client import PROTOCOLS, HttpClient
 from tests.e2e.conftest import Server, running_server
 from tests.e2e.test_processes import start
+from tests.system import free_port
 
 
 class TestUnauthenticated:
@@ -126,16 +127,10 @@ async def test_malformed_documents_are_invalid_request(api: HttpClient) -> None:
     assert answer.codes == ["INVALID_REQUEST"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def agent_process(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     """`capsule agent --listen` as its own OS process, to be killed for real."""
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = os.environ | {"CAPSULE_DATA_DIR": str(tmp_path / "agent-data")}
     process = subprocess.Popen(

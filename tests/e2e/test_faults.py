@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
+from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +15,7 @@ from gql.transport.exceptions import TransportQueryError
 
 from app.config import Settings
 from tests.bus.test_broadcast import kill_redis_connections
-from tests.e2e.client import HttpClient, collect_events, probe_until, subscribe, ws_session
+from tests.e2e.client import HttpClient, live_events, subscribe, ws_session
 from tests.e2e.conftest import running_server
 from tests.e2e.test_errors import agent_process  # noqa: F401  (a fixture)
 from tests.e2e.test_processes import start
@@ -58,26 +59,25 @@ async def test_bus_dropped_under_process_events(settings: Settings) -> None:
         api = HttpClient(server.url, key)
         try:
             capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
-            live = asyncio.Event()
-            async with ws_session(server.ws_url, key, "graphql-transport-ws") as session:
-                async with asyncio.timeout(20):
-                    listener = asyncio.create_task(
-                        collect_events(session, capsule_id, until_tag="never", live=live)
-                    )
-                    await probe_until(live, lambda: start(api, capsule_id, "true"))
+
+            def probe() -> Awaitable[object]:
+                return start(api, capsule_id, "true")
+
+            url = server.ws_url
+            async with asyncio.timeout(20):
+                async with live_events(
+                    url, key, "graphql-transport-ws", capsule_id, until_tag="never", start_probe=probe
+                ) as listener:
                     assert await kill_redis_connections() > 0
                     with pytest.raises(TransportQueryError) as caught:
                         await listener
             assert _code(caught.value) == "HOST_UNAVAILABLE"
             assert "bus" in str(caught.value)
             # What survives: processes still start and are recorded, and a new subscription works.
-            live = asyncio.Event()
-            async with ws_session(server.ws_url, key, "graphql-ws") as session:
-                async with asyncio.timeout(20):
-                    listener = asyncio.create_task(
-                        collect_events(session, capsule_id, until_tag="after", live=live)
-                    )
-                    await probe_until(live, lambda: start(api, capsule_id, "true"))
+            async with asyncio.timeout(20):
+                async with live_events(
+                    url, key, "graphql-ws", capsule_id, until_tag="after", start_probe=probe
+                ) as listener:
                     await start(api, capsule_id, "true", tag="after")
                     seen = await listener
             assert ("EXITED", "after") in seen

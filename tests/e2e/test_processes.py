@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from app.config import Settings
-from tests.e2e.client import PROTOCOLS, HttpClient, collect_events, probe_until, subscribe, ws_session
+from tests.e2e.client import PROTOCOLS, HttpClient, live_events, subscribe, ws_session
 from tests.e2e.conftest import Server, running_server
 
 
@@ -117,11 +118,13 @@ class TestProcessLife:
 async def test_process_events(
     server: Server, key: str, api: HttpClient, capsule_id: str, protocol: str
 ) -> None:
-    live = asyncio.Event()
-    async with ws_session(server.ws_url, key, protocol) as session:
-        async with asyncio.timeout(15):
-            listener = asyncio.create_task(collect_events(session, capsule_id, until_tag="final", live=live))
-            await probe_until(live, lambda: start(api, capsule_id, "true"))
+    def probe() -> Awaitable[object]:
+        return start(api, capsule_id, "true")
+
+    async with asyncio.timeout(15):
+        async with live_events(
+            server.ws_url, key, protocol, capsule_id, until_tag="final", start_probe=probe
+        ) as listener:
             await start(api, capsule_id, "sh", "-c", "exit 2", tag="final")
             seen = await listener
     assert seen.index(("STARTED", "final")) < seen.index(("EXITED", "final"))

@@ -10,7 +10,7 @@ import pytest
 
 from app.agent.server import AgentHandle, start_agent
 from app.config import Settings
-from tests.e2e.client import HttpClient, collect_events, probe_until, ws_session
+from tests.e2e.client import HttpClient, live_events
 from tests.e2e.conftest import running_server
 from tests.e2e.test_processes import start, wait_for_status
 
@@ -29,13 +29,15 @@ async def test_events_reach_every_replica(settings: Settings, agent: AgentHandle
         api, other = HttpClient(first.url, key), HttpClient(second.url, key)
         try:
             capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
-            live = asyncio.Event()
-            async with ws_session(second.ws_url, key, "graphql-transport-ws") as session:
-                async with asyncio.timeout(15):
-                    listener = asyncio.create_task(
-                        collect_events(session, capsule_id, until_tag="final", live=live)
-                    )
-                    await probe_until(live, lambda: start(api, capsule_id, "true"))
+            async with asyncio.timeout(15):
+                async with live_events(
+                    second.ws_url,
+                    key,
+                    "graphql-transport-ws",
+                    capsule_id,
+                    until_tag="final",
+                    start_probe=lambda: start(api, capsule_id, "true"),
+                ) as listener:
                     await start(api, capsule_id, "sh", "-c", "exit 3", tag="final")
                     seen = await listener
             assert seen.count(("EXITED", "final")) == 1

@@ -5,34 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.e2e.client import HttpClient
+from tests.system import free_port, is_alive
 
 CAPSULE = Path(sys.executable).parent / "capsule"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead too: it only waits for its parent to read its status.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
-
-
 async def test_serve_embedded_default(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
     server = subprocess.Popen(
         [str(CAPSULE), "serve", "--port", str(port)],
@@ -71,7 +55,7 @@ async def test_serve_embedded_default(tmp_path: Path) -> None:
         async with asyncio.timeout(15):
             code = await asyncio.to_thread(server.wait)
         assert code == 0
-        assert not _alive(pid), "Ctrl-C must kill the processes the server started"
+        assert not is_alive(pid), "Ctrl-C must kill the processes the server started"
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
