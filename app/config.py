@@ -60,6 +60,9 @@ class Settings:
     # Output an API replica keeps per followed process, so its subscribers share one agent stream.
     fanout_buffer_bytes: int = 8 * MiB
     idle_check_interval_sec: float = 5.0
+    # What one team may hold at once; past these, RATE_LIMITED.
+    max_capsules_per_team: int = 100
+    max_processes_per_capsule: int = 256
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -85,6 +88,8 @@ class Settings:
             "hosts": _parse_hosts(env.get("CAPSULE_HOSTS", "")),
             "output_cap_bytes": int(_number(env, "CAPSULE_OUTPUT_CAP_BYTES", 16 * MiB)),
             "retention_sec": _number(env, "CAPSULE_RETENTION_SEC", 600.0),
+            "max_capsules_per_team": int(_number(env, "CAPSULE_MAX_CAPSULES_PER_TEAM", 100)),
+            "max_processes_per_capsule": int(_number(env, "CAPSULE_MAX_PROCESSES_PER_CAPSULE", 256)),
         }
         settings = cls(**(values | overrides))
         if not settings.bus_url.startswith(

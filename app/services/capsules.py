@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 
 from app.domain import CapsuleStatus, utcnow
-from app.errors import CapsuleError, InvalidRequest, InvalidState, NotFound
+from app.errors import CapsuleError, InvalidRequest, InvalidState, NotFound, RateLimited
 from app.hosts.pool import HostPool
 from app.services.hosts import HostService
 from app.services.records import ProcessRecords
@@ -32,9 +32,17 @@ class CapsuleService:
     """Capsule use cases for one team; built per request."""
 
     def __init__(
-        self, *, db: Database, pool: HostPool, hosts: HostService, records: ProcessRecords, team: Team
+        self,
+        *,
+        db: Database,
+        pool: HostPool,
+        hosts: HostService,
+        records: ProcessRecords,
+        team: Team,
+        max_capsules: int,
     ) -> None:
         self._db, self._pool, self._hosts, self._records, self._team = db, pool, hosts, records, team
+        self._max_capsules = max_capsules
 
     async def get(self, capsule_id: str) -> models.Capsule | None:
         """This team's capsule, or None (another team's capsule is None too)."""
@@ -66,6 +74,13 @@ class CapsuleService:
         """Places a new capsule on a host and waits until it runs there."""
         if not 1 <= timeout_sec <= MAX_CAPSULE_TIMEOUT_SEC:
             raise InvalidRequest(f"timeoutSec must be between 1 and {MAX_CAPSULE_TIMEOUT_SEC} seconds")
+        async with self._db.session() as session:
+            active = await CapsuleRepository(session, self._team.id).count_active()
+        if active >= self._max_capsules:
+            raise RateLimited(
+                f"team {self._team.name} has {active} capsules running, the most it may have: "
+                "destroy one before creating another"
+            )
         host_id = await self._hosts.choose()
         capsule = models.Capsule(
             id=f"cap-{secrets.token_hex(8)}",

@@ -10,7 +10,7 @@ from app import domain
 from app.bus.broadcast import Bus
 from app.bus.events import capsule_events_channel, process_event_from_json
 from app.domain import ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
-from app.errors import InvalidRequest, NotFound
+from app.errors import InvalidRequest, NotFound, RateLimited
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
 from app.services.records import ProcessRecords, record_to_info
@@ -49,15 +49,23 @@ class ProcessService:
         records: ProcessRecords,
         team_id: int,
         max_input_bytes: int,
+        max_processes: int,
     ) -> None:
         self._db, self._pool, self._bus = db, pool, bus
         self._capsules, self._records, self._team_id = capsules, records, team_id
-        self._max_input_bytes = max_input_bytes
+        self._max_input_bytes, self._max_processes = max_input_bytes, max_processes
 
     async def start(self, capsule_id: str, spec: ProcessSpec) -> ProcessInfo:
         """Starts a background process and records it."""
         check_spec(spec)
         capsule = await self._capsules.require_running(capsule_id)
+        async with self._db.session() as session:
+            running = await ProcessRecordRepository(session, self._team_id).count_running(capsule_id)
+        if running >= self._max_processes:
+            raise RateLimited(
+                f"capsule {capsule_id} runs {running} processes, the most it may: "
+                "stop one before starting another"
+            )
         info = await self._pool.client(capsule.host_id).start_process(capsule_id, spec)
         log.info("capsule %s started process %s (%s)", capsule_id, info.pid, info.tag)
         await self._records.record_start(self._team_id, info)

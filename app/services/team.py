@@ -34,7 +34,12 @@ class Platform:
     def for_team(self, team: Team) -> TeamServices:
         """The use cases, acting for one team."""
         capsules = CapsuleService(
-            db=self.db, pool=self.pool, hosts=self.hosts, records=self.records, team=team
+            db=self.db,
+            pool=self.pool,
+            hosts=self.hosts,
+            records=self.records,
+            team=team,
+            max_capsules=self.settings.max_capsules_per_team,
         )
         limit = self.settings.max_input_bytes
         return TeamServices(
@@ -48,6 +53,7 @@ class Platform:
                 records=self.records,
                 team_id=team.id,
                 max_input_bytes=limit,
+                max_processes=self.settings.max_processes_per_capsule,
             ),
             exec=ExecService(pool=self.pool, capsules=capsules, max_input_bytes=limit),
             output=OutputService(pool=self.pool, fanout=self.fanout, capsules=capsules),

@@ -67,11 +67,27 @@ class CapsuleRepository(TeamScoped[models.Capsule]):
         )
         return (await self._session.exec(statement)).all()
 
+    async def count_active(self) -> int:
+        """How many of the team's capsules are starting or running."""
+        active = (CapsuleStatus.STARTING, CapsuleStatus.RUNNING)
+        statement = self._select().where(col(models.Capsule.status).in_(active))
+        count = select(func.count()).select_from(statement.subquery())
+        return int((await self._session.exec(count)).one())
+
 
 class ProcessRecordRepository(TeamScoped[models.ProcessRecord]):
     """One team's process records."""
 
     model = models.ProcessRecord
+
+    async def count_running(self, capsule_id: str) -> int:
+        """How many of the capsule's processes are on record as running."""
+        statement = self._select().where(
+            col(models.ProcessRecord.capsule_id) == capsule_id,
+            col(models.ProcessRecord.status) == ProcessStatus.RUNNING,
+        )
+        count = select(func.count()).select_from(statement.subquery())
+        return int((await self._session.exec(count)).one())
 
     def _newest_first(self, capsule_id: str) -> SelectOfScalar[models.ProcessRecord]:
         return (

@@ -190,3 +190,27 @@ async def test_graphiql_introspection_passes_the_limits(api: HttpClient) -> None
 
     answer = await api.query(get_introspection_query(descriptions=True))
     assert answer.ok()["__schema"]["queryType"]["name"] == "Query"
+
+
+async def test_limits_are_rate_limited(settings: Settings) -> None:
+    limited = replace(settings, max_capsules_per_team=1, max_processes_per_capsule=2)
+    async with running_server(limited) as server:
+        client = HttpClient(server.url, await server.new_key("team-a"))
+        try:
+            capsule_id = (await client.run("CreateCapsule")).ok()["createCapsule"]["id"]
+            second = await client.run("CreateCapsule")
+            assert second.codes == ["RATE_LIMITED"] and "destroy one" in second.errors[0]["message"]
+            for _ in range(2):
+                await start(client, capsule_id, "sleep", "1000")
+            third = await client.run("StartProcess", capsuleId=capsule_id, input={"cmd": "true"})
+            assert third.codes == ["RATE_LIMITED"] and "stop one" in third.errors[0]["message"]
+            # Another team has limits of its own.
+            other = HttpClient(server.url, await server.new_key("team-b"))
+            try:
+                (await other.run("CreateCapsule")).ok()
+            finally:
+                await other.aclose()
+            (await client.run("DestroyCapsule", id=capsule_id)).ok()
+            (await client.run("CreateCapsule")).ok()
+        finally:
+            await client.aclose()
