@@ -4,21 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
+from graphql import GraphQLError, OperationType, get_operation_ast, parse
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
+from strawberry.http import GraphQLRequestData
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage
+from strawberry.types import ExecutionResult
 from strawberry.types.unset import UnsetType
 
 from app.api.auth import authenticate, bearer_key, key_from_params
 from app.api.context import MISSING_KEY, Context
 from app.api.schema import schema
+from app.errors import ErrorCode
 from app.services.team import Platform
 
 FORBIDDEN = 4403
+SUBSCRIPTION_OVER_HTTP = (
+    "subscriptions run over a WebSocket at this same address: use graphql-transport-ws or graphql-ws"
+)
+
+
+def _is_subscription(query: str | None, operation_name: str | None) -> bool:
+    """True when the operation a request names is a subscription (bad documents say False)."""
+    try:
+        document = parse(query or "")
+    except GraphQLError:
+        return False
+    operation = get_operation_ast(document, operation_name)
+    return operation is not None and operation.operation is OperationType.SUBSCRIPTION
 
 
 class GraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
@@ -70,6 +87,24 @@ class GraphQLView(GraphQL[Context, None]):
             context.request.headers.get("authorization")
         )
         return await authenticate(context, key) is not None
+
+    async def execute_single(
+        self,
+        request: Request,
+        request_adapter: Any,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        # Plain HTTP would run a subscription's resolver as if it were a query and answer null;
+        # subscriptions belong on a WebSocket (multipart HTTP clients never reach this method).
+        if _is_subscription(request_data.query, request_data.operation_name):
+            error = GraphQLError(SUBSCRIPTION_OVER_HTTP, extensions={"code": ErrorCode.INVALID_REQUEST.value})
+            return ExecutionResult(data=None, errors=[error])
+        return await super().execute_single(
+            request, request_adapter, sub_response, context, root_value, request_data
+        )
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         if not await self.authorize_websocket(context):

@@ -214,3 +214,13 @@ async def test_limits_are_rate_limited(settings: Settings) -> None:
             (await client.run("CreateCapsule")).ok()
         finally:
             await client.aclose()
+
+
+async def test_a_subscription_over_http_points_to_the_websocket(api: HttpClient, capsule_id: str) -> None:
+    answer = await api.run("ProcessEvents", capsuleId=capsule_id)
+    assert answer.codes == ["INVALID_REQUEST"]
+    assert "WebSocket" in answer.errors[0]["message"]
+    got = await api.http.get(
+        api.url, params={"query": 'subscription { processEvents(capsuleId: "x") { kind } }'}
+    )
+    assert got.json()["errors"][0]["extensions"]["code"] == "INVALID_REQUEST"
