@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,13 +30,8 @@ from app.store.migrate import upgrade
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = (ROOT / "graphql" / "ProcessOutput.graphql").read_text()
-WRITERS = {
-    "64 KiB writes": "import os,sys\nb=b'x'*65536\nfor _ in range(int(sys.argv[1])//65536): os.write(1,b)\n",
-    "line flood": (
-        "import sys\nw=sys.stdout.write\n"
-        "for i in range(int(sys.argv[1])//41): w('a short line of output, number %9d\\n' % i)\n"
-    ),
-}
+# bench/ is on sys.path when this runs as a script: the same writers and raw-pipe reader as there.
+from agent_stream import BLOCK_WRITER, LINE_WRITER, Case, raw_pipe  # noqa: E402
 
 
 async def serve(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
@@ -69,13 +63,6 @@ async def read_subscription(url: str, key: str, query: str, variables: dict[str,
                 event = message["payload"]["data"][field]
                 total += len(event.get("data") or "")
     return total
-
-
-def raw_pipe(writer: str, size: int) -> float:
-    began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", writer, str(size)], stdout=subprocess.PIPE, check=True)
-    assert len(done.stdout) >= size * 0.9
-    return len(done.stdout) / (time.perf_counter() - began)
 
 
 @strawberry.type
@@ -170,14 +157,18 @@ async def main() -> None:
         )
         bare_rate = got / (time.perf_counter() - began)
 
-        print(f"{args.mib} MiB per case, {args.subscribers} subscriber(s) on the API")
+        print(
+            f"{args.mib} MiB of 64 KiB writes, a quarter of that in lines; {args.subscribers} subscriber(s)"
+        )
         print(
             f"{'case':<16}{'raw pipe MiB/s':>16}{'API MiB/s':>12}{'API/raw':>10}{'bare Strawberry MiB/s':>24}"
         )
-        for name, writer in WRITERS.items():
-            raw = raw_pipe(writer, size)
-            api = await api_case(url, key, capsule_id, writer, size, args.subscribers)
-            print(f"{name:<16}{raw / MiB:>16.1f}{api / MiB:>12.1f}{api / raw:>10.2f}{bare_rate / MiB:>24.1f}")
+        for case in (Case("64 KiB writes", BLOCK_WRITER, size), Case("line flood", LINE_WRITER, size // 4)):
+            received, seconds = raw_pipe(case)
+            raw = received / seconds
+            api = await api_case(url, key, capsule_id, case.script, case.total_bytes, args.subscribers)
+            rates = f"{raw / MiB:>16.1f}{api / MiB:>12.1f}{api / raw:>10.2f}{bare_rate / MiB:>24.1f}"
+            print(f"{case.name:<16}{rates}")
         for running in (server, bare_server):
             running.should_exit = True
         await asyncio.gather(task, bare_task)
