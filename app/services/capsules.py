@@ -61,8 +61,11 @@ class CapsuleService:
         capsule = await self.require(capsule_id)
         if capsule.status is not CapsuleStatus.RUNNING:
             raise InvalidState(f"capsule {capsule_id} is {capsule.status.value}, not RUNNING")
-        async with self._db.transaction() as session:
-            await SystemRepository(session).touch(capsule_id, utcnow())
+        now = utcnow()
+        # One write per busy stretch, not per call: a tenth of the idle timeout, a second at most.
+        if (now - capsule.last_active_at).total_seconds() >= min(1.0, capsule.timeout_sec / 10):
+            async with self._db.transaction() as session:
+                await SystemRepository(session).touch(capsule_id, now)
         return capsule
 
     async def list(self) -> list[models.Capsule]:

@@ -44,3 +44,14 @@ async def test_idle_capsule_is_stopped(api: HttpClient) -> None:
                 break
             await asyncio.sleep(0.1)
     assert [p["status"] for p in capsule["processes"]] == ["EXITED"]
+
+
+async def test_activity_moves_last_active_at(api: HttpClient) -> None:
+    created = (await api.run("CreateCapsule", timeoutSec=2)).ok()["createCapsule"]
+    async with asyncio.timeout(5):
+        while True:  # calls within a tenth of the timeout share one write
+            (await api.run("Exec", capsuleId=created["id"], input={"cmd": "true"})).ok()
+            capsule = (await api.run("Capsule", id=created["id"])).ok()["capsule"]
+            if capsule["lastActiveAt"] > created["lastActiveAt"]:
+                break
+    assert capsule["status"] == "RUNNING"

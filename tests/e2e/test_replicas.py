@@ -22,8 +22,9 @@ async def agent(settings: Settings) -> AsyncIterator[AgentHandle]:
     await handle.stop()
 
 
-async def test_events_reach_every_replica(settings: Settings, agent: AgentHandle) -> None:
-    shared = replace(settings, hosts={"h1": f"127.0.0.1:{agent.port}"}, bus_url="redis://127.0.0.1:6379")
+@pytest.mark.parametrize("bus_url", ["redis://127.0.0.1:6379", "postgres://postgres@127.0.0.1:5432/test"])
+async def test_events_reach_every_replica(settings: Settings, agent: AgentHandle, bus_url: str) -> None:
+    shared = replace(settings, hosts={"h1": f"127.0.0.1:{agent.port}"}, bus_url=bus_url)
     async with running_server(shared) as first, running_server(shared) as second:
         key = await first.new_key("team-a")
         api, other = HttpClient(first.url, key), HttpClient(second.url, key)
