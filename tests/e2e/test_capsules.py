@@ -52,6 +52,8 @@ async def test_activity_moves_last_active_at(api: HttpClient) -> None:
         while True:  # calls within a tenth of the timeout share one write
             (await api.run("Exec", capsuleId=created["id"], input={"cmd": "true"})).ok()
             capsule = (await api.run("Capsule", id=created["id"])).ok()["capsule"]
-            if capsule["lastActiveAt"] > created["lastActiveAt"]:
+            if datetime.fromisoformat(capsule["lastActiveAt"]) > datetime.fromisoformat(
+                created["lastActiveAt"]
+            ):
                 break
     assert capsule["status"] == "RUNNING"
