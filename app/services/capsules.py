@@ -84,6 +84,8 @@ class CapsuleService:
                 f"team {self._team.name} has {active} capsules running, the most it may have: "
                 "destroy one before creating another"
             )
+        # Hosts registered since this replica started join its pool here.
+        self._pool.set_hosts(await self._hosts.hosts())
         host_id = await self._hosts.choose()
         capsule = models.Capsule(
             id=f"cap-{secrets.token_hex(8)}",

@@ -31,7 +31,9 @@ class ExitRecorder:
         followed: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                for host_id in await self._hosts.hosts():
+                hosts = await self._hosts.hosts()
+                self._pool.set_hosts(hosts)  # hosts registered or moved since the last round
+                for host_id in hosts:
                     if host_id not in followed or followed[host_id].done():
                         followed[host_id] = asyncio.create_task(self.follow(host_id))
                     else:  # a safety net for exits that passed while a stream was being opened

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,24 @@ async def test_events_reach_every_replica(settings: Settings, agent: AgentHandle
         finally:
             await api.aclose()
             await other.aclose()
+
+
+async def test_a_host_registered_while_serving_takes_capsules(
+    settings: Settings, agent: AgentHandle, tmp_path: Path
+) -> None:
+    second_agent = await start_agent("127.0.0.1:0", replace(settings, data_dir=tmp_path / "second"))
+    try:
+        async with running_server(replace(settings, hosts={"h1": f"127.0.0.1:{agent.port}"})) as server:
+            api = HttpClient(server.url, await server.new_key("team-a"))
+            try:
+                first = (await api.run("CreateCapsule")).ok()["createCapsule"]
+                assert first["hostId"] == "h1"
+                await server.state.platform.hosts.register("h2", f"127.0.0.1:{second_agent.port}")
+                second = (await api.run("CreateCapsule")).ok()["createCapsule"]
+                assert second["hostId"] == "h2"  # the one with fewer capsules
+                ran = await api.run("Exec", capsuleId=second["id"], input={"cmd": "echo", "args": ["there"]})
+                assert ran.ok()["exec"]["stdout"] == "there\n"
+            finally:
+                await api.aclose()
+    finally:
+        await second_agent.stop()
