@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 
 from app.domain import CapsuleStatus, ProcessEventKind, utcnow
 from app.errors import CapsuleError, NotFound
@@ -31,36 +32,44 @@ class ExitRecorder:
         followed: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                hosts = await self._hosts.hosts()
-                self._pool.set_hosts(hosts)  # hosts registered or moved since the last round
-                for host_id in hosts:
-                    if host_id not in followed or followed[host_id].done():
-                        followed[host_id] = asyncio.create_task(self.follow(host_id))
-                    else:  # a safety net for exits that passed while a stream was being opened
-                        await self._catch_up_quietly(host_id)
+                try:
+                    await self._round(followed)
+                except Exception:  # the store may be down for a while; the next round tries again
+                    log.exception("following the hosts failed")
                 await asyncio.sleep(CHECK_INTERVAL_SEC)
         finally:
             for task in followed.values():
                 task.cancel()
             await asyncio.gather(*followed.values(), return_exceptions=True)
 
+    async def _round(self, followed: dict[str, asyncio.Task[None]]) -> None:
+        hosts = await self._hosts.hosts()
+        self._pool.set_hosts(hosts)  # hosts registered or moved since the last round
+        for host_id in hosts:
+            if host_id not in followed or followed[host_id].done():
+                followed[host_id] = asyncio.create_task(self.follow(host_id))
+            else:  # a safety net for exits that passed while a stream was being opened
+                await self._catch_up_quietly(host_id)
+
     async def follow(self, host_id: str) -> None:
         """Follows one host, catching up on exits missed while the stream was down."""
         failures = 0
         while True:
             try:
-                client = self._pool.client(host_id)
-                events = client.watch_processes("")
-                await self.catch_up(host_id)
-                async for event in events:
-                    failures = 0
-                    if event.kind is ProcessEventKind.EXITED:
-                        await self._records.record_exit(event.process)
+                events = self._pool.client(host_id).watch_processes("")
+                async with aclosing(events):
+                    await self.catch_up(host_id)
+                    async for event in events:
+                        failures = 0
+                        if event.kind is ProcessEventKind.EXITED:
+                            await self._records.record_exit(event.process)
             except CapsuleError as exc:
-                delay = RETRY_DELAYS_SEC[min(failures, len(RETRY_DELAYS_SEC) - 1)]
-                failures += 1
-                log.debug("host %s lifecycle stream: %s; retrying in %.1fs", host_id, exc, delay)
-                await asyncio.sleep(delay)
+                log.debug("host %s lifecycle stream: %s", host_id, exc)
+            except Exception:  # the store, most likely; the stream is opened again after a pause
+                log.exception("host %s: recording exits failed", host_id)
+            delay = RETRY_DELAYS_SEC[min(failures, len(RETRY_DELAYS_SEC) - 1)]
+            failures += 1
+            await asyncio.sleep(delay)
 
     async def _catch_up_quietly(self, host_id: str) -> None:
         try:
