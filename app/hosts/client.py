@@ -117,9 +117,15 @@ class HostClient:
         async for batch in self._stream("StreamOutput", request):
             yield wire.output_events(batch)
 
-    async def watch_processes(self, capsule_id: str = "") -> AsyncGenerator[domain.ProcessEvent, None]:
-        """STARTED and EXITED events of one capsule, or of every capsule when capsule_id is empty."""
-        async for message in self._stream("WatchProcesses", pb.CapsuleRef(capsule_id=capsule_id)):
+    async def watch_processes(
+        self, capsule_id: str = "", *, subscribed: asyncio.Event | None = None
+    ) -> AsyncGenerator[domain.ProcessEvent, None]:
+        """STARTED and EXITED events of one capsule, or of every capsule when capsule_id is empty.
+
+        subscribed is set once the agent has registered the watch: every event after that arrives.
+        """
+        request = pb.CapsuleRef(capsule_id=capsule_id)
+        async for message in self._stream("WatchProcesses", request, subscribed=subscribed):
             yield wire.process_event(message)
 
     async def _unary(self, rpc: str, request: Any, *, deadline_sec: float | None = None) -> Any:
@@ -136,7 +142,9 @@ class HostClient:
                 raise HostUnavailable(UNREACHABLE) from None
             raise
 
-    async def _stream(self, rpc: str, request: Any) -> AsyncGenerator[Any, None]:
+    async def _stream(
+        self, rpc: str, request: Any, *, subscribed: asyncio.Event | None = None
+    ) -> AsyncGenerator[Any, None]:
         # No deadline: a stream lasts as long as its process; keepalive notices a dead agent.
         await self._connected(rpc)
         try:
@@ -144,6 +152,9 @@ class HostClient:
         except grpc.aio.UsageError as exc:
             raise HostUnavailable(UNREACHABLE) from exc
         try:
+            if subscribed is not None:  # the agent sends its headers once the stream is set up
+                await call.initial_metadata()
+                subscribed.set()
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as exc:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from app.domain import CapsuleStatus, ProcessEventKind, utcnow
+from app.domain import CapsuleStatus, ProcessEvent, ProcessEventKind, utcnow
 from app.errors import CapsuleError, NotFound
 from app.hosts.pool import HostPool
 from app.services.hosts import HostService
@@ -17,7 +18,7 @@ from app.store.session import Database
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS_SEC = (0.2, 0.5, 1.0, 2.0, 5.0)
-# How often new hosts are noticed and records checked against each agent's list.
+# How often hosts registered or moved since the last round are noticed.
 CHECK_INTERVAL_SEC = 15.0
 
 
@@ -48,34 +49,43 @@ class ExitRecorder:
         for host_id in hosts:
             if host_id not in followed or followed[host_id].done():
                 followed[host_id] = asyncio.create_task(self.follow(host_id))
-            else:  # a safety net for exits that passed while a stream was being opened
-                await self._catch_up_quietly(host_id)
 
     async def follow(self, host_id: str) -> None:
         """Follows one host, catching up on exits missed while the stream was down."""
         failures = 0
         while True:
             try:
-                events = self._pool.client(host_id).watch_processes("")
-                async with aclosing(events):
-                    await self.catch_up(host_id)
-                    async for event in events:
-                        failures = 0
-                        if event.kind is ProcessEventKind.EXITED:
-                            await self._records.record_exit(event.process)
+                await self._follow_once(host_id)
+                failures = 0
             except CapsuleError as exc:
                 log.debug("host %s lifecycle stream: %s", host_id, exc)
             except Exception:  # the store, most likely; the stream is opened again after a pause
                 log.exception("host %s: recording exits failed", host_id)
-            delay = RETRY_DELAYS_SEC[min(failures, len(RETRY_DELAYS_SEC) - 1)]
+            await asyncio.sleep(RETRY_DELAYS_SEC[min(failures, len(RETRY_DELAYS_SEC) - 1)])
             failures += 1
-            await asyncio.sleep(delay)
 
-    async def _catch_up_quietly(self, host_id: str) -> None:
+    async def _follow_once(self, host_id: str) -> None:
+        # Catch up only once the watch is registered, so that no exit falls between the two.
+        subscribed = asyncio.Event()
+        reader = asyncio.create_task(
+            self._record_exits(self._pool.client(host_id).watch_processes("", subscribed=subscribed))
+        )
+        waiter = asyncio.create_task(subscribed.wait())
         try:
-            await self.catch_up(host_id)
-        except CapsuleError as exc:
-            log.debug("host %s catch-up: %s", host_id, exc)
+            await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if subscribed.is_set():
+                await self.catch_up(host_id)
+            await reader
+        finally:
+            for task in (reader, waiter):
+                task.cancel()
+            await asyncio.gather(reader, waiter, return_exceptions=True)
+
+    async def _record_exits(self, events: AsyncGenerator[ProcessEvent, None]) -> None:
+        async with aclosing(events):
+            async for event in events:
+                if event.kind is ProcessEventKind.EXITED:
+                    await self._records.record_exit(event.process)
 
     async def catch_up(self, host_id: str) -> None:
         """Ends the records of processes that exited, or vanished, while nobody watched."""
