@@ -20,13 +20,15 @@ WRITER = (
 
 
 async def read_all(fanout: OutputFanout, key: ProcessKey, from_seq: int = 0, *, pause: float = 0.0) -> bytes:
+    """All output from from_seq; pause stalls the reader once, after its first event."""
     data = b""
     async with aclosing(fanout.follow(key, from_seq)) as events:
         async for event in events:
             if isinstance(event, OutputChunk):
                 data += event.data
             if pause:
-                await asyncio.sleep(pause)  # a slow reader, on purpose
+                await asyncio.sleep(pause)  # a stalled reader, on purpose: the writer runs ahead
+                pause = 0.0
     return data
 
 
@@ -61,7 +63,7 @@ async def test_a_laggard_and_a_late_joiner_get_everything(
     key = await start(client, capsule_id, WRITER, "lagged")
     async with asyncio.timeout(30):
         fast = asyncio.create_task(read_all(fanout, key))
-        slow = asyncio.create_task(read_all(fanout, key, pause=0.2))
+        slow = asyncio.create_task(read_all(fanout, key, pause=0.5))
         while not any(u.floor > 0 for u in fanout._upstreams.values()) and not fast.done():
             await asyncio.sleep(0.01)
         late = asyncio.create_task(read_all(fanout, key))  # from 0, older than the shared buffer
