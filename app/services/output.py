@@ -7,17 +7,20 @@ from contextlib import aclosing
 
 from app import domain
 from app.domain import OutputEvent
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, NotFound
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
 from app.services.fanout import OutputFanout, ProcessKey
+from app.services.processes import ProcessService
 
 
 class OutputService:
     """Output use case for one team; built per request."""
 
-    def __init__(self, *, pool: HostPool, fanout: OutputFanout, capsules: CapsuleService) -> None:
-        self._pool, self._fanout, self._capsules = pool, fanout, capsules
+    def __init__(
+        self, *, pool: HostPool, fanout: OutputFanout, capsules: CapsuleService, processes: ProcessService
+    ) -> None:
+        self._pool, self._fanout, self._capsules, self._processes = pool, fanout, capsules, processes
 
     async def follow(self, capsule_id: str, selector: str, from_seq: int) -> AsyncIterator[OutputEvent]:
         """Replays retained output from from_seq, follows live output, ends after the exit event."""
@@ -25,7 +28,16 @@ class OutputService:
             raise InvalidRequest("fromSeq is negative: pass 0 for all retained output, or last seq + 1")
         domain.parse_selector(selector)
         capsule = await self._capsules.require_running(capsule_id)
-        process = await self._pool.client(capsule.host_id).get_process(capsule_id, selector)
+        try:
+            process = await self._pool.client(capsule.host_id).get_process(capsule_id, selector)
+        except NotFound:
+            ended = await self._processes.get(capsule_id, selector)
+            if ended is None or ended.ended_at is None:
+                raise
+            raise NotFound(
+                f"process {selector} exited at {ended.ended_at.isoformat()} and its output is no longer "
+                "retained; query process(...) for how it ended"
+            ) from None
         key = ProcessKey(host_id=capsule.host_id, capsule_id=capsule_id, pid=process.pid, tag=process.tag)
         async with aclosing(self._fanout.follow(key, from_seq)) as events:
             async for event in events:

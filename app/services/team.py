@@ -42,21 +42,22 @@ class Platform:
             max_capsules=self.settings.max_capsules_per_team,
         )
         limit = self.settings.max_input_bytes
+        processes = ProcessService(
+            db=self.db,
+            pool=self.pool,
+            bus=self.bus,
+            capsules=capsules,
+            records=self.records,
+            team_id=team.id,
+            max_input_bytes=limit,
+            max_processes=self.settings.max_processes_per_capsule,
+        )
         return TeamServices(
             team=team,
             capsules=capsules,
-            processes=ProcessService(
-                db=self.db,
-                pool=self.pool,
-                bus=self.bus,
-                capsules=capsules,
-                records=self.records,
-                team_id=team.id,
-                max_input_bytes=limit,
-                max_processes=self.settings.max_processes_per_capsule,
-            ),
+            processes=processes,
             exec=ExecService(pool=self.pool, capsules=capsules, max_input_bytes=limit),
-            output=OutputService(pool=self.pool, fanout=self.fanout, capsules=capsules),
+            output=OutputService(pool=self.pool, fanout=self.fanout, capsules=capsules, processes=processes),
         )
 
 

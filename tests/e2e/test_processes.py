@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from gql.transport.exceptions import TransportQueryError
 
 from app.config import Settings
 from tests.e2e.client import PROTOCOLS, HttpClient, live_events, subscribe, ws_session
@@ -144,5 +145,15 @@ async def test_records_outlive_the_agents_memory(settings: Settings) -> None:
             assert found["status"] == "EXITED" and found["exitCode"] == 9
             ended = (await api.run("Processes", capsuleId=capsule_id, status="EXITED")).ok()["processes"]
             assert [(p["tag"], p["exitCode"]) for p in ended] == [("brief", 9)]
+            key = api.http.headers["Authorization"].removeprefix("Bearer ")
+            async with ws_session(server.ws_url, key, "graphql-transport-ws") as session:
+                with pytest.raises(TransportQueryError) as caught:
+                    async for _ in subscribe(
+                        session, "ProcessOutput", capsuleId=capsule_id, selector="brief"
+                    ):
+                        pass
+            [error] = caught.value.errors or []
+            assert error["extensions"]["code"] == "NOT_FOUND"
+            assert "no longer retained" in error["message"]
         finally:
             await api.aclose()
