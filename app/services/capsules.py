@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from app.domain import CapsuleStatus, utcnow
@@ -67,6 +70,27 @@ class CapsuleService:
             async with self._db.transaction() as session:
                 await SystemRepository(session).touch(capsule_id, now)
         return capsule
+
+    @asynccontextmanager
+    async def in_use(self, capsule: models.Capsule) -> AsyncIterator[None]:
+        """Keeps the capsule from counting as idle while a long call or a subscription runs."""
+        interval = max(0.1, capsule.timeout_sec / 3)  # well inside the timeout, so no check falls between
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    async with self._db.transaction() as session:
+                        await SystemRepository(session).touch(capsule.id, utcnow())
+                except Exception:  # the store is down: the idle reaper cannot act on it either
+                    log.warning("capsule %s: could not mark it active", capsule.id, exc_info=True)
+
+        heart = asyncio.create_task(beat(), name=f"in-use-{capsule.id}")
+        try:
+            yield
+        finally:
+            heart.cancel()
+            await asyncio.gather(heart, return_exceptions=True)
 
     async def list(self) -> list[models.Capsule]:
         """This team's capsules, newest first."""

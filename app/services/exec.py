@@ -48,7 +48,8 @@ class ExecService:
         if spec.stdin is not None and len(spec.stdin) > self._max_input_bytes:
             raise InvalidRequest(f"stdin is over {self._max_input_bytes} bytes")
         capsule = await self._capsules.require_running(capsule_id)
-        result = await self._pool.client(capsule.host_id).exec(capsule_id, spec)
+        async with self._capsules.in_use(capsule):
+            result = await self._pool.client(capsule.host_id).exec(capsule_id, spec)
         log.info("capsule %s exec %s exited %s", capsule_id, spec.cmd, result.exit_code)
         stdout, stderr, encoding = _texts(result.stdout, result.stderr)
         return ExecOutcome(

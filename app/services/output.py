@@ -39,6 +39,7 @@ class OutputService:
                 "retained; query process(...) for how it ended"
             ) from None
         key = ProcessKey(host_id=capsule.host_id, capsule_id=capsule_id, pid=process.pid, tag=process.tag)
-        async with aclosing(self._fanout.follow(key, from_seq)) as events:
+        # A viewer that follows output keeps the capsule from being stopped as idle.
+        async with self._capsules.in_use(capsule), aclosing(self._fanout.follow(key, from_seq)) as events:
             async for event in events:
                 yield event

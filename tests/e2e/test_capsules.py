@@ -57,3 +57,13 @@ async def test_activity_moves_last_active_at(api: HttpClient) -> None:
             ):
                 break
     assert capsule["status"] == "RUNNING"
+
+
+async def test_a_long_exec_keeps_its_capsule_from_going_idle(api: HttpClient) -> None:
+    capsule_id = (await api.run("CreateCapsule", timeoutSec=1)).ok()["createCapsule"]["id"]
+    ran = await api.run(
+        "Exec", capsuleId=capsule_id, input={"cmd": "sh", "args": ["-c", "sleep 2.5; echo done"]}
+    )
+    assert ran.ok()["exec"]["stdout"] == "done\n"
+    capsule = (await api.run("Capsule", id=capsule_id)).ok()["capsule"]
+    assert capsule["status"] == "RUNNING"
