@@ -173,6 +173,12 @@ def test_an_unsupported_url_is_refused() -> None:
         Bus("kafka://127.0.0.1:9092")
 
 
+async def delivers(bus: Bus, channel: str, messages: AsyncIterator[str], text: str) -> None:
+    """Publishes text and checks that the subscription receives it."""
+    await bus.publish(channel, text)
+    assert await next_message(messages) == text
+
+
 Kill = Callable[..., Awaitable[int]]
 KILLERS = pytest.mark.parametrize(
     ("backend_url", "kill", "publisher_role"),
@@ -189,15 +195,13 @@ async def test_a_dropped_connection_ends_subscribers_then_recovers(
     channel = channel_name()
     try:
         async with bus.subscribe(channel) as messages:
-            await bus.publish(channel, "before")
-            assert await next_message(messages) == "before"
+            await delivers(bus, channel, messages, "before")
             assert await kill() >= 1
             with pytest.raises(BusUnavailable):
                 await next_message(messages)
         # The bus reconnects by itself for later subscriptions and publishes.
         async with bus.subscribe(channel) as messages:
-            await bus.publish(channel, "after")
-            assert await next_message(messages) == "after"
+            await delivers(bus, channel, messages, "after")
     finally:
         await bus.disconnect()
 
@@ -210,11 +214,9 @@ async def test_a_dropped_publisher_connection_is_replaced_quietly(
     channel = channel_name()
     try:
         async with bus.subscribe(channel) as messages:
-            await bus.publish(channel, "before")
-            assert await next_message(messages) == "before"
+            await delivers(bus, channel, messages, "before")
             assert await kill(publisher_role) >= 1
             # The subscriber's own connection is intact, so it keeps receiving.
-            await bus.publish(channel, "after")
-            assert await next_message(messages) == "after"
+            await delivers(bus, channel, messages, "after")
     finally:
         await bus.disconnect()
