@@ -30,6 +30,8 @@ SUBSCRIPTION_OVER_HTTP = (
 
 def _is_subscription(query: str | None, operation_name: str | None) -> bool:
     """True when the operation a request names is a subscription (bad documents say False)."""
+    if "subscription" not in (query or ""):  # most requests: no parse beyond strawberry's own
+        return False
     try:
         document = parse(query or "")
     except GraphQLError:

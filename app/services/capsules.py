@@ -109,8 +109,9 @@ class CapsuleService:
                 "destroy one before creating another"
             )
         # Hosts registered since this replica started join its pool here.
-        self._pool.set_hosts(await self._hosts.hosts())
-        host_id = await self._hosts.choose()
+        hosts = await self._hosts.hosts()
+        self._pool.set_hosts(hosts)
+        host_id = await self._hosts.choose(hosts)
         capsule = models.Capsule(
             id=f"cap-{secrets.token_hex(8)}",
             team_id=self._team.id,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -12,8 +11,6 @@ from dataclasses import dataclass, field
 from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit
 from app.errors import CapsuleError
 from app.hosts.pool import HostPool
-
-log = logging.getLogger(__name__)
 
 # Neighbouring chunks of one stream are joined up to this size before they go out as one event.
 MAX_MERGED_BYTES = 1024 * 1024

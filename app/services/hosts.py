@@ -65,9 +65,10 @@ class HostService:
             host = await HostRepository(session).get(host_id)
         return None if host is None else host.address
 
-    async def choose(self) -> str:
-        """The host with the fewest active capsules (ties go to the lowest id)."""
-        hosts = await self.hosts()
+    async def choose(self, hosts: Mapping[str, str] | None = None) -> str:
+        """The host with the fewest active capsules (ties go to the lowest id), among hosts when given."""
+        if hosts is None:
+            hosts = await self.hosts()
         if not hosts:
             raise HostUnavailable("no host agent is registered")
         async with self._db.session() as session:

@@ -11,6 +11,7 @@ from app.bus.broadcast import Bus
 from app.bus.events import capsule_events_channel, process_event_from_json
 from app.domain import ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
 from app.errors import InvalidRequest, NotFound, RateLimited
+from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
 from app.services.records import ProcessRecords, record_to_info
@@ -106,9 +107,7 @@ class ProcessService:
         """Sends a signal to the process or its whole group."""
         if signum not in domain.SENDABLE_SIGNALS:
             raise InvalidRequest(f"{signum.name} cannot be sent; send one of the contract's signals")
-        capsule = await self._capsules.require_running(capsule_id)
-        domain.parse_selector(selector)
-        client = self._pool.client(capsule.host_id)
+        client = await self._host_of(capsule_id, selector)
         info = await client.signal_process(capsule_id, selector, signal=signum, scope=scope)
         log.info("capsule %s process %s: sent %s to %s", capsule_id, info.tag, signum.name, scope.value)
         return info
@@ -117,11 +116,8 @@ class ProcessService:
         """SIGTERM to the group, SIGKILL after the grace period; returns once it has exited."""
         if not 0 <= grace_sec <= MAX_GRACE_SEC:
             raise InvalidRequest(f"graceSec must be between 0 and {MAX_GRACE_SEC}")
-        capsule = await self._capsules.require_running(capsule_id)
-        domain.parse_selector(selector)
-        info = await self._pool.client(capsule.host_id).stop_process(
-            capsule_id, selector, grace_sec=float(grace_sec)
-        )
+        client = await self._host_of(capsule_id, selector)
+        info = await client.stop_process(capsule_id, selector, grace_sec=float(grace_sec))
         await self._records.record_exit(info)
         return info
 
@@ -131,15 +127,11 @@ class ProcessService:
             raise InvalidRequest(
                 f"input is {len(data)} bytes; send at most {self._max_input_bytes} at a time"
             )
-        capsule = await self._capsules.require_running(capsule_id)
-        domain.parse_selector(selector)
-        await self._pool.client(capsule.host_id).send_input(capsule_id, selector, data)
+        await (await self._host_of(capsule_id, selector)).send_input(capsule_id, selector, data)
 
     async def close_input(self, capsule_id: str, selector: str) -> None:
         """Closes the stdin of a process started with stdin."""
-        capsule = await self._capsules.require_running(capsule_id)
-        domain.parse_selector(selector)
-        await self._pool.client(capsule.host_id).close_input(capsule_id, selector)
+        await (await self._host_of(capsule_id, selector)).close_input(capsule_id, selector)
 
     async def events(self, capsule_id: str) -> AsyncIterator[domain.ProcessEvent]:
         """STARTED and EXITED events of the capsule's processes, from every API replica."""
@@ -147,6 +139,12 @@ class ProcessService:
         async with self._bus.subscribe(capsule_events_channel(capsule_id)) as messages:
             async for message in messages:
                 yield process_event_from_json(message)
+
+    async def _host_of(self, capsule_id: str, selector: str) -> HostClient:
+        """The host client for a call on a process of this team's running capsule."""
+        capsule = await self._capsules.require_running(capsule_id)
+        domain.parse_selector(selector)
+        return self._pool.client(capsule.host_id)
 
     async def _record(self, capsule_id: str, key: int | str) -> models.ProcessRecord | None:
         async with self._db.session() as session:
