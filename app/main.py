@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from app.api.graphiql import static_route
 from app.api.view import GraphQLView
 from app.config import Settings
 from app.state import AppState
@@ -41,6 +42,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", health),
             Route("/graphql", view, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),
+            static_route(),
         ],
         lifespan=lifespan,
     )

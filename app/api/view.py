@@ -18,6 +18,7 @@ from strawberry.types.unset import UnsetType
 
 from app.api.auth import authenticate, bearer_key, key_from_params
 from app.api.context import MISSING_KEY, Context
+from app.api.graphiql import graphiql_page
 from app.api.schema import schema
 from app.errors import ErrorCode
 from app.services.team import Platform
@@ -107,6 +108,9 @@ class GraphQLView(GraphQL[Context, None]):
         return await super().execute_single(
             request, request_adapter, sub_response, context, root_value, request_data
         )
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        return graphiql_page(request)  # strawberry's own page loads GraphiQL from a CDN
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         if not await self.authorize_websocket(context):
