@@ -10,6 +10,7 @@ import shutil
 from app.agent.events import ProcessEvents
 from app.agent.supervisor import Supervisor
 from app.config import Settings
+from app.datadir import DirectoryLock
 from app.domain import CapsuleInfo
 from app.errors import InvalidRequest, NotFound
 
@@ -41,8 +42,14 @@ class Capsules:
         self._supervisors: dict[str, Supervisor] = {}
         self._lock = asyncio.Lock()  # create and destroy of one id must not interleave on disk
 
-    def load(self) -> None:
-        """Adopts the capsule workspaces already on disk (their processes died with the last agent)."""
+    def load(self, lock: DirectoryLock) -> None:
+        """Adopts the capsule workspaces on disk and kills what the last agent left running in them.
+
+        lock is this agent's hold on its directory: without it, the sweep could kill the processes
+        of an agent that is alive and serving on the same data.
+        """
+        if not lock.is_held or lock.directory != self._settings.agent_dir.resolve():
+            raise RuntimeError(f"loading capsules needs the lock on {self._settings.agent_dir}")
         self._root.mkdir(parents=True, exist_ok=True)
         for path in sorted(self._root.iterdir()):
             if CAPSULE_ID_RE.fullmatch(path.name) and (path / "workspace").is_dir():

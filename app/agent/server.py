@@ -17,6 +17,7 @@ from app import wire
 from app.agent.capsules import Capsules
 from app.agent.events import ProcessEvents
 from app.config import Settings
+from app.datadir import DirectoryLock, lock_agent_dir
 from app.domain import SignalScope, parse_selector
 from app.errors import GRPC_STATUS, CapsuleError, InvalidRequest
 from app.pb import agent_pb2 as pb
@@ -195,44 +196,69 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
 class AgentHandle:
     """A running agent: its port, and stop() that leaves no process behind."""
 
-    def __init__(self, *, server: Any, port: int, capsules: Capsules, events: ProcessEvents, health: Any):
+    def __init__(
+        self,
+        *,
+        server: Any,
+        port: int,
+        capsules: Capsules,
+        events: ProcessEvents,
+        health: Any,
+        lock: DirectoryLock,
+    ):
         self.port = port
         self._server = server
         self._capsules = capsules
         self._events = events
         self._health = health
+        self._lock = lock
         self._stopped = False
 
     async def stop(self, grace: float = 1.0) -> None:
-        """Kills every process group of every capsule, then stops the gRPC server."""
+        """Kills every process group of every capsule, stops the gRPC server, then lets the directory go."""
         if self._stopped:
             return
         self._stopped = True
-        await self._health.enter_graceful_shutdown()
-        await self._capsules.close()
-        self._events.end()
-        await self._server.stop(grace)
+        try:
+            await self._health.enter_graceful_shutdown()
+            await self._capsules.close()
+            self._events.end()
+            await self._server.stop(grace)
+        finally:
+            self._lock.release()
 
 
 async def start_agent(address: str, settings: Settings) -> AgentHandle:
-    """Serves the Agent and the gRPC health service on address (port 0 picks a free port)."""
-    logger.warning(
-        "plain runtime: capsule processes run on this host as uid %d and nothing isolates them "
-        "from each other, from the agent or from the host",
-        os.getuid(),
-    )
-    events = ProcessEvents()
-    capsules = Capsules(settings, events)
-    await asyncio.to_thread(capsules.load)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsules, events), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port(address)
-    await server.start()
+    """Serves the Agent and the gRPC health service on address (port 0 picks a free port).
+
+    Raises DirectoryInUse, having touched nothing, when another agent holds settings.agent_dir.
+    """
+    # First of all: the load below kills what a previous agent left, which would be the live
+    # processes of an agent still running on this directory.
+    lock = await asyncio.to_thread(lock_agent_dir, settings)
+    try:
+        logger.warning(
+            "plain runtime: capsule processes run on this host as uid %d and nothing isolates them "
+            "from each other, from the agent or from the host",
+            os.getuid(),
+        )
+        events = ProcessEvents()
+        capsules = Capsules(settings, events)
+        await asyncio.to_thread(capsules.load, lock)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsules, events), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        port = server.add_insecure_port(address)
+        await server.start()
+    except BaseException:  # nothing runs yet: the capsules were only loaded
+        lock.release()
+        raise
     logger.info("agent serving on %s (port %d), data in %s", address, port, settings.agent_dir)
-    return AgentHandle(server=server, port=port, capsules=capsules, events=events, health=health_servicer)
+    return AgentHandle(
+        server=server, port=port, capsules=capsules, events=events, health=health_servicer, lock=lock
+    )
 
 
 async def run_agent(address: str, settings: Settings) -> None:

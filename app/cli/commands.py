@@ -10,6 +10,7 @@ import uvicorn
 
 from app.agent.server import run_agent
 from app.config import Settings
+from app.datadir import lock_data_dir
 from app.main import create_app
 from app.services.hosts import HostService
 from app.services.keys import KeyService
@@ -67,7 +68,13 @@ def migrate_quietly(settings: Settings) -> None:
 
 
 def serve(settings: Settings, *, host: str, port: int) -> int:
-    """Migrates, makes sure a key exists, prints how to connect, then serves until Ctrl-C."""
+    """Locks the data directory, then migrates, makes sure a key exists and serves until Ctrl-C."""
+    # Before anything else, so a second serve on this data migrates nothing and sweeps nothing.
+    with lock_data_dir(settings):
+        return _serve(settings, host=host, port=port)
+
+
+def _serve(settings: Settings, *, host: str, port: int) -> int:
     migrate_quietly(settings)
     key, created = asyncio.run(_dev_key(settings))
     url = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}/graphql"

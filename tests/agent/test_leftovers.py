@@ -9,11 +9,16 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 
+from app.agent.capsules import Capsules
+from app.agent.events import ProcessEvents
 from app.agent.leftovers import session_members
+from app.agent.server import start_agent
+from app.datadir import DirectoryInUse, DirectoryLock, lock_agent_dir
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
-from tests.agent.conftest import MakeStub
+from tests.agent.conftest import MakeStub, agent_settings
 from tests.agent.helpers import eventually, start_sh, wait_output
 from tests.system import free_port, is_alive
 
@@ -46,3 +51,25 @@ async def test_next_agent_kills_what_a_killed_agent_left(tmp_path: Path, make_st
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
             agent.wait()
+
+
+async def test_an_agent_on_a_directory_in_use_kills_nothing(tmp_path: Path, make_stub: MakeStub) -> None:
+    stub = await make_stub()
+    await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+    info = await start_sh(stub, "c1", "sleep 1000")
+    with pytest.raises(DirectoryInUse) as refused:
+        await start_agent("127.0.0.1:0", agent_settings(tmp_path))
+    assert refused.value.pid == os.getpid()
+    assert is_alive(info.pid)
+    assert (await stub.GetCapsule(pb.CapsuleRef(capsule_id="c1"))).running_processes == 1
+
+
+def test_loading_capsules_needs_the_directory_lock(tmp_path: Path) -> None:
+    settings = agent_settings(tmp_path)
+    capsules = Capsules(settings, ProcessEvents())
+    with pytest.raises(RuntimeError, match="lock"):
+        capsules.load(DirectoryLock.acquire(tmp_path / "elsewhere", what="agent directory", holder="a test"))
+    released = lock_agent_dir(settings)
+    released.release()
+    with pytest.raises(RuntimeError, match="lock"):
+        capsules.load(released)
