@@ -262,11 +262,14 @@ async def start_agent(address: str, settings: Settings) -> AgentHandle:
 
 
 async def run_agent(address: str, settings: Settings) -> None:
-    """Serves until cancelled, SIGTERM or SIGINT, then stops and kills every capsule's processes."""
-    handle = await start_agent(address, settings)
+    """Serves until cancelled, SIGTERM or SIGINT, then stops and kills every capsule's processes.
+
+    The one place the agent's signals are handled, for `capsule agent` and for scripts alike.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
+    # Installed before the start, so a signal during it stops the agent cleanly once it is up.
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(signum, stop.set)
@@ -274,11 +277,12 @@ async def run_agent(address: str, settings: Settings) -> None:
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
     try:
-        await stop.wait()
-        logger.info("agent stopping")
-    finally:
+        handle = await start_agent(address, settings)
         try:
+            await stop.wait()
+            logger.info("agent stopping")
+        finally:
             await handle.stop()
-        finally:  # only now: a second signal during the stop must not kill the agent half-way
-            for signum in installed:
-                loop.remove_signal_handler(signum)
+    finally:  # only now: a second signal during the stop must not kill the agent half-way
+        for signum in installed:
+            loop.remove_signal_handler(signum)

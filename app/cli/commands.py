@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 
 import uvicorn
 
@@ -51,14 +49,8 @@ async def add_host(settings: Settings, host_id: str, address: str) -> int:
 
 
 async def agent(settings: Settings, address: str) -> int:
-    """Runs a host agent alone until SIGINT or SIGTERM."""
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await run_agent(address, settings)
+    """Runs a host agent alone until SIGINT or SIGTERM (run_agent handles both)."""
+    await run_agent(address, settings)
     return 0
 
 
