@@ -15,6 +15,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 PROC = Path("/proc")
+# Appended lines past the live sessions (twice over) before the journal is rewritten.
+COMPACT_LINES = 256
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -39,39 +41,78 @@ def session_members(session: int) -> list[int]:
 
 
 class Sessions:
-    """The live sessions of one capsule, mirrored to a file beside its workspace."""
+    """The live sessions of one capsule, journalled to a file beside its workspace.
+
+    add and remove stay on the event loop, in the spawn and reap paths, on purpose: the session must
+    be on disk before start() answers, or an agent killed just after could leave one unrecorded, and
+    a synchronous write gives that order for free. They are cheap (1000 rounds on this project's
+    machines, ext4, under load): the /proc read ~20 us, an add and a remove together ~50-75 us,
+    against ~500-700 us for the fork and exec just before on the same loop; a thread hop alone costs
+    ~60 us. Rewriting the whole file each time, as the first version did, cost 150-470 us a pair: a
+    truncated non-empty file makes ext4 start writeback (auto_da_alloc). So lines are appended
+    ("+pid start", "-pid"), and the file is rewritten only once it holds many more lines than live
+    sessions, through a rename, so a kill mid-rewrite leaves the old journal whole.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._live: dict[int, int] = {}
+        self._lines = 0  # lines in the journal since it was last rewritten
 
     def add(self, pid: int) -> None:
         """Remembers a session whose leader has just been spawned."""
         stat = _stat(pid)
         if stat is not None:
             self._live[pid] = stat[1]
-            self._save()
+            self._append(f"+{pid} {stat[1]}\n")
 
     def remove(self, pid: int) -> None:
         """Forgets a session whose processes are all gone."""
         if self._live.pop(pid, None) is not None:
-            self._save()
+            self._append(f"-{pid}\n")
 
-    def _save(self) -> None:
+    def _append(self, line: str) -> None:
+        self._lines += 1
+        if self._lines > COMPACT_LINES + 2 * len(self._live):
+            self._rewrite()
+            return
         try:
-            self._path.write_text("".join(f"{pid} {start}\n" for pid, start in self._live.items()))
+            with self._path.open("a") as journal:
+                journal.write(line)
         except OSError as exc:  # the workspace is being removed; nothing is left to protect
             logger.debug("cannot write %s: %s", self._path, exc)
 
-    def sweep(self) -> int:
-        """Kills what a previous agent left running in this capsule's sessions; returns how many."""
+    def _rewrite(self) -> None:
+        self._lines = len(self._live)
+        staged = self._path.with_name(self._path.name + ".new")
+        try:
+            staged.write_text("".join(f"+{pid} {start}\n" for pid, start in self._live.items()))
+            os.replace(staged, self._path)
+        except OSError as exc:
+            logger.debug("cannot write %s: %s", self._path, exc)
+
+    def _recorded(self) -> dict[int, int]:
+        """The sessions the journal holds: leader pid to the leader's start time."""
         try:
             lines = self._path.read_text().splitlines()
         except OSError:
-            return 0
-        killed = 0
+            return {}
+        recorded: dict[int, int] = {}
         for line in lines:
-            pid, start = (int(part) for part in line.split())
+            try:
+                if line.startswith("-"):
+                    recorded.pop(int(line[1:]), None)
+                else:  # "+pid start"; a bare "pid start" is how earlier agents wrote it
+                    pid, start = (int(part) for part in line.removeprefix("+").split())
+                    recorded[pid] = start
+            except ValueError:  # a line cut short when its agent was killed mid-write
+                continue
+        return recorded
+
+    def sweep(self) -> int:
+        """Kills what a previous agent left running in this capsule's sessions; returns how many."""
+        killed = 0
+        for pid, start in self._recorded().items():
             leader = _stat(pid)
             if leader is not None and leader[1] != start:
                 continue  # the pid now belongs to someone else, and so may a session of that id
@@ -82,5 +123,5 @@ class Sessions:
                 except ProcessLookupError:
                     pass
         self._live.clear()
-        self._save()
+        self._rewrite()
         return killed

@@ -13,7 +13,7 @@ import pytest
 
 from app.agent.capsules import Capsules
 from app.agent.events import ProcessEvents
-from app.agent.leftovers import session_members
+from app.agent.leftovers import COMPACT_LINES, Sessions, session_members
 from app.agent.server import start_agent
 from app.datadir import DirectoryInUse, DirectoryLock, lock_agent_dir
 from app.pb import agent_pb2 as pb
@@ -73,3 +73,48 @@ def test_loading_capsules_needs_the_directory_lock(tmp_path: Path) -> None:
     released.release()
     with pytest.raises(RuntimeError, match="lock"):
         capsules.load(released)
+
+
+def _start_time(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def _sleeps(count: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen(["sleep", "1000"], start_new_session=True) for _ in range(count)]
+
+
+def test_the_journal_stays_small_and_true(tmp_path: Path) -> None:
+    kept, ended, churned = sleeps = _sleeps(3)
+    try:
+        journal = tmp_path / "sessions"
+        sessions = Sessions(journal)
+        sessions.add(kept.pid)
+        sessions.add(ended.pid)
+        for _ in range(1000):  # a capsule that spawns and reaps all day
+            sessions.add(churned.pid)
+            sessions.remove(churned.pid)
+        sessions.remove(ended.pid)
+        assert len(journal.read_text().splitlines()) <= COMPACT_LINES + 2 * 3  # three live at most
+        assert Sessions(journal).sweep() == 1
+        assert kept.wait(timeout=10) == -signal.SIGKILL
+        assert is_alive(ended.pid) and is_alive(churned.pid)
+        assert journal.read_text() == ""
+    finally:
+        for sleep in sleeps:
+            sleep.kill()
+            sleep.wait()
+
+
+def test_the_journal_reads_old_lines_and_skips_a_cut_one(tmp_path: Path) -> None:
+    old, cut = sleeps = _sleeps(2)
+    try:
+        journal = tmp_path / "sessions"
+        # An agent of the first version wrote "pid start"; one killed mid-append left a partial line.
+        journal.write_text(f"{old.pid} {_start_time(old.pid)}\n+{cut.pid}")
+        assert Sessions(journal).sweep() == 1
+        assert old.wait(timeout=10) == -signal.SIGKILL
+        assert is_alive(cut.pid)
+    finally:
+        for sleep in sleeps:
+            sleep.kill()
+            sleep.wait()
