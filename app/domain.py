@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, NotFound
 
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_TIMEOUT_SEC = 7 * 24 * 3600
@@ -82,13 +82,27 @@ def as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+# Linux's ceiling for pid_max (PID_MAX_LIMIT on 64-bit): no process anywhere has a larger PID, and
+# the store's and the wire's 32-bit integers hold every PID up to it.
+MAX_PID = 2**22
+
+
 def parse_selector(selector: str) -> int | str:
-    """All digits: a PID (an int); anything else: a tag (a str)."""
+    """All digits: a PID (an int); anything else: a tag (a str). A PID past MAX_PID is NotFound."""
     if not selector:
         raise InvalidRequest("selector is empty: pass a PID (digits) or a tag")
     if selector.isascii() and selector.isdigit():
-        return int(selector)
-    return selector
+        # Length first: int() of thousands of digits is slow, and refused past sys.get_int_max_str_digits.
+        digits = selector.lstrip("0") or "0"
+        if len(digits) > len(str(MAX_PID)) or int(digits) > MAX_PID:
+            shown = selector if len(selector) <= 40 else f"{selector[:40]}... ({len(selector)} digits)"
+            raise NotFound(f"no process {shown}: a PID is at most {MAX_PID} (a selector of digits is a PID)")
+        return int(digits)
+    # Checked here, not only at start: a NUL or an overlong text never reaches a lookup in the store.
+    try:
+        return check_tag(selector)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"selector is neither a PID (digits only) nor a tag: {exc}") from None
 
 
 def check_tag(tag: str) -> str:

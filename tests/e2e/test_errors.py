@@ -13,14 +13,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
+from gql.transport.exceptions import TransportQueryError
 from websockets.typing import Subprotocol
 
 from app.agent.leftovers import Sessions
 from app.config import Settings
-from tests.e2e.client import PROTOCOLS, HttpClient
+from tests.e2e.client import PROTOCOLS, HttpClient, subscribe, ws_session
 from tests.e2e.conftest import Server, running_server
 from tests.e2e.test_processes import start
 from tests.system import free_port
@@ -224,3 +226,74 @@ async def test_a_subscription_over_http_points_to_the_websocket(api: HttpClient,
         api.url, params={"query": 'subscription { processEvents(capsuleId: "x") { kind } }'}
     )
     assert got.json()["errors"][0]["extensions"]["code"] == "INVALID_REQUEST"
+
+
+HUGE_PID = "99999999999999999999"
+
+
+def assert_no_such_pid(error: dict[str, Any], selector: str) -> None:
+    assert error["extensions"]["code"] == "NOT_FOUND"
+    assert error["message"].startswith(f"no process {selector[:40]}")
+    assert "a PID is at most 4194304" in error["message"]
+
+
+class TestPidBeyondAnyProcess:
+    """A PID larger than any the kernel hands out names no process: NOT_FOUND, never INTERNAL."""
+
+    # Past SQLite's INTEGER, past PostgreSQL's int4, just past pid_max, past int()'s digit limit.
+    @pytest.mark.parametrize("selector", [HUGE_PID, "2147483648", "4194305", "9" * 5000])
+    async def test_process_is_not_found(self, api: HttpClient, capsule_id: str, selector: str) -> None:
+        await start(api, capsule_id, "sleep", "1000", tag="other")
+        answer = await api.run("Process", capsuleId=capsule_id, selector=selector)
+        assert answer.data == {"process": None}
+        assert_no_such_pid(answer.errors[0], selector)
+
+    @pytest.mark.parametrize("selector", ["4194304", "0", "0004194304"])
+    async def test_a_pid_within_range_that_names_nothing_is_null(
+        self, api: HttpClient, capsule_id: str, selector: str
+    ) -> None:
+        assert (await api.run("Process", capsuleId=capsule_id, selector=selector)).ok()["process"] is None
+
+    @pytest.mark.parametrize(
+        ("operation", "variables"),
+        [
+            ("SignalProcess", {"signal": "SIGTERM"}),
+            ("StopProcess", {"graceSec": 0}),
+            ("SendInput", {"data": "hi"}),
+            ("CloseInput", {}),
+        ],
+    )
+    async def test_mutations_are_not_found(
+        self, api: HttpClient, capsule_id: str, operation: str, variables: dict[str, object]
+    ) -> None:
+        answer = await api.run(operation, capsuleId=capsule_id, selector=HUGE_PID, **variables)
+        assert_no_such_pid(answer.errors[0], HUGE_PID)
+
+    async def test_output_is_not_found(self, server: Server, key: str, capsule_id: str) -> None:
+        async with ws_session(server.ws_url, key, "graphql-transport-ws") as session:
+            with pytest.raises(TransportQueryError) as raised:
+                async with asyncio.timeout(10):
+                    async for _ in subscribe(
+                        session, "ProcessOutput", capsuleId=capsule_id, selector=HUGE_PID
+                    ):
+                        pass
+        assert raised.value.errors is not None
+        assert_no_such_pid(raised.value.errors[0], HUGE_PID)
+
+    async def test_processes_list_is_unaffected(self, api: HttpClient, capsule_id: str) -> None:
+        await start(api, capsule_id, "sleep", "1000", tag="listed")
+        assert (await api.run("Process", capsuleId=capsule_id, selector=HUGE_PID)).codes == ["NOT_FOUND"]
+        listed = (await api.run("Processes", capsuleId=capsule_id)).ok()["processes"]
+        assert [p["tag"] for p in listed] == ["listed"]
+
+
+@pytest.mark.parametrize("selector", ["\0", "web\0", "bad tag!", "-1"])
+async def test_a_selector_that_is_neither_pid_nor_tag_is_invalid_request(
+    api: HttpClient, capsule_id: str, selector: str
+) -> None:
+    # A NUL reached PostgreSQL's lookup by tag, which refused it: INTERNAL.
+    answer = await api.run("Process", capsuleId=capsule_id, selector=selector)
+    assert answer.codes == ["INVALID_REQUEST"]
+    assert "neither a PID (digits only) nor a tag" in answer.errors[0]["message"]
+    signalled = await api.run("SignalProcess", capsuleId=capsule_id, selector=selector)
+    assert signalled.codes == ["INVALID_REQUEST"]
