@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import math
 import re
 import secrets
 import signal
@@ -125,6 +126,8 @@ def check_timeout(timeout_sec: float | None, *, name: str = "timeoutSec") -> flo
     """Rejects negative or absurd timeouts; None passes through."""
     if timeout_sec is None:
         return None
+    if math.isnan(timeout_sec):  # compares false with everything, so it would pass both checks below
+        raise InvalidRequest(f"{name} is not a number: pass 0 or more seconds")
     if timeout_sec < 0:
         raise InvalidRequest(f"{name} is negative ({timeout_sec}): pass 0 or more seconds")
     if timeout_sec > MAX_TIMEOUT_SEC:

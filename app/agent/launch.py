@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -45,9 +47,17 @@ def working_dir(workspace: Path, cwd: str | None) -> Path:
         return root
     if "\0" in cwd:
         raise InvalidRequest("cwd contains a NUL byte")
+    shown = repr(cwd) if len(cwd) <= 80 else f"{cwd[:80]!r}... ({len(cwd)} characters)"
     resolved = Path(os.path.realpath(root / cwd))  # an absolute cwd replaces root here
     if resolved != root and root not in resolved.parents:
-        raise InvalidRequest(f"cwd {cwd!r} is outside the capsule's workspace {root}")
-    if not resolved.is_dir():
-        raise InvalidRequest(f"cwd {cwd!r} is not a directory in the workspace: create it first")
+        raise InvalidRequest(f"cwd {shown} is outside the capsule's workspace {root}")
+    try:
+        is_dir = stat.S_ISDIR(resolved.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as exc:  # a name over NAME_MAX or a path over PATH_MAX, a symlink loop
+        limits = " (a name holds at most 255 bytes, a path 4096)" if exc.errno == errno.ENAMETOOLONG else ""
+        raise InvalidRequest(f"cwd {shown} cannot be used: {exc.strerror}{limits}") from None
+    if not is_dir:
+        raise InvalidRequest(f"cwd {shown} is not a directory in the workspace: create it first")
     return resolved

@@ -112,6 +112,7 @@ async def test_stopped_capsule_is_invalid_state(api: HttpClient, capsule_id: str
         ({"cmd": "true", "timeoutSec": -1}, "negative"),
         ({"cmd": "no-such-program-here"}, "no-such-program-here"),
         ({"cmd": "true", "cwd": "../../.."}, "cwd"),
+        ({"cmd": "true", "cwd": "x" * 300}, "File name too long"),
     ],
 )
 async def test_bad_start_input_is_invalid_request(
