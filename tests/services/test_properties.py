@@ -37,9 +37,10 @@ CALL_TIMEOUT_SEC = 15.0
 MAX_INPUT_BYTES = 256
 EXEC_TIMEOUT_SEC = 2.0
 
-# Reproducible in CI (derandomize) and nothing written to .hypothesis/ (database=None).
+# Reproducible in CI (derandomize), and no example database (database=None): a run never replays
+# what another run found, so CI and a laptop try the same examples.
 PROPERTY = settings(
-    max_examples=50,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     database=None,
