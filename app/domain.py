@@ -274,6 +274,39 @@ class ProcessExit:
 OutputEvent = OutputChunk | OutputGap | ProcessExit
 
 
+def merge_chunks(events: Sequence[OutputEvent], *, max_bytes: int) -> list[OutputEvent]:
+    """Joins runs of neighbouring chunks of one stream, each run up to max_bytes of data.
+
+    A merged chunk carries the seq of its last part, so resuming after it skips none of its bytes.
+    A chunk that alone is max_bytes or more passes as it is. Each run is joined once, so n small
+    chunks cost one copy of their bytes, not n.
+    """
+    merged: list[OutputEvent] = []
+    run: list[OutputChunk] = []
+    run_bytes = 0
+
+    def close_run() -> None:
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            merged.append(OutputChunk(run[-1].seq, run[0].stream, b"".join(c.data for c in run)))
+        run.clear()
+
+    for event in events:
+        if not isinstance(event, OutputChunk):
+            close_run()
+            merged.append(event)
+        elif run and run[0].stream is event.stream and run_bytes + len(event.data) <= max_bytes:
+            run.append(event)
+            run_bytes += len(event.data)
+        else:
+            close_run()
+            run.append(event)
+            run_bytes = len(event.data)
+    close_run()
+    return merged
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessEvent:
     kind: ProcessEventKind

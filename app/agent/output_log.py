@@ -8,7 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit, Stream
+from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit, Stream, merge_chunks
 
 # What one retained event costs beyond its data (the objects and the list slot). Counting it keeps
 # a flood of tiny chunks within the cap in memory, not just in data bytes.
@@ -86,39 +86,6 @@ class Utf8Cutter:
 
 def _cost(event: OutputEvent) -> int:
     return EVENT_OVERHEAD_BYTES + (len(event.data) if isinstance(event, OutputChunk) else 0)
-
-
-def _merge(events: list[OutputEvent]) -> list[OutputEvent]:
-    """Joins runs of small chunks of one stream; a merged chunk carries the seq of its last part."""
-    merged: list[OutputEvent] = []
-    run: list[OutputChunk] = []
-    run_bytes = 0
-
-    def close_run() -> None:
-        if len(run) == 1:
-            merged.append(run[0])
-        elif run:
-            merged.append(OutputChunk(run[-1].seq, run[0].stream, b"".join(c.data for c in run)))
-        run.clear()
-
-    for event in events:
-        if (
-            isinstance(event, OutputChunk)
-            and run
-            and run[0].stream is event.stream
-            and run_bytes + len(event.data) <= MERGE_BYTES
-        ):
-            run.append(event)
-            run_bytes += len(event.data)
-            continue
-        close_run()
-        if isinstance(event, OutputChunk):
-            run.append(event)
-            run_bytes = len(event.data)
-        else:
-            merged.append(event)
-    close_run()
-    return merged
 
 
 class OutputLog:
@@ -224,7 +191,7 @@ class OutputLog:
             events.append(event)
             size += _cost(event)
             index += 1
-        return _merge(events), size
+        return merge_chunks(events, max_bytes=MERGE_BYTES), size
 
     async def follow(self, from_seq: int) -> AsyncIterator[list[OutputEvent]]:
         """Replays from from_seq, then yields live batches; ends after the exit event."""

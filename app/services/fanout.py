@@ -8,29 +8,18 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit
+from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit, merge_chunks
 from app.errors import CapsuleError
 from app.hosts.pool import HostPool
 
 # Neighbouring chunks of one stream are joined up to this size before they go out as one event.
+# Far more than the agent's own cap: each event a subscriber gets costs a GraphQL result, a JSON
+# encoding and a WebSocket frame, next to which copying its bytes once is cheap.
 MAX_MERGED_BYTES = 1024 * 1024
 
 
-def merge_chunks(events: Sequence[OutputEvent]) -> list[OutputEvent]:
-    """Joins neighbouring chunks of one stream; a merged chunk carries the seq of its last part."""
-    merged: list[OutputEvent] = []
-    for event in events:
-        last = merged[-1] if merged else None
-        if (
-            isinstance(event, OutputChunk)
-            and isinstance(last, OutputChunk)
-            and last.stream is event.stream
-            and len(last.data) + len(event.data) <= MAX_MERGED_BYTES
-        ):
-            merged[-1] = OutputChunk(seq=event.seq, stream=event.stream, data=last.data + event.data)
-        else:
-            merged.append(event)
-    return merged
+def _merge(events: Sequence[OutputEvent]) -> list[OutputEvent]:
+    return merge_chunks(events, max_bytes=MAX_MERGED_BYTES)
 
 
 def _size(event: OutputEvent) -> int:
@@ -157,7 +146,7 @@ class OutputFanout:
                     async for event in events:
                         yield event
                 return
-            for event in merge_chunks(batch):
+            for event in _merge(batch):
                 out = event
                 if isinstance(event, OutputGap):
                     if event.seq <= next_seq:  # lost before this subscriber's from_seq: not its loss
@@ -188,7 +177,7 @@ class OutputFanout:
         stream = self._pool.client(key.host_id).stream_output(key.capsule_id, key.tag, from_seq)
         async with aclosing(stream):
             async for batch in stream:
-                for event in merge_chunks(batch):
+                for event in _merge(batch):
                     yield event
                     if isinstance(event, ProcessExit):
                         return
