@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import enum
 import math
 import re
@@ -12,7 +11,6 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from app.errors import InvalidRequest, NotFound
 
@@ -66,11 +64,6 @@ class SignalScope(enum.Enum):
 class ProcessEventKind(enum.Enum):
     STARTED = "STARTED"
     EXITED = "EXITED"
-
-
-def common_fields(source: object, target: type[Any]) -> dict[str, Any]:
-    """source's values for the dataclass fields of target that it has too: a mapping written once."""
-    return {f.name: getattr(source, f.name) for f in dataclasses.fields(target) if hasattr(source, f.name)}
 
 
 def utcnow() -> datetime:
@@ -200,9 +193,14 @@ class ExecSpec:
 
 @dataclass(frozen=True, slots=True)
 class ExecResult:
+    """How a command run to completion ended, and what it wrote."""
+
     stdout: bytes
     stderr: bytes
+    # The exit status, or -N when signal N ended the command (then signal names it): the contract's
+    # exitCode is non-null, and -N is what it has always said for a signal.
     exit_code: int
+    signal: signal.Signals | None  # SIGKILL when the timeout ran out
     duration_ms: int
     timed_out: bool
     truncated: bool

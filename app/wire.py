@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,10 @@ def timestamp(moment: datetime) -> Timestamp:
 
 def moment(ts: Timestamp) -> datetime:
     return ts.ToDatetime(tzinfo=UTC)
+
+
+def _signal_to_pb(signum: signal.Signals | None) -> int:
+    return 0 if signum is None else int(signum)  # 0: no signal, as domain.to_signal reads it
 
 
 def envs_to_pb(envs: Iterable[domain.EnvVar]) -> list[pb.EnvVar]:
@@ -85,12 +90,27 @@ def exec_spec(request: pb.ExecRequest) -> domain.ExecSpec:
 
 
 def exec_reply(result: domain.ExecResult) -> pb.ExecReply:
-    # The reply's fields are the result's, name for name.
-    return pb.ExecReply(**domain.common_fields(result, domain.ExecResult))
+    return pb.ExecReply(
+        stdout=result.stdout,
+        stderr=result.stderr,
+        exit_code=result.exit_code,
+        signal=_signal_to_pb(result.signal),
+        duration_ms=result.duration_ms,
+        timed_out=result.timed_out,
+        truncated=result.truncated,
+    )
 
 
 def exec_result(reply: pb.ExecReply) -> domain.ExecResult:
-    return domain.ExecResult(**domain.common_fields(reply, domain.ExecResult))
+    return domain.ExecResult(
+        stdout=reply.stdout,
+        stderr=reply.stderr,
+        exit_code=reply.exit_code,
+        signal=domain.to_signal(reply.signal),
+        duration_ms=reply.duration_ms,
+        timed_out=reply.timed_out,
+        truncated=reply.truncated,
+    )
 
 
 def start_request(capsule_id: str, spec: domain.ProcessSpec) -> pb.StartRequest:
@@ -109,16 +129,19 @@ def process_spec(request: pb.StartRequest) -> domain.ProcessSpec:
     )
 
 
-# ProcessInfo fields that cross the wire as they are; the others need a conversion each way.
-_PLAIN_PROCESS_FIELDS = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "timed_out", "stdin")
-
-
 def process_info_to_pb(info: domain.ProcessInfo) -> pb.ProcessInfo:
     message = pb.ProcessInfo(
-        **{name: getattr(info, name) for name in _PLAIN_PROCESS_FIELDS},
+        capsule_id=info.capsule_id,
+        pid=info.pid,
+        tag=info.tag,
+        cmd=info.cmd,
+        args=info.args,
+        cwd=info.cwd,
         status=_STATUS_TO_PB[info.status],
-        signal=int(info.signal) if info.signal is not None else 0,
+        signal=_signal_to_pb(info.signal),
+        timed_out=info.timed_out,
         started_at=timestamp(info.started_at),
+        stdin=info.stdin,
     )
     if info.exit_code is not None:
         message.exit_code = info.exit_code
@@ -128,14 +151,20 @@ def process_info_to_pb(info: domain.ProcessInfo) -> pb.ProcessInfo:
 
 
 def process_info(message: pb.ProcessInfo) -> domain.ProcessInfo:
-    plain = {name: getattr(message, name) for name in _PLAIN_PROCESS_FIELDS}
     return domain.ProcessInfo(
-        **plain | {"args": tuple(message.args)},
+        capsule_id=message.capsule_id,
+        pid=message.pid,
+        tag=message.tag,
+        cmd=message.cmd,
+        args=tuple(message.args),
+        cwd=message.cwd,
         status=_STATUS_FROM_PB[message.status],
         started_at=moment(message.started_at),
         exit_code=message.exit_code if message.HasField("exit_code") else None,
         signal=domain.to_signal(message.signal),
+        timed_out=message.timed_out,
         ended_at=moment(message.ended_at) if message.HasField("ended_at") else None,
+        stdin=message.stdin,
     )
 
 
@@ -172,7 +201,7 @@ def _fill_output_event(message: pb.OutputEvent, event: domain.OutputEvent) -> No
         case domain.ProcessExit():
             end = message.exit
             end.seq = event.seq
-            end.signal = int(event.signal) if event.signal is not None else 0
+            end.signal = _signal_to_pb(event.signal)
             end.timed_out = event.timed_out
             end.ended_at.CopyFrom(timestamp(event.ended_at))
             if event.exit_code is not None:

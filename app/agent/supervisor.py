@@ -118,6 +118,7 @@ class Supervisor:
             stdout=capture.output(Stream.STDOUT),
             stderr=capture.output(Stream.STDERR),
             exit_code=code,
+            signal=to_signal(-code) if code < 0 else None,
             duration_ms=int((time.monotonic() - started) * 1000),
             timed_out=timed_out,
             truncated=capture.truncated,

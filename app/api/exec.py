@@ -8,7 +8,7 @@ from strawberry import ID
 from app import domain
 from app.api.auth import team_mutation
 from app.api.context import Info
-from app.api.enums import Encoding
+from app.api.enums import Encoding, Signal
 from app.api.processes import CommandInput
 from app.services.exec import ExecOutcome
 
@@ -32,7 +32,12 @@ class ExecResult:
     cmd: str
     stdout: str
     stderr: str
-    exit_code: int
+    exit_code: int = strawberry.field(
+        description="The command's exit status; -N when signal N ended it (signal names it then)."
+    )
+    signal: Signal | None = strawberry.field(
+        description="Set when a signal ended the command (SIGKILL when timeoutSec ran out)."
+    )
     duration_ms: int
     encoding: Encoding
     timed_out: bool
@@ -40,8 +45,19 @@ class ExecResult:
 
     @classmethod
     def from_outcome(cls, outcome: ExecOutcome) -> ExecResult:
-        # The text fields come from the outcome, the rest from the agent's result.
-        return cls(**domain.common_fields(outcome.result, cls) | domain.common_fields(outcome, cls))
+        result = outcome.result
+        return cls(
+            capsule_id=ID(outcome.capsule_id),
+            cmd=outcome.cmd,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exit_code=result.exit_code,
+            signal=Signal.of(result.signal),
+            duration_ms=result.duration_ms,
+            encoding=outcome.encoding,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+        )
 
 
 @strawberry.type

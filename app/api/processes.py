@@ -88,8 +88,18 @@ class Process:
     @classmethod
     def from_info(cls, info: domain.ProcessInfo) -> Process:
         return cls(
-            **domain.common_fields(info, cls)
-            | {"args": list(info.args), "cwd": info.cwd or None, "signal": Signal.of(info.signal)}
+            capsule_id=ID(info.capsule_id),
+            pid=info.pid,
+            tag=info.tag,
+            cmd=info.cmd,
+            args=list(info.args),
+            cwd=info.cwd or None,
+            status=info.status,
+            exit_code=info.exit_code,
+            signal=Signal.of(info.signal),
+            timed_out=info.timed_out,
+            started_at=info.started_at,
+            ended_at=info.ended_at,
         )
 
 

@@ -103,20 +103,22 @@ class ExecRequest(_message.Message):
     def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_sec: _Optional[float] = ...) -> None: ...
 
 class ExecReply(_message.Message):
-    __slots__ = ("stdout", "stderr", "exit_code", "duration_ms", "timed_out", "truncated")
+    __slots__ = ("stdout", "stderr", "exit_code", "duration_ms", "timed_out", "truncated", "signal")
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
     stdout: bytes
     stderr: bytes
     exit_code: int
     duration_ms: int
     timed_out: bool
     truncated: bool
-    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., timed_out: _Optional[bool] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    signal: int
+    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., timed_out: _Optional[bool] = ..., truncated: _Optional[bool] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "stdin", "timeout_sec")

@@ -50,7 +50,13 @@ class ExecService:
         capsule = await self._capsules.require_running(capsule_id)
         async with self._capsules.in_use(capsule):
             result = await self._pool.client(capsule.host_id).exec(capsule_id, spec)
-        log.info("capsule %s exec %s exited %s", capsule_id, spec.cmd, result.exit_code)
+        log.info(
+            "capsule %s exec %s exited %s (signal %s)",
+            capsule_id,
+            spec.cmd,
+            result.exit_code,
+            domain.signal_name(result.signal),
+        )
         stdout, stderr, encoding = _texts(result.stdout, result.stderr)
         return ExecOutcome(
             capsule_id=capsule_id,

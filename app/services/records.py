@@ -26,12 +26,18 @@ MAX_EARLY_EXITS = 1000
 def record_to_info(record: models.ProcessRecord) -> ProcessInfo:
     """A stored record as the same value the agent reports."""
     return ProcessInfo(
-        **domain.common_fields(record, ProcessInfo)
-        | {
-            "args": tuple(record.args),
-            "cwd": record.cwd or "",
-            "signal": signal.Signals[record.signal] if record.signal else None,
-        }
+        capsule_id=record.capsule_id,
+        pid=record.pid,
+        tag=record.tag,
+        cmd=record.cmd,
+        args=tuple(record.args),
+        cwd=record.cwd or "",
+        status=record.status,
+        started_at=record.started_at,
+        exit_code=record.exit_code,
+        signal=signal.Signals[record.signal] if record.signal else None,
+        timed_out=record.timed_out,
+        ended_at=record.ended_at,
     )
 
 

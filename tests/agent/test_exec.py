@@ -14,19 +14,27 @@ class TestExec:
     async def test_output_and_exit_code(self, stub: Any, capsule: str) -> None:
         result = await exec_sh(stub, capsule, "echo out; echo err >&2; exit 3")
         assert (result.stdout, result.stderr, result.exit_code) == (b"out\n", b"err\n", 3)
-        assert (result.timed_out, result.truncated) == (False, False)
+        assert (result.signal, result.timed_out, result.truncated) == (None, False, False)
         assert 0 <= result.duration_ms < 5000
+
+    async def test_a_normal_exit_has_no_signal(self, stub: Any, capsule: str) -> None:
+        result = await stub.Exec(pb.ExecRequest(capsule_id=capsule, cmd="true", timeout_sec=5))
+        assert (result.exit_code, result.signal, result.timed_out) == (0, 0, False)
 
     async def test_a_signal_ends_it(self, stub: Any, capsule: str) -> None:
         result = await exec_sh(stub, capsule, "kill -9 $$")
-        assert result.exit_code == -signal.SIGKILL
+        assert (result.exit_code, result.signal, result.timed_out) == (-signal.SIGKILL, signal.SIGKILL, False)
+
+    async def test_the_signal_that_ended_it_is_named(self, stub: Any, capsule: str) -> None:
+        result = await exec_sh(stub, capsule, "kill -TERM $$")
+        assert (result.exit_code, result.signal, result.timed_out) == (-signal.SIGTERM, signal.SIGTERM, False)
 
     async def test_timeout_kills_the_group_and_returns_partial_output(self, stub: Any, capsule: str) -> None:
         result = await exec_sh(
             stub, capsule, "sleep 1000 & echo $!; echo partial; sleep 1000", timeout_sec=0.5
         )
         assert result.timed_out
-        assert result.exit_code == -signal.SIGKILL
+        assert (result.exit_code, result.signal) == (-signal.SIGKILL, signal.SIGKILL)
         background, partial = result.stdout.decode().splitlines()
         assert partial == "partial"
         assert 400 <= result.duration_ms < 5000

@@ -15,7 +15,7 @@ async def test_utf8_output_and_exit_code(api: HttpClient, capsule_id: str) -> No
     result = await run(api, capsule_id, cmd="sh", args=["-c", "printf 'héllo ✓'; printf oops >&2; exit 5"])
     assert result["stdout"] == "héllo ✓" and result["stderr"] == "oops"
     assert result["exitCode"] == 5 and result["encoding"] == "UTF8"
-    assert result["timedOut"] is False and result["truncated"] is False
+    assert result["timedOut"] is False and result["truncated"] is False and result["signal"] is None
     assert result["capsuleId"] == capsule_id and result["cmd"] == "sh"
     assert isinstance(result["durationMs"], int)
 
@@ -29,6 +29,17 @@ async def test_binary_output_is_base64(api: HttpClient, capsule_id: str) -> None
 async def test_timeout_returns_partial_output(api: HttpClient, capsule_id: str) -> None:
     result = await run(api, capsule_id, cmd="sh", args=["-c", "echo started; sleep 30"], timeoutSec=1)
     assert result["timedOut"] is True and result["stdout"] == "started\n"
+    assert (result["signal"], result["exitCode"]) == ("SIGKILL", -9)
+
+
+async def test_the_signal_that_ended_it(api: HttpClient, capsule_id: str) -> None:
+    result = await run(api, capsule_id, cmd="sh", args=["-c", "kill -TERM $$"])
+    assert (result["signal"], result["exitCode"], result["timedOut"]) == ("SIGTERM", -15, False)
+
+
+async def test_a_normal_exit_has_no_signal(api: HttpClient, capsule_id: str) -> None:
+    result = await run(api, capsule_id, cmd="true")
+    assert (result["signal"], result["exitCode"], result["timedOut"]) == (None, 0, False)
 
 
 async def test_truncation(api: HttpClient, capsule_id: str) -> None:
