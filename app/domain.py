@@ -258,6 +258,12 @@ class OutputGap:
 
     seq: int
     lost_events: int
+    lost_bytes: int  # the output those events held
+
+    @property
+    def from_seq(self) -> int:
+        """The first seq the gap covers: the one that was asked for."""
+        return self.seq - self.lost_events
 
 
 @dataclass(frozen=True, slots=True)

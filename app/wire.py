@@ -196,8 +196,9 @@ def _fill_output_event(message: pb.OutputEvent, event: domain.OutputEvent) -> No
         case domain.OutputChunk(seq=seq, stream=stream, data=data):
             chunk = message.chunk
             chunk.seq, chunk.stream, chunk.data = seq, _STREAM_TO_PB[stream], data
-        case domain.OutputGap(seq=seq, lost_events=lost):
-            message.gap.seq, message.gap.lost_events = seq, lost
+        case domain.OutputGap():
+            gap = message.gap
+            gap.seq, gap.lost_events, gap.lost_bytes = event.seq, event.lost_events, event.lost_bytes
         case domain.ProcessExit():
             end = message.exit
             end.seq = event.seq
@@ -227,7 +228,8 @@ def output_event(message: pb.OutputEvent) -> domain.OutputEvent:
         chunk = message.chunk
         return domain.OutputChunk(seq=chunk.seq, stream=_STREAM_FROM_PB[chunk.stream], data=chunk.data)
     if which == "gap":
-        return domain.OutputGap(seq=message.gap.seq, lost_events=message.gap.lost_events)
+        gap = message.gap
+        return domain.OutputGap(seq=gap.seq, lost_events=gap.lost_events, lost_bytes=gap.lost_bytes)
     end = message.exit
     return domain.ProcessExit(
         seq=end.seq,

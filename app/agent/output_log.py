@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from array import array
 from collections.abc import AsyncIterator
 from datetime import datetime
 
@@ -16,6 +17,10 @@ EVENT_OVERHEAD_BYTES = 160
 BATCH_BYTES = 1024 * 1024
 # Joining costs a copy: worth it for many small chunks (fewer events to encode), not for big ones.
 MERGE_BYTES = 64 * 1024
+# The offsets of evicted events (8 bytes each), which a gap's byte count needs, take at most
+# 1/INDEX_SHARE of the cap on top of it, and room for MIN_INDEXED of them at least.
+INDEX_SHARE = 16
+MIN_INDEXED = 4096
 # A live batch of at least LINGER_FROM_BYTES waits up to LINGER_SEC for more, to fill up.
 LINGER_FROM_BYTES = 64 * 1024
 LINGER_SEC = 0.002
@@ -101,6 +106,13 @@ class OutputLog:
         self._newest_chunk_seq = 0
         self._retained = 0
         self._appended = 0  # what every event ever appended cost, to tell how fast output comes
+        # So a gap from any evicted seq can say how many bytes it lost: the data bytes of every
+        # evicted chunk, and where each evicted event began among them (_offsets[i] for the seq
+        # _indexed_from + i). Bounded: when full, its older half goes (see _lost_bytes).
+        self._evicted_bytes = 0
+        self._offsets: array[int] = array("q")
+        self._indexed_from = 0
+        self._max_indexed = max(MIN_INDEXED, cap_bytes // (INDEX_SHARE * self._offsets.itemsize))
         self._exit: ProcessExit | None = None
         self._cutters = {Stream.STDOUT: Utf8Cutter(), Stream.STDERR: Utf8Cutter()}
         self._followers: set[asyncio.Future[None]] = set()
@@ -161,12 +173,29 @@ class OutputLog:
             event = self._events[self._head]
             assert event is not None
             self._retained -= _cost(event)
+            self._offsets.append(self._evicted_bytes)
+            if isinstance(event, OutputChunk):
+                self._evicted_bytes += len(event.data)
             self._events[self._head] = None
             self._head += 1
             self._first_seq += 1
         if self._head > 1024 and self._head * 2 > len(self._events):
             del self._events[: self._head]
             self._head = 0
+        if len(self._offsets) > self._max_indexed:  # in bulk, like the events: O(1) an eviction
+            drop = len(self._offsets) // 2
+            del self._offsets[:drop]
+            self._indexed_from += drop
+
+    def _lost_bytes(self, from_seq: int) -> int:
+        """The output bytes the evicted events from from_seq up to the first retained one held."""
+        if from_seq <= 0:
+            return self._evicted_bytes
+        # Exact from 0 and from every seq the index holds: at least the newest _max_indexed/2 evicted
+        # events. A reader further behind than that gets the bytes from the oldest seq indexed, a
+        # lower bound: exact for any older seq would take 8 bytes per event ever written, which no
+        # cap would bound.
+        return self._evicted_bytes - self._offsets[max(from_seq - self._indexed_from, 0)]
 
     def _wake(self) -> None:
         for follower in self._followers:
@@ -180,7 +209,12 @@ class OutputLog:
     def _read(self, from_seq: int, max_bytes: int) -> tuple[list[OutputEvent], int]:
         events: list[OutputEvent] = []
         if from_seq < self._first_seq:
-            events.append(OutputGap(seq=self._first_seq, lost_events=self._first_seq - from_seq))
+            lost = OutputGap(
+                seq=self._first_seq,
+                lost_events=self._first_seq - from_seq,
+                lost_bytes=self._lost_bytes(from_seq),
+            )
+            events.append(lost)
             from_seq = self._first_seq
         size = 0
         end = len(self._events)

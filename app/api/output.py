@@ -27,6 +27,8 @@ class OutputChunk:
 class OutputGap:
     seq: int
     lost_events: int
+    # A Float: byte counts pass 2^31 and GraphQL's Int is 32 bits; a double is exact up to 2^53.
+    lost_bytes: float = strawberry.field(description="How many bytes of output those events held.")
 
 
 @strawberry.type(
@@ -53,7 +55,7 @@ def to_graphql(event: domain.OutputEvent) -> OutputChunk | OutputGap | ProcessEx
             data, encoding = domain.encode_output(event.data)
             return OutputChunk(seq=event.seq, stream=event.stream, data=data, encoding=encoding)
         case domain.OutputGap():
-            return OutputGap(seq=event.seq, lost_events=event.lost_events)
+            return OutputGap(seq=event.seq, lost_events=event.lost_events, lost_bytes=event.lost_bytes)
         case domain.ProcessExit():
             return ProcessExited(
                 seq=event.seq,

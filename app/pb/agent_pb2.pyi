@@ -221,12 +221,14 @@ class OutputChunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., stream: _Optional[_Union[Stream, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OutputGap(_message.Message):
-    __slots__ = ("seq", "lost_events")
+    __slots__ = ("seq", "lost_events", "lost_bytes")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LOST_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     lost_events: int
-    def __init__(self, seq: _Optional[int] = ..., lost_events: _Optional[int] = ...) -> None: ...
+    lost_bytes: int
+    def __init__(self, seq: _Optional[int] = ..., lost_events: _Optional[int] = ..., lost_bytes: _Optional[int] = ...) -> None: ...
 
 class ProcessExit(_message.Message):
     __slots__ = ("seq", "exit_code", "signal", "timed_out", "ended_at")

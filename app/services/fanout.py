@@ -147,15 +147,21 @@ class OutputFanout:
                         yield event
                 return
             for event in _merge(batch):
-                out = event
                 if isinstance(event, OutputGap):
                     if event.seq <= next_seq:  # lost before this subscriber's from_seq: not its loss
                         continue
-                    if next_seq != upstream.from_seq:  # the agent numbers events one by one
-                        out = OutputGap(seq=event.seq, lost_events=event.seq - next_seq)
-                yield out
-                next_seq = out.seq + 1
-                if isinstance(out, ProcessExit):
+                    if event.from_seq != next_seq:
+                        # The agent counted this loss from another seq (where the shared stream
+                        # began), and how many bytes the events from next_seq on held only the
+                        # agent knows: this subscriber asks it on a stream of its own.
+                        async with aclosing(self._private(key, next_seq)) as events:
+                            async for own in events:
+                                yield own
+                        return
+                yield event
+                # After a gap, the next event may carry the gap's own seq: the first one retained.
+                next_seq = event.seq if isinstance(event, OutputGap) else event.seq + 1
+                if isinstance(event, ProcessExit):
                     return
             if finished:
                 if upstream.error is not None:

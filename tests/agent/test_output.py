@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from app import domain
+from app import domain, wire
 from app.pb import agent_pb2 as pb
 from tests.agent.helpers import chunks, grpc_error, joined, read_output, ref, start_sh, wait_exited
 
@@ -113,6 +113,8 @@ class TestGap:
         gap = events[0]
         assert isinstance(gap, domain.OutputGap)
         assert gap.lost_events == gap.seq > 0
+        written = "".join(f"{i}\n" for i in range(1, 300001)).encode()
+        assert gap.lost_bytes == len(written) - len(joined(events)) > 0
         assert events[1].seq >= gap.seq  # a merged chunk carries the seq of its last part
         check_seqs(events[1:])
         kept = chunks(events)
@@ -124,6 +126,29 @@ class TestGap:
         # Asking from inside the retained range needs no gap.
         again = await read_output(stub, "c1", info.pid, from_seq=gap.seq)
         assert not any(isinstance(e, domain.OutputGap) for e in again)
+
+    async def test_a_gap_from_an_evicted_seq_counts_the_bytes_from_there(self, make_stub: Any) -> None:
+        stub = await make_stub(output_cap_bytes=4096)
+        await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+        # One line per chunk: the writer waits for an answer to each, and lines differ in length.
+        script = 'for i in $(seq 1 40); do printf "line-%0${i}d\\n" 0; read ack; done'
+        info = await start_sh(stub, "c1", script, stdin=True)
+        live: list[domain.OutputEvent] = []
+        async with asyncio.timeout(10):
+            async for batch in stub.StreamOutput(pb.OutputRequest(process=ref("c1", info.pid))):
+                for event in wire.output_events(batch):
+                    live.append(event)
+                    if isinstance(event, domain.OutputChunk):
+                        await stub.SendInput(pb.InputRequest(process=ref("c1", info.pid), data=b"\n"))
+        seen = chunks(live)
+        assert [len(c.data) for c in seen] == [len(f"line-{0:0{i}d}\n") for i in range(1, 41)]
+        resume = seen[5].seq + 1  # where a reader that saw six lines comes back
+        events = await read_output(stub, "c1", info.pid, from_seq=resume)
+        gap = events[0]
+        assert isinstance(gap, domain.OutputGap) and gap.seq > resume
+        assert gap.lost_events == gap.seq - resume
+        assert gap.lost_bytes == sum(len(c.data) for c in seen if resume <= c.seq < gap.seq)
+        assert joined(events) == b"".join(c.data for c in seen if c.seq >= gap.seq)
 
 
 class TestBytes:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from app.config import Settings
 from tests.e2e.client import PROTOCOLS, HttpClient, subscribe, ws_session
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, running_server
 from tests.e2e.test_processes import start
 
 LINES = 300
@@ -79,3 +81,48 @@ async def test_subscription_errors_carry_codes(server: Server, key: str, capsule
             async for _ in subscribe(session, "ProcessOutput", capsuleId=capsule_id, selector="nope"):
                 pass
     assert "NOT_FOUND" in repr(getattr(caught.value, "errors", caught.value))
+
+
+# Lines of growing length, one chunk each: the writer waits for an answer to every line.
+STEPPED = 'for i in $(seq 1 40); do printf "line-%0${i}d\\n" 0; read ack; done'
+STEPPED_LINES = [f"line-{0:0{i}d}\n" for i in range(1, 41)]
+
+
+async def read_stepped(
+    server: Server, key: str, api: HttpClient, protocol: str, capsule_id: str
+) -> list[str]:
+    """Follows the STEPPED writer live, answering each line; the data of its chunks, by seq."""
+    lines: list[str] = []
+    async with ws_session(server.ws_url, key, protocol) as session:
+        async for result in subscribe(session, "ProcessOutput", capsuleId=capsule_id, selector="stepped"):
+            event = result["processOutput"]
+            if event["__typename"] == "ProcessExited":
+                break
+            assert (event["__typename"], event["seq"]) == ("OutputChunk", len(lines))
+            lines.append(event["data"])
+            (await api.run("SendInput", capsuleId=capsule_id, selector="stepped", data="\n")).ok()
+    return lines
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_gap_says_how_many_events_and_bytes_were_lost(settings: Settings, protocol: str) -> None:
+    async with running_server(replace(settings, output_cap_bytes=4096)) as server:
+        key = await server.new_key("team-a")
+        api = HttpClient(server.url, key)
+        try:
+            capsule_id = str((await api.run("CreateCapsule")).ok()["createCapsule"]["id"])
+            await start(api, capsule_id, "sh", "-c", STEPPED, tag="stepped", stdin=True)
+            async with asyncio.timeout(20):
+                assert await read_stepped(server, key, api, protocol, capsule_id) == STEPPED_LINES
+                for from_seq in (0, 6):  # everything retained, and where a reader of six lines comes back
+                    events = await read_events(
+                        server, key, protocol, capsule_id, "stepped", from_seq, stop_after=10**9
+                    )
+                    gap = events[0]
+                    assert gap["__typename"] == "OutputGap" and gap["seq"] > 6
+                    assert gap["lostEvents"] == gap["seq"] - from_seq
+                    assert gap["lostBytes"] == sum(len(line) for line in STEPPED_LINES[from_seq : gap["seq"]])
+                    kept = "".join(e["data"] for e in events if e["__typename"] == "OutputChunk")
+                    assert kept == "".join(STEPPED_LINES[gap["seq"] :])
+        finally:
+            await api.aclose()

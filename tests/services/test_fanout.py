@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 
-from app.domain import OutputChunk, OutputEvent, ProcessExit, ProcessSpec
+import pytest
+
+from app.agent.server import start_agent
+from app.config import Settings
+from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit, ProcessSpec
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
 from app.services.fanout import OutputFanout, ProcessKey
@@ -91,3 +98,74 @@ async def test_resume_from_a_seq_has_no_duplicate_and_no_hole(
     seqs = [e.seq for e in seen]
     assert seqs == sorted(set(seqs))
     assert b"".join(e.data for e in seen if isinstance(e, OutputChunk)) == EXPECTED
+
+
+@pytest.fixture
+async def small_pool(settings: Settings) -> AsyncIterator[HostPool]:
+    """A pool on an agent whose output logs keep 4 KiB: little output is enough to evict some."""
+    small = replace(settings, data_dir=settings.data_dir.with_name("small-cap"), output_cap_bytes=4096)
+    agent = await start_agent("127.0.0.1:0", small)
+    pool = HostPool(settings)
+    pool.set_hosts({"h1": f"127.0.0.1:{agent.port}"})
+    yield pool
+    await pool.close()
+    await agent.stop()
+
+
+async def lines_one_chunk_each(
+    client: HostClient, capsule_id: str, count: int
+) -> tuple[ProcessKey, list[bytes]]:
+    """Runs a writer whose lines (of growing length) are one chunk each; returns the lines as read."""
+    # The writer waits for an answer to each line, so no two lines meet in one read.
+    script = f'for i in $(seq 1 {count}); do printf "line-%0${{i}}d\\n" 0; read ack; done'
+    key = await start(client, capsule_id, script, "stepped", stdin=True)
+    lines: list[bytes] = []
+    async with asyncio.timeout(10):
+        async for batch in client.stream_output(capsule_id, key.tag, 0):
+            for event in batch:
+                if isinstance(event, OutputChunk):
+                    lines.append(event.data)
+                    await client.send_input(capsule_id, key.tag, b"\n")
+    return key, lines
+
+
+async def test_a_subscriber_inside_the_shared_streams_gap_gets_its_own_lost_bytes(
+    small_pool: HostPool,
+) -> None:
+    client = small_pool.client("h1")
+    capsule_id = f"cap-{uuid.uuid4().hex[:12]}"
+    await client.create_capsule(capsule_id)
+    key, lines = await lines_one_chunk_each(client, capsule_id, 40)
+    assert [len(line) for line in lines] == [len(f"line-{0:0{i}d}\n") for i in range(1, 41)]
+    fanout = OutputFanout(pool=small_pool, buffer_bytes=8 * 1024 * 1024)
+    async with asyncio.timeout(10):
+        async with aclosing(fanout.follow(key, 0)) as first:
+            shared_gap = await anext(first)  # the shared stream, counted from seq 0
+            assert isinstance(shared_gap, OutputGap) and shared_gap.seq > 6
+            assert shared_gap.lost_bytes == sum(len(line) for line in lines[: shared_gap.seq])
+            async with aclosing(fanout.follow(key, 6)) as second:  # one that saw six lines comes back
+                own_gap = await anext(second)
+                assert own_gap == OutputGap(
+                    seq=shared_gap.seq,
+                    lost_events=shared_gap.seq - 6,
+                    lost_bytes=sum(len(line) for line in lines[6 : shared_gap.seq]),
+                )
+                rest = [e async for e in second]
+            assert len(fanout._upstreams) == 1
+            assert [e async for e in first] == rest
+    assert b"".join(e.data for e in rest if isinstance(e, OutputChunk)) == b"".join(lines[shared_gap.seq :])
+
+
+async def test_a_subscriber_from_where_the_gap_starts_shares_it(small_pool: HostPool) -> None:
+    client = small_pool.client("h1")
+    capsule_id = f"cap-{uuid.uuid4().hex[:12]}"
+    await client.create_capsule(capsule_id)
+    key, lines = await lines_one_chunk_each(client, capsule_id, 40)
+    fanout = OutputFanout(pool=small_pool, buffer_bytes=8 * 1024 * 1024)
+    async with asyncio.timeout(10):
+        async with aclosing(fanout.follow(key, 0)) as first, aclosing(fanout.follow(key, 0)) as second:
+            gaps = [await anext(first), await anext(second)]
+            assert len(fanout._upstreams) == 1
+    assert gaps[0] == gaps[1]
+    assert isinstance(gaps[0], OutputGap)
+    assert gaps[0].lost_bytes == sum(len(line) for line in lines[: gaps[0].seq])
