@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -27,6 +27,55 @@ _FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 
 
+_Request = TypeVar("_Request")
+_Reply = TypeVar("_Reply")
+_Request_contra = TypeVar("_Request_contra", contravariant=True)
+_Reply_co = TypeVar("_Reply_co", covariant=True)
+
+
+class UnaryRpc(Protocol[_Request_contra, _Reply_co]):
+    """A unary method of the generated stub."""
+
+    def __call__(self, request: _Request_contra, *, timeout: float | None = None) -> Awaitable[_Reply_co]: ...
+
+
+class StreamCall(Protocol[_Reply_co]):
+    """A server-streaming call in progress."""
+
+    def __aiter__(self) -> AsyncIterator[_Reply_co]: ...
+    def initial_metadata(self) -> Awaitable[Any]: ...
+    def cancel(self) -> bool: ...
+
+
+class StreamRpc(Protocol[_Request_contra, _Reply_co]):
+    """A server-streaming method of the generated stub."""
+
+    def __call__(self, request: _Request_contra) -> StreamCall[_Reply_co]: ...
+
+
+class AgentStub(Protocol):
+    """agent_pb2_grpc.AgentStub with each method's message types, so mypy checks every call.
+
+    grpc ships no types and protoc's .pyi covers the messages only; keep this in step with
+    proto/agent.proto.
+    """
+
+    CreateCapsule: UnaryRpc[pb.CapsuleRef, pb.CapsuleInfo]
+    GetCapsule: UnaryRpc[pb.CapsuleRef, pb.CapsuleInfo]
+    ListCapsules: UnaryRpc[pb.Empty, pb.CapsuleList]
+    DestroyCapsule: UnaryRpc[pb.CapsuleRef, pb.Empty]
+    Exec: UnaryRpc[pb.ExecRequest, pb.ExecReply]
+    StartProcess: UnaryRpc[pb.StartRequest, pb.ProcessInfo]
+    ListProcesses: UnaryRpc[pb.CapsuleRef, pb.ProcessList]
+    GetProcess: UnaryRpc[pb.ProcessRef, pb.ProcessInfo]
+    SignalProcess: UnaryRpc[pb.SignalRequest, pb.ProcessInfo]
+    StopProcess: UnaryRpc[pb.StopRequest, pb.ProcessInfo]
+    SendInput: UnaryRpc[pb.InputRequest, pb.Empty]
+    CloseInput: UnaryRpc[pb.ProcessRef, pb.Empty]
+    StreamOutput: StreamRpc[pb.OutputRequest, pb.OutputBatch]
+    WatchProcesses: StreamRpc[pb.CapsuleRef, pb.ProcessEvent]
+
+
 def _cancelled_from_outside() -> bool:
     """True when a CancelledError came from gRPC (its channel closed), not from our own task."""
     task = asyncio.current_task()
@@ -36,7 +85,7 @@ def _cancelled_from_outside() -> bool:
 class HostClient:
     """The agent's RPCs for one host; get one from HostPool.client()."""
 
-    def __init__(self, host_id: str, channel: grpc.aio.Channel, stub: Any, settings: Settings) -> None:
+    def __init__(self, host_id: str, channel: grpc.aio.Channel, stub: AgentStub, settings: Settings) -> None:
         self.host_id = host_id
         self._channel = channel
         self._stub = stub
@@ -44,39 +93,45 @@ class HostClient:
 
     async def create_capsule(self, capsule_id: str) -> domain.CapsuleInfo:
         """Creates the capsule's workspace and supervisor on the host."""
-        reply = await self._unary("CreateCapsule", pb.CapsuleRef(capsule_id=capsule_id))
+        reply = await self._unary(
+            "CreateCapsule", self._stub.CreateCapsule, pb.CapsuleRef(capsule_id=capsule_id)
+        )
         return wire.capsule_info(reply)
 
     async def destroy_capsule(self, capsule_id: str) -> None:
         """Kills every process of the capsule and removes its workspace."""
-        await self._unary("DestroyCapsule", pb.CapsuleRef(capsule_id=capsule_id))
+        await self._unary("DestroyCapsule", self._stub.DestroyCapsule, pb.CapsuleRef(capsule_id=capsule_id))
 
     async def list_capsules(self) -> list[domain.CapsuleInfo]:
         """Every capsule the agent holds."""
-        reply = await self._unary("ListCapsules", pb.Empty())
+        reply = await self._unary("ListCapsules", self._stub.ListCapsules, pb.Empty())
         return [wire.capsule_info(c) for c in reply.capsules]
 
     async def exec(self, capsule_id: str, spec: domain.ExecSpec) -> domain.ExecResult:
         """Runs a command to completion or its timeout."""
         run_sec = spec.timeout_sec or self._settings.exec_default_timeout_sec
         reply = await self._unary(
-            "Exec", wire.exec_request(capsule_id, spec), deadline_sec=run_sec + MARGIN_SEC
+            "Exec", self._stub.Exec, wire.exec_request(capsule_id, spec), deadline_sec=run_sec + MARGIN_SEC
         )
         return wire.exec_result(reply)
 
     async def start_process(self, capsule_id: str, spec: domain.ProcessSpec) -> domain.ProcessInfo:
         """Starts a background process; answers once it runs."""
-        reply = await self._unary("StartProcess", wire.start_request(capsule_id, spec))
+        reply = await self._unary(
+            "StartProcess", self._stub.StartProcess, wire.start_request(capsule_id, spec)
+        )
         return wire.process_info(reply)
 
     async def list_processes(self, capsule_id: str) -> list[domain.ProcessInfo]:
         """Running processes first, then retained exited ones."""
-        reply = await self._unary("ListProcesses", pb.CapsuleRef(capsule_id=capsule_id))
+        reply = await self._unary(
+            "ListProcesses", self._stub.ListProcesses, pb.CapsuleRef(capsule_id=capsule_id)
+        )
         return [wire.process_info(p) for p in reply.processes]
 
     async def get_process(self, capsule_id: str, selector: str) -> domain.ProcessInfo:
         """One process by PID or tag."""
-        reply = await self._unary("GetProcess", wire.process_ref(capsule_id, selector))
+        reply = await self._unary("GetProcess", self._stub.GetProcess, wire.process_ref(capsule_id, selector))
         return wire.process_info(reply)
 
     async def signal_process(
@@ -92,29 +147,31 @@ class HostClient:
         request = pb.SignalRequest(
             process=wire.process_ref(capsule_id, selector), signal=int(signal), scope=scope_value
         )
-        return wire.process_info(await self._unary("SignalProcess", request))
+        return wire.process_info(await self._unary("SignalProcess", self._stub.SignalProcess, request))
 
     async def stop_process(self, capsule_id: str, selector: str, *, grace_sec: float) -> domain.ProcessInfo:
         """SIGTERM, SIGKILL after grace_sec; answers once the process has exited."""
         request = pb.StopRequest(process=wire.process_ref(capsule_id, selector), grace_sec=grace_sec)
-        reply = await self._unary("StopProcess", request, deadline_sec=grace_sec + MARGIN_SEC)
+        reply = await self._unary(
+            "StopProcess", self._stub.StopProcess, request, deadline_sec=grace_sec + MARGIN_SEC
+        )
         return wire.process_info(reply)
 
     async def send_input(self, capsule_id: str, selector: str, data: bytes) -> None:
         """Writes bytes to a process's stdin."""
         request = pb.InputRequest(process=wire.process_ref(capsule_id, selector), data=data)
-        await self._unary("SendInput", request)
+        await self._unary("SendInput", self._stub.SendInput, request)
 
     async def close_input(self, capsule_id: str, selector: str) -> None:
         """Closes a process's stdin."""
-        await self._unary("CloseInput", wire.process_ref(capsule_id, selector))
+        await self._unary("CloseInput", self._stub.CloseInput, wire.process_ref(capsule_id, selector))
 
     async def stream_output(
         self, capsule_id: str, selector: str, from_seq: int
     ) -> AsyncGenerator[list[domain.OutputEvent], None]:
         """Batches of output events from from_seq on; ends after the exit event."""
         request = pb.OutputRequest(process=wire.process_ref(capsule_id, selector), from_seq=from_seq)
-        async for batch in self._stream("StreamOutput", request):
+        async for batch in self._stream("StreamOutput", self._stub.StreamOutput, request):
             yield wire.output_events(batch)
 
     async def watch_processes(
@@ -125,14 +182,24 @@ class HostClient:
         subscribed is set once the agent has registered the watch: every event after that arrives.
         """
         request = pb.CapsuleRef(capsule_id=capsule_id)
-        async for message in self._stream("WatchProcesses", request, subscribed=subscribed):
+        async for message in self._stream(
+            "WatchProcesses", self._stub.WatchProcesses, request, subscribed=subscribed
+        ):
             yield wire.process_event(message)
 
-    async def _unary(self, rpc: str, request: Any, *, deadline_sec: float | None = None) -> Any:
+    async def _unary(
+        self,
+        rpc: str,
+        method: UnaryRpc[_Request, _Reply],
+        request: _Request,
+        *,
+        deadline_sec: float | None = None,
+    ) -> _Reply:
+        """Calls method (the stub's, named rpc in the logs) once the channel is ready, with a deadline."""
         await self._connected(rpc)
         deadline = self._settings.host_call_timeout_sec if deadline_sec is None else deadline_sec
         try:
-            return await getattr(self._stub, rpc)(request, timeout=deadline)
+            return await method(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             raise self._error(rpc, exc) from exc
         except grpc.aio.UsageError as exc:  # the pool closed this channel
@@ -143,12 +210,17 @@ class HostClient:
             raise
 
     async def _stream(
-        self, rpc: str, request: Any, *, subscribed: asyncio.Event | None = None
-    ) -> AsyncGenerator[Any, None]:
+        self,
+        rpc: str,
+        method: StreamRpc[_Request, _Reply],
+        request: _Request,
+        *,
+        subscribed: asyncio.Event | None = None,
+    ) -> AsyncGenerator[_Reply, None]:
         # No deadline: a stream lasts as long as its process; keepalive notices a dead agent.
         await self._connected(rpc)
         try:
-            call = getattr(self._stub, rpc)(request)
+            call = method(request)
         except grpc.aio.UsageError as exc:
             raise HostUnavailable(UNREACHABLE) from exc
         try:
