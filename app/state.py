@@ -66,6 +66,7 @@ class AppState:
                 records=records,
                 fanout=OutputFanout(pool=pool, buffer_bytes=settings.fanout_buffer_bytes),
             )
+            stack.push_async_callback(platform.fanout.close)  # its pumps end before the pool closes
             state = cls(settings=settings, platform=platform, agent=agent)
             recorder = ExitRecorder(db=db, pool=pool, hosts=hosts, records=records)
             reaper = IdleReaper(

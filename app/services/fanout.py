@@ -84,11 +84,30 @@ class OutputFanout:
     def __init__(self, *, pool: HostPool, buffer_bytes: int) -> None:
         self._pool, self._cap = pool, buffer_bytes
         self._upstreams: dict[ProcessKey, _Upstream] = {}
+        # Every pump still running, the ones already dropped from _upstreams too, until it has ended.
+        self._pumps: set[asyncio.Task[None]] = set()
 
     @property
     def upstreams(self) -> int:
         """How many agent streams are open now."""
         return sum(1 for u in self._upstreams.values() if not u.done)
+
+    @property
+    def pumps(self) -> int:
+        """How many pump tasks have not ended yet."""
+        return len(self._pumps)
+
+    async def close(self) -> None:
+        """Cancels every pump and waits until each has ended, its agent stream closed.
+
+        For the server's shutdown: a subscriber still reading sees its stream end there.
+        """
+        self._upstreams.clear()
+        pumps = list(self._pumps)
+        for pump in pumps:
+            pump.cancel()
+        if pumps:
+            await asyncio.wait(pumps)
 
     async def follow(self, key: ProcessKey, from_seq: int) -> AsyncGenerator[OutputEvent, None]:
         """The process's events from from_seq: replayed, then live, ending after its exit event."""
@@ -110,12 +129,26 @@ class OutputFanout:
             upstream.subscribers -= 1
             if upstream.subscribers == 0 and self._upstreams.get(key) is upstream:
                 del self._upstreams[key]
-                if upstream.task is not None:
-                    upstream.task.cancel()
+                await self._stop(upstream)
+
+    @staticmethod
+    async def _stop(upstream: _Upstream) -> None:
+        """Cancels the upstream's pump and waits for it to end."""
+        pump = upstream.task
+        if pump is None or pump.done():
+            return
+        pump.cancel()
+        # asyncio.wait neither raises the pump's CancelledError as this task's own nor swallows a
+        # cancellation of this task: that one goes on, and close() still awaits the pump.
+        await asyncio.wait({pump})
 
     def _open(self, key: ProcessKey, from_seq: int) -> _Upstream:
         upstream = _Upstream(from_seq=from_seq)
-        upstream.task = asyncio.create_task(self._pump(key, upstream))
+        upstream.task = asyncio.create_task(
+            self._pump(key, upstream), name=f"fanout-{key.capsule_id}-{key.pid}"
+        )
+        self._pumps.add(upstream.task)
+        upstream.task.add_done_callback(self._pumps.discard)
         self._upstreams[key] = upstream
         return upstream
 

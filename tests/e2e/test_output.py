@@ -126,3 +126,24 @@ async def test_a_gap_says_how_many_events_and_bytes_were_lost(settings: Settings
                     assert kept == "".join(STEPPED_LINES[gap["seq"] :])
         finally:
             await api.aclose()
+
+
+async def test_no_output_pump_is_left_once_the_server_stops(settings: Settings) -> None:
+    async with running_server(settings) as server:
+        key = await server.new_key("team-a")
+        api = HttpClient(server.url, key)
+        capsule_id = str((await api.run("CreateCapsule")).ok()["createCapsule"]["id"])
+        await start(api, capsule_id, "sh", "-c", "echo first; cat", tag="open", stdin=True)
+        await api.aclose()
+        fanout = server.state.platform.fanout
+        reader = asyncio.create_task(
+            read_events(server, key, "graphql-transport-ws", capsule_id, "open", 0, stop_after=10**9)
+        )
+        async with asyncio.timeout(10):
+            while fanout.pumps == 0:  # the subscription is live: its pump reads from the agent
+                await asyncio.sleep(0.01)
+    # The server stopped with the subscription still open.
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert fanout.pumps == 0
+    assert not [task for task in asyncio.all_tasks() if task.get_name().startswith("fanout-")]

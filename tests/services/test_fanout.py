@@ -169,3 +169,31 @@ async def test_a_subscriber_from_where_the_gap_starts_shares_it(small_pool: Host
     assert gaps[0] == gaps[1]
     assert isinstance(gaps[0], OutputGap)
     assert gaps[0].lost_bytes == sum(len(line) for line in lines[: gaps[0].seq])
+
+
+async def test_the_pump_has_ended_once_the_last_subscriber_left(
+    pool: HostPool, client: HostClient, capsule_id: str
+) -> None:
+    fanout = OutputFanout(pool=pool, buffer_bytes=8 * 1024 * 1024)
+    key = await start(client, capsule_id, "echo first; cat", "quiet", stdin=True)
+    async with asyncio.timeout(10):
+        async with aclosing(fanout.follow(key, 0)) as events:
+            assert isinstance(await anext(events), OutputChunk)
+            assert fanout.pumps == 1
+    assert fanout.pumps == 0  # cancelled and awaited as the subscriber left, not left to finish later
+    assert fanout._upstreams == {}
+
+
+async def test_close_ends_every_pump(pool: HostPool, client: HostClient, capsule_id: str) -> None:
+    fanout = OutputFanout(pool=pool, buffer_bytes=8 * 1024 * 1024)
+    keys = [await start(client, capsule_id, "echo first; cat", f"open-{i}", stdin=True) for i in range(3)]
+    followers = [fanout.follow(key, 0) for key in keys]
+    async with asyncio.timeout(10):
+        for follower in followers:
+            assert isinstance(await anext(follower), OutputChunk)
+        assert fanout.pumps == 3
+        pumps = [task for task in asyncio.all_tasks() if task.get_name().startswith("fanout-")]
+        await fanout.close()
+        assert fanout.pumps == 0 and all(task.done() for task in pumps)
+        for follower in followers:
+            await follower.aclose()
