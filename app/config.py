@@ -7,12 +7,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 MiB = 1024 * 1024
+
+# Each bus URL scheme and the backend that speaks it.
+BUS_SCHEMES: Mapping[str, str] = {
+    "memory": "memory",
+    "redis": "redis",
+    "rediss": "redis",
+    "postgres": "postgres",
+    "postgresql": "postgres",
+}
 
 
 class ConfigError(ValueError):
     """A setting has a value the service cannot start with."""
+
+
+def bus_backend_kind(url: str) -> str:
+    """memory, redis or postgres: the backend a bus URL asks for; ConfigError for any other URL."""
+    kind = BUS_SCHEMES.get(urlparse(url).scheme)
+    if kind is None:
+        raise ConfigError(f"CAPSULE_BUS_URL={url!r}: use memory://, redis:// or postgres://")
+    return kind
 
 
 def _parse_hosts(text: str) -> dict[str, str]:
@@ -92,8 +110,5 @@ class Settings:
             "max_processes_per_capsule": int(_number(env, "CAPSULE_MAX_PROCESSES_PER_CAPSULE", 256)),
         }
         settings = cls(**(values | overrides))
-        if not settings.bus_url.startswith(
-            ("memory://", "redis://", "rediss://", "postgres://", "postgresql://")
-        ):
-            raise ConfigError(f"CAPSULE_BUS_URL={settings.bus_url!r}: use memory://, redis:// or postgres://")
+        bus_backend_kind(settings.bus_url)
         return settings

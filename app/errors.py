@@ -17,6 +17,7 @@ class ErrorCode(enum.Enum):
     CONFLICT = "CONFLICT"
     INVALID_STATE = "INVALID_STATE"
     HOST_UNAVAILABLE = "HOST_UNAVAILABLE"
+    UNAVAILABLE = "UNAVAILABLE"
     RATE_LIMITED = "RATE_LIMITED"
     INTERNAL = "INTERNAL"
 
@@ -56,6 +57,19 @@ class HostUnavailable(CapsuleError):
     code = ErrorCode.HOST_UNAVAILABLE
 
 
+class Unavailable(CapsuleError):
+    """A service the server itself depends on (the store, the bus) cannot be reached; retry."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class BusUnavailable(Unavailable):
+    """The bus backend cannot be reached, or its connection dropped under a subscriber."""
+
+    def __init__(self, message: str = "the event bus cannot be reached; retry") -> None:
+        super().__init__(message)
+
+
 class RateLimited(CapsuleError):
     code = ErrorCode.RATE_LIMITED
 
@@ -73,6 +87,7 @@ ERROR_TYPES: dict[ErrorCode, type[CapsuleError]] = {
         Conflict,
         InvalidState,
         HostUnavailable,
+        Unavailable,
         RateLimited,
         Internal,
     )
@@ -86,12 +101,14 @@ GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
     ErrorCode.INVALID_STATE: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.HOST_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    # Only an API server raises it; should an agent ever do, the caller sees the host as unavailable.
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
 ERROR_CODE_OF_STATUS: dict[grpc.StatusCode, ErrorCode] = {
-    status: code for code, status in GRPC_STATUS.items()
+    status: code for code, status in GRPC_STATUS.items() if code is not ErrorCode.UNAVAILABLE
 } | {grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.HOST_UNAVAILABLE}
 
 

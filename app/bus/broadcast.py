@@ -8,25 +8,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from urllib.parse import urlparse
 
 from broadcaster import BroadcastBackend
 from broadcaster._backends.memory import MemoryBackend
 
-from app.errors import HostUnavailable, RateLimited
+from app.config import bus_backend_kind
+from app.errors import BusUnavailable, RateLimited
 
 logger = logging.getLogger(__name__)
-
-UNREACHABLE = "the event bus is unreachable; retry"
-_SCHEMES = frozenset({"memory", "redis", "rediss", "postgres", "postgresql"})
-
-
-class BusUnavailable(HostUnavailable):
-    """The bus backend cannot be reached, or its connection dropped under a subscriber."""
-
-    def __init__(self, message: str = UNREACHABLE) -> None:
-        super().__init__(message)
-
 
 class BusOverflow(RateLimited):
     """A subscriber fell too far behind; it ends rather than eat memory or lose events unseen."""
@@ -34,18 +23,16 @@ class BusOverflow(RateLimited):
 
 def make_backend(url: str, *, timeout_sec: float) -> BroadcastBackend:
     """The broadcaster backend for a bus URL: memory://, redis[s]:// or postgres[ql]://."""
-    scheme = urlparse(url).scheme
-    if scheme == "memory":
-        return MemoryBackend(url)
-    if scheme in ("redis", "rediss"):
+    kind = bus_backend_kind(url)
+    if kind == "redis":
         from app.bus.redis_backend import RedisBackend
 
         return RedisBackend(url, timeout_sec=timeout_sec)
-    if scheme in ("postgres", "postgresql"):
+    if kind == "postgres":
         from app.bus.postgres_backend import PostgresBackend
 
         return PostgresBackend(url, timeout_sec=timeout_sec)
-    raise ValueError(f"bus URL scheme {scheme!r} is not supported: use memory://, redis:// or postgres://")
+    return MemoryBackend(url)
 
 
 class _Subscriber:
@@ -94,8 +81,7 @@ class Bus:
     """Publish/subscribe on named channels; reconnects by itself after its backend drops."""
 
     def __init__(self, url: str, *, queue_size: int = 1000, timeout_sec: float = 5.0) -> None:
-        if urlparse(url).scheme not in _SCHEMES:  # rejected now, not at first use
-            raise ValueError(f"bus URL {url!r} is not supported: use memory://, redis:// or postgres://")
+        bus_backend_kind(url)  # rejected now, not at first use
         self._url = url
         self._queue_size = queue_size
         self._timeout = timeout_sec

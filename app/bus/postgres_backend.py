@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 from broadcaster import BroadcastBackend, Event
 
-from app.bus.broadcast import BusUnavailable
+from app.errors import BusUnavailable
 
 _MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: longer identifiers are cut, and pg_notify refuses them
 _MAX_FRAME_BYTES = 7900  # NOTIFY refuses payloads of 8000 bytes or more; this leaves room for a header

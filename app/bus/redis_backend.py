@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from app.bus.broadcast import BusUnavailable
+from app.errors import BusUnavailable
 
 # A silently dead peer (no FIN, no RST) is noticed within about 20 s instead of never.
 _KEEPALIVE = {socket.TCP_KEEPIDLE: 10, socket.TCP_KEEPINTVL: 5, socket.TCP_KEEPCNT: 2}

@@ -9,7 +9,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit, merge_chunks
-from app.errors import CapsuleError
+from app.errors import CapsuleError, Unavailable
 from app.hosts.pool import HostPool
 
 # Neighbouring chunks of one stream are joined up to this size before they go out as one event.
@@ -24,6 +24,9 @@ def _merge(events: Sequence[OutputEvent]) -> list[OutputEvent]:
 
 def _size(event: OutputEvent) -> int:
     return len(event.data) if isinstance(event, OutputChunk) else 64
+
+
+SHUTTING_DOWN = "the server is shutting down: subscribe again, with fromSeq the last seq seen plus one"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +103,11 @@ class OutputFanout:
     async def close(self) -> None:
         """Cancels every pump and waits until each has ended, its agent stream closed.
 
-        For the server's shutdown: a subscriber still reading sees its stream end there.
+        For the server's shutdown: a subscriber still reading ends with UNAVAILABLE, never as if
+        the output had ended.
         """
+        for upstream in self._upstreams.values():
+            upstream.error = Unavailable(SHUTTING_DOWN)
         self._upstreams.clear()
         pumps = list(self._pumps)
         for pump in pumps:

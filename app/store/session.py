@@ -9,11 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from app.errors import Unavailable
+
 logger = logging.getLogger(__name__)
+
+UNREACHABLE = "the database cannot be reached; retry"
+# What a lost or refused connection raises: the driver's own errors, wrapped or not, and the socket's.
+_CONNECTION_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, ConnectionError, TimeoutError)
 
 # How long a SQLite writer waits for the write lock before "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -70,14 +77,22 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session; the caller commits (uncommitted work is rolled back on close)."""
-        async with self._sessions() as session:
-            yield session
+        try:
+            async with self._sessions() as session:
+                yield session
+        except _CONNECTION_ERRORS as exc:
+            logger.warning("database unreachable: %s", type(exc).__name__)
+            raise Unavailable(UNREACHABLE) from exc
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: commits on success, rolls back on error."""
-        async with self._sessions() as session, session.begin():
-            yield session
+        try:
+            async with self._sessions() as session, session.begin():
+                yield session
+        except _CONNECTION_ERRORS as exc:
+            logger.warning("database unreachable: %s", type(exc).__name__)
+            raise Unavailable(UNREACHABLE) from exc
 
     async def dispose(self) -> None:
         """Closes every pooled connection."""

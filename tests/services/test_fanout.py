@@ -13,6 +13,7 @@ import pytest
 from app.agent.server import start_agent
 from app.config import Settings
 from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit, ProcessSpec
+from app.errors import Unavailable
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
 from app.services.fanout import OutputFanout, ProcessKey
@@ -195,5 +196,7 @@ async def test_close_ends_every_pump(pool: HostPool, client: HostClient, capsule
         pumps = [task for task in asyncio.all_tasks() if task.get_name().startswith("fanout-")]
         await fanout.close()
         assert fanout.pumps == 0 and all(task.done() for task in pumps)
-        for follower in followers:
+        for follower in followers:  # never as if the output had ended: they are told to come back
+            with pytest.raises(Unavailable, match="shutting down: subscribe again"):
+                await anext(follower)
             await follower.aclose()

@@ -11,10 +11,12 @@ import pytest
 from sqlalchemy import text
 
 from app.domain import CapsuleStatus
+from app.errors import ErrorCode, Unavailable
 from app.store import models
 from app.store.repositories import CapsuleRepository, TeamRepository
 from app.store.session import Database
 from tests.factories import make_capsule, make_team
+from tests.system import free_port
 
 
 async def _scalar(db: Database, sql: str) -> Any:
@@ -99,3 +101,27 @@ async def test_foreign_keys_are_enforced(database: Database) -> None:
 
 async def test_dialect(database: Database, database_url: str) -> None:
     assert database.dialect == database_url.split("+", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+asyncpg://postgres@127.0.0.1:{port}/test",
+        "sqlite+aiosqlite:///{directory}",
+    ],
+    ids=["postgresql-refused", "sqlite-unopenable"],
+)
+async def test_an_unreachable_database_is_unavailable(url: str, tmp_path: Path) -> None:
+    directory = tmp_path / "a-directory"  # where the database file should be
+    directory.mkdir()
+    db = Database(url.format(port=free_port(), directory=directory))
+    try:
+        with pytest.raises(Unavailable, match="database cannot be reached; retry") as raised:
+            async with db.session() as session:
+                await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
+        assert raised.value.code is ErrorCode.UNAVAILABLE
+        with pytest.raises(Unavailable):
+            async with db.transaction() as session:
+                await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
+    finally:
+        await db.dispose()
