@@ -78,6 +78,8 @@ class Settings:
     # Output an API replica keeps per followed process, so its subscribers share one agent stream.
     fanout_buffer_bytes: int = 8 * MiB
     idle_check_interval_sec: float = 5.0
+    # How often every host is compared with the store besides whenever a host (re)connects.
+    reconcile_interval_sec: float = 30.0
     # What one team may hold at once; past these, RATE_LIMITED.
     max_capsules_per_team: int = 100
     max_processes_per_capsule: int = 256
@@ -108,7 +110,10 @@ class Settings:
             "retention_sec": _number(env, "CAPSULE_RETENTION_SEC", 600.0),
             "max_capsules_per_team": int(_number(env, "CAPSULE_MAX_CAPSULES_PER_TEAM", 100)),
             "max_processes_per_capsule": int(_number(env, "CAPSULE_MAX_PROCESSES_PER_CAPSULE", 256)),
+            "reconcile_interval_sec": _number(env, "CAPSULE_RECONCILE_INTERVAL_SEC", 30.0),
         }
         settings = cls(**(values | overrides))
         bus_backend_kind(settings.bus_url)
+        if settings.reconcile_interval_sec <= 0:
+            raise ConfigError("CAPSULE_RECONCILE_INTERVAL_SEC must be more than 0 seconds")
         return settings

@@ -14,7 +14,9 @@ from datetime import UTC, datetime
 
 from app.errors import InvalidRequest, NotFound
 
-TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Tags, capsule ids and host ids: no slash and no leading dot, so an id never names a path elsewhere.
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ID_RULE = "use 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
 MAX_TIMEOUT_SEC = 7 * 24 * 3600
 
 # The signals a caller may send (the contract's Signal enum).
@@ -39,6 +41,10 @@ class CapsuleStatus(enum.Enum):
     STOPPING = "STOPPING"
     STOPPED = "STOPPED"
     ERROR = "ERROR"
+
+
+# Capsules that hold a share of their host: they count against a team's limit and a host's load.
+ACTIVE_CAPSULE_STATUSES = frozenset({CapsuleStatus.STARTING, CapsuleStatus.RUNNING})
 
 
 class ProcessStatus(enum.Enum):
@@ -99,15 +105,20 @@ def parse_selector(selector: str) -> int | str:
         raise InvalidRequest(f"selector is neither a PID (digits only) nor a tag: {exc}") from None
 
 
+def check_id(value: str, *, what: str) -> str:
+    """Returns an id (tag, capsule id, host id) when it keeps ID_RE, else raises InvalidRequest."""
+    if not value:
+        raise InvalidRequest(f"{what} is empty: {ID_RULE}")
+    if not ID_RE.fullmatch(value):
+        raise InvalidRequest(f"{what} {value[:80]!r} is malformed: {ID_RULE}")
+    return value
+
+
 def check_tag(tag: str) -> str:
     """Returns the tag when it keeps the rules, else raises InvalidRequest."""
     if tag.isascii() and tag.isdigit():
         raise InvalidRequest(f"tag {tag!r} is all digits, which selects a PID: add a letter")
-    if not TAG_RE.fullmatch(tag):
-        raise InvalidRequest(
-            f"tag {tag[:80]!r} is malformed: use 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
-        )
-    return tag
+    return check_id(tag, what="tag")
 
 
 def new_tag() -> str:
@@ -239,10 +250,33 @@ class ProcessInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class CapsuleInfo:
+class Team:
+    """A team: the caller every team service acts for."""
+
+    id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostCapsule:
+    """What a host agent holds of one capsule."""
+
     capsule_id: str
     workspace: str
     running_processes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CapsuleInfo:
+    """A capsule as the store keeps it: whose it is, where it runs, its lifecycle state."""
+
+    id: str
+    team_id: int
+    host_id: str
+    status: CapsuleStatus
+    timeout_sec: int
+    created_at: datetime
+    last_active_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from app.config import Settings
 from app.hosts.pool import HostPool
 from app.services.fanout import OutputFanout
 from app.services.hosts import HostService
-from app.services.jobs import ExitRecorder, IdleReaper
+from app.services.lifecycle import CapsuleLifecycle, ExitRecorder, IdleReaper, Reconciler
 from app.services.keys import KeyService
 from app.services.records import ProcessRecords
 from app.services.team import Platform
@@ -56,6 +56,7 @@ class AppState:
             stack.push_async_callback(pool.close)
             pool.set_hosts(await hosts.hosts())
             records = ProcessRecords(db=db, bus=bus)
+            lifecycle = CapsuleLifecycle(db=db, pool=pool, records=records)
             platform = Platform(
                 settings=settings,
                 db=db,
@@ -64,17 +65,19 @@ class AppState:
                 hosts=hosts,
                 keys=KeyService(db),
                 records=records,
+                lifecycle=lifecycle,
                 fanout=OutputFanout(pool=pool, buffer_bytes=settings.fanout_buffer_bytes),
             )
             stack.push_async_callback(platform.fanout.close)  # its pumps end before the pool closes
             state = cls(settings=settings, platform=platform, agent=agent)
-            recorder = ExitRecorder(db=db, pool=pool, hosts=hosts, records=records)
-            reaper = IdleReaper(
-                db=db, pool=pool, records=records, interval_sec=settings.idle_check_interval_sec
-            )
             if agent is not None:  # capsules of a previous run get their place on the new agent back
-                await recorder.catch_up(EMBEDDED_HOST_ID)
-            state.tasks = [asyncio.create_task(recorder.run()), asyncio.create_task(reaper.run())]
+                await lifecycle.reconcile_host(EMBEDDED_HOST_ID)
+            jobs = (
+                ExitRecorder(pool=pool, hosts=hosts, records=records, lifecycle=lifecycle),
+                Reconciler(hosts=hosts, lifecycle=lifecycle, interval_sec=settings.reconcile_interval_sec),
+                IdleReaper(db=db, lifecycle=lifecycle, interval_sec=settings.idle_check_interval_sec),
+            )
+            state.tasks = [asyncio.create_task(job.run(), name=type(job).__name__) for job in jobs]
             stack.push_async_callback(state.stop_jobs)
             yield state
 

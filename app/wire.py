@@ -168,14 +168,14 @@ def process_info(message: pb.ProcessInfo) -> domain.ProcessInfo:
     )
 
 
-def capsule_info_to_pb(info: domain.CapsuleInfo) -> pb.CapsuleInfo:
+def capsule_info_to_pb(info: domain.HostCapsule) -> pb.CapsuleInfo:
     return pb.CapsuleInfo(
         capsule_id=info.capsule_id, workspace=info.workspace, running_processes=info.running_processes
     )
 
 
-def capsule_info(message: pb.CapsuleInfo) -> domain.CapsuleInfo:
-    return domain.CapsuleInfo(
+def capsule_info(message: pb.CapsuleInfo) -> domain.HostCapsule:
+    return domain.HostCapsule(
         capsule_id=message.capsule_id,
         workspace=message.workspace,
         running_processes=message.running_processes,

@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import shutil
 
 from app.agent.events import ProcessEvents
 from app.agent.supervisor import Supervisor
 from app.config import Settings
 from app.datadir import DirectoryLock
-from app.domain import CapsuleInfo
-from app.errors import InvalidRequest, NotFound
+from app.domain import ID_RE, HostCapsule, check_id
+from app.errors import NotFound
 
 logger = logging.getLogger(__name__)
 
-# No slash and no leading dot, so an id can never name a path outside the capsules directory.
-CAPSULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
 def check_capsule_id(capsule_id: str) -> str:
     """Returns the id when it is well formed, else raises InvalidRequest."""
-    if not capsule_id:
-        raise InvalidRequest("capsule_id is empty")
-    if not CAPSULE_ID_RE.fullmatch(capsule_id):
-        raise InvalidRequest(
-            f"capsule id {capsule_id[:80]!r} is malformed: use 1-64 of A-Z a-z 0-9 _ . -, "
-            "starting with a letter or digit"
-        )
-    return capsule_id
+    return check_id(capsule_id, what="capsule id")
 
 
 class Capsules:
@@ -52,7 +40,7 @@ class Capsules:
             raise RuntimeError(f"loading capsules needs the lock on {self._settings.agent_dir}")
         self._root.mkdir(parents=True, exist_ok=True)
         for path in sorted(self._root.iterdir()):
-            if CAPSULE_ID_RE.fullmatch(path.name) and (path / "workspace").is_dir():
+            if ID_RE.fullmatch(path.name) and (path / "workspace").is_dir():
                 supervisor = self._supervisor_for(path.name)
                 if killed := supervisor.sessions.sweep():
                     logger.warning(
@@ -64,14 +52,14 @@ class Capsules:
         workspace = self._root / capsule_id / "workspace"
         return Supervisor(capsule_id, workspace, self._settings, self._events.publish)
 
-    def _info(self, supervisor: Supervisor) -> CapsuleInfo:
-        return CapsuleInfo(
+    def _info(self, supervisor: Supervisor) -> HostCapsule:
+        return HostCapsule(
             capsule_id=supervisor.capsule_id,
             workspace=str(supervisor.workspace),
             running_processes=supervisor.running_count(),
         )
 
-    async def create(self, capsule_id: str) -> CapsuleInfo:
+    async def create(self, capsule_id: str) -> HostCapsule:
         """Makes the capsule's workspace; creating an existing capsule returns it."""
         check_capsule_id(capsule_id)
         async with self._lock:
@@ -91,11 +79,11 @@ class Capsules:
             raise NotFound(f"no capsule {capsule_id} on this host")
         return supervisor
 
-    def get(self, capsule_id: str) -> CapsuleInfo:
+    def get(self, capsule_id: str) -> HostCapsule:
         """One capsule, or NotFound."""
         return self._info(self.supervisor(capsule_id))
 
-    def list_capsules(self) -> list[CapsuleInfo]:
+    def list_capsules(self) -> list[HostCapsule]:
         """Every capsule of this agent, by id."""
         return [self._info(self._supervisors[key]) for key in sorted(self._supervisors)]
 

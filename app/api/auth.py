@@ -9,8 +9,8 @@ import strawberry
 from strawberry.permission import BasePermission
 
 from app.api.context import MISSING_KEY, Context, Info
+from app.domain import Team
 from app.errors import ErrorCode
-from app.services.capsules import Team
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,8 +37,7 @@ async def authenticate(context: Context, key: str | None) -> Team | None:
     """Sets and returns the team a key belongs to; None for no key or a bad one."""
     if key is None:
         return None
-    team = await context.platform.keys.authenticate(key)
-    context.team = None if team is None or team.id is None else Team(id=team.id, name=team.name)
+    context.team = await context.platform.keys.authenticate(key)
     return context.team
 
 

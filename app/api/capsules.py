@@ -11,8 +11,7 @@ from app.api.auth import team_field, team_mutation
 from app.api.context import Info
 from app.api.enums import CapsuleStatus, ProcessStatus
 from app.api.processes import Process
-from app.domain import as_utc
-from app.store import models
+from app.domain import CapsuleInfo
 
 DEFAULT_TIMEOUT_SEC = 300
 
@@ -37,13 +36,13 @@ class Capsule:
         return [Process.from_info(p) for p in infos]
 
     @classmethod
-    def from_record(cls, capsule: models.Capsule) -> Capsule:
+    def from_info(cls, capsule: CapsuleInfo) -> Capsule:
         return cls(
             id=ID(capsule.id),
             status=capsule.status,
             host_id=ID(capsule.host_id),
-            created_at=as_utc(capsule.created_at),
-            last_active_at=as_utc(capsule.last_active_at),
+            created_at=capsule.created_at,
+            last_active_at=capsule.last_active_at,
             timeout_sec=capsule.timeout_sec,
         )
 
@@ -53,11 +52,11 @@ class CapsuleQuery:
     @team_field()
     async def capsule(self, info: Info, id: ID) -> Capsule | None:
         capsule = await info.context.services.capsules.get(id)
-        return None if capsule is None else Capsule.from_record(capsule)
+        return None if capsule is None else Capsule.from_info(capsule)
 
     @team_field()
     async def capsules(self, info: Info) -> list[Capsule]:
-        return [Capsule.from_record(c) for c in await info.context.services.capsules.list()]
+        return [Capsule.from_info(c) for c in await info.context.services.capsules.list()]
 
 
 @strawberry.type
@@ -71,8 +70,11 @@ class CapsuleMutation:
     ) -> Capsule:
         timeout_sec = input.timeout_sec if isinstance(input.timeout_sec, int) else DEFAULT_TIMEOUT_SEC
         capsule = await info.context.services.capsules.create(timeout_sec=timeout_sec)
-        return Capsule.from_record(capsule)
+        return Capsule.from_info(capsule)
 
-    @team_mutation()
+    @team_mutation(
+        description="Ends every process of the capsule and removes it from its host: STOPPED once the host "
+        "confirmed, STOPPING while the host cannot be reached (the stop is retried until it can)."
+    )
     async def destroy_capsule(self, info: Info, id: ID) -> Capsule:
-        return Capsule.from_record(await info.context.services.capsules.destroy(id))
+        return Capsule.from_info(await info.context.services.capsules.destroy(id))

@@ -10,8 +10,8 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 from strawberry.types import Info as StrawberryInfo
 
+from app.domain import Team
 from app.errors import Unauthenticated
-from app.services.capsules import Team
 from app.services.team import Platform, TeamServices
 
 MISSING_KEY = "missing or invalid API key: send the header 'Authorization: Bearer <key>'"

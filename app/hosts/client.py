@@ -91,7 +91,7 @@ class HostClient:
         self._stub = stub
         self._settings = settings
 
-    async def create_capsule(self, capsule_id: str) -> domain.CapsuleInfo:
+    async def create_capsule(self, capsule_id: str) -> domain.HostCapsule:
         """Creates the capsule's workspace and supervisor on the host."""
         reply = await self._unary(
             "CreateCapsule", self._stub.CreateCapsule, pb.CapsuleRef(capsule_id=capsule_id)
@@ -102,7 +102,7 @@ class HostClient:
         """Kills every process of the capsule and removes its workspace."""
         await self._unary("DestroyCapsule", self._stub.DestroyCapsule, pb.CapsuleRef(capsule_id=capsule_id))
 
-    async def list_capsules(self) -> list[domain.CapsuleInfo]:
+    async def list_capsules(self) -> list[domain.HostCapsule]:
         """Every capsule the agent holds."""
         reply = await self._unary("ListCapsules", self._stub.ListCapsules, pb.Empty())
         return [wire.capsule_info(c) for c in reply.capsules]

@@ -7,28 +7,20 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from datetime import datetime
 
-from app.domain import CapsuleStatus, utcnow
-from app.errors import CapsuleError, InvalidRequest, InvalidState, NotFound, RateLimited
+from app.domain import CapsuleInfo, CapsuleStatus, Team, utcnow
+from app.errors import InvalidRequest, InvalidState, NotFound, RateLimited
 from app.hosts.pool import HostPool
 from app.services.hosts import HostService
-from app.services.records import ProcessRecords
+from app.services.lifecycle import CapsuleLifecycle
 from app.store import models
-from app.store.repositories import CapsuleRepository, SystemRepository
+from app.store.repositories import CapsuleRepository
 from app.store.session import Database
 
 log = logging.getLogger(__name__)
 
 MAX_CAPSULE_TIMEOUT_SEC = 7 * 24 * 3600
-
-
-@dataclass(frozen=True, slots=True)
-class Team:
-    """The caller a team service acts for."""
-
-    id: int
-    name: str
 
 
 class CapsuleService:
@@ -40,26 +32,27 @@ class CapsuleService:
         db: Database,
         pool: HostPool,
         hosts: HostService,
-        records: ProcessRecords,
+        lifecycle: CapsuleLifecycle,
         team: Team,
         max_capsules: int,
     ) -> None:
-        self._db, self._pool, self._hosts, self._records, self._team = db, pool, hosts, records, team
+        self._db, self._pool, self._hosts, self._lifecycle, self._team = db, pool, hosts, lifecycle, team
         self._max_capsules = max_capsules
 
-    async def get(self, capsule_id: str) -> models.Capsule | None:
+    async def get(self, capsule_id: str) -> CapsuleInfo | None:
         """This team's capsule, or None (another team's capsule is None too)."""
         async with self._db.session() as session:
-            return await CapsuleRepository(session, self._team.id).get(capsule_id)
+            row = await CapsuleRepository(session, self._team.id).get(capsule_id)
+        return None if row is None else row.to_info()
 
-    async def require(self, capsule_id: str) -> models.Capsule:
+    async def require(self, capsule_id: str) -> CapsuleInfo:
         """This team's capsule in any state, or NotFound."""
         capsule = await self.get(capsule_id)
         if capsule is None:  # another team's capsule lands here too, with the same words
             raise NotFound(f"no capsule {capsule_id}")
         return capsule
 
-    async def require_running(self, capsule_id: str) -> models.Capsule:
+    async def require_running(self, capsule_id: str) -> CapsuleInfo:
         """Turns a capsule id into this team's running capsule, or raises; touches lastActiveAt."""
         capsule = await self.require(capsule_id)
         if capsule.status is not CapsuleStatus.RUNNING:
@@ -67,12 +60,15 @@ class CapsuleService:
         now = utcnow()
         # One write per busy stretch, not per call: a tenth of the idle timeout, a second at most.
         if (now - capsule.last_active_at).total_seconds() >= min(1.0, capsule.timeout_sec / 10):
-            async with self._db.transaction() as session:
-                await SystemRepository(session).touch(capsule_id, now)
+            await self._touch(capsule_id, now)
         return capsule
 
+    async def _touch(self, capsule_id: str, now: datetime) -> None:
+        async with self._db.transaction() as session:
+            await CapsuleRepository(session, self._team.id).touch(capsule_id, now)
+
     @asynccontextmanager
-    async def in_use(self, capsule: models.Capsule) -> AsyncIterator[None]:
+    async def in_use(self, capsule: CapsuleInfo) -> AsyncIterator[None]:
         """Keeps the capsule from counting as idle while a long call or a subscription runs."""
         interval = max(0.1, capsule.timeout_sec / 3)  # well inside the timeout, so no check falls between
 
@@ -80,8 +76,7 @@ class CapsuleService:
             while True:
                 await asyncio.sleep(interval)
                 try:
-                    async with self._db.transaction() as session:
-                        await SystemRepository(session).touch(capsule.id, utcnow())
+                    await self._touch(capsule.id, utcnow())
                 except Exception:  # the store is down: the idle reaper cannot act on it either
                     log.warning("capsule %s: could not mark it active", capsule.id, exc_info=True)
 
@@ -92,12 +87,13 @@ class CapsuleService:
             heart.cancel()
             await asyncio.gather(heart, return_exceptions=True)
 
-    async def list(self) -> list[models.Capsule]:
+    async def list(self) -> list[CapsuleInfo]:
         """This team's capsules, newest first."""
         async with self._db.session() as session:
-            return list(await CapsuleRepository(session, self._team.id).list())
+            rows = await CapsuleRepository(session, self._team.id).list()
+        return [row.to_info() for row in rows]
 
-    async def create(self, *, timeout_sec: int) -> models.Capsule:
+    async def create(self, *, timeout_sec: int) -> CapsuleInfo:
         """Places a new capsule on a host and waits until it runs there."""
         if not 1 <= timeout_sec <= MAX_CAPSULE_TIMEOUT_SEC:
             raise InvalidRequest(f"timeoutSec must be between 1 and {MAX_CAPSULE_TIMEOUT_SEC} seconds")
@@ -112,7 +108,7 @@ class CapsuleService:
         hosts = await self._hosts.hosts()
         self._pool.set_hosts(hosts)
         host_id = await self._hosts.choose(hosts)
-        capsule = models.Capsule(
+        row = models.Capsule(
             id=f"cap-{secrets.token_hex(8)}",
             team_id=self._team.id,
             host_id=host_id,
@@ -120,29 +116,17 @@ class CapsuleService:
             timeout_sec=timeout_sec,
         )
         async with self._db.transaction() as session:
-            await CapsuleRepository(session, self._team.id).add(capsule)
-        try:
-            await self._pool.client(host_id).create_capsule(capsule.id)
-        except CapsuleError:
-            await self._set_status(capsule.id, CapsuleStatus.ERROR)
-            raise
+            await CapsuleRepository(session, self._team.id).add(row)
+        capsule = await self._lifecycle.place(row.to_info())
         log.info("team %s created capsule %s on host %s", self._team.name, capsule.id, host_id)
-        return await self._set_status(capsule.id, CapsuleStatus.RUNNING)
+        return capsule
 
-    async def destroy(self, capsule_id: str) -> models.Capsule:
-        """Ends every process of the capsule and removes it from its host; the record stays, STOPPED."""
-        capsule = await self.require(capsule_id)
-        if capsule.status is CapsuleStatus.STOPPED:
-            return capsule
-        await self._set_status(capsule_id, CapsuleStatus.STOPPING)
-        await self._pool.client(capsule.host_id).destroy_capsule(capsule_id)
-        await self._records.end_all(capsule_id)
-        log.info("team %s destroyed capsule %s", self._team.name, capsule_id)
-        return await self._set_status(capsule_id, CapsuleStatus.STOPPED)
+    async def destroy(self, capsule_id: str) -> CapsuleInfo:
+        """Ends every process of the capsule and removes it from its host; the record stays.
 
-    async def _set_status(self, capsule_id: str, status: CapsuleStatus) -> models.Capsule:
-        async with self._db.transaction() as session:
-            capsule = await SystemRepository(session).set_capsule_status(capsule_id, status)
-        if capsule is None:
-            raise NotFound(f"no capsule {capsule_id}")
+        STOPPED once the host confirmed; STOPPING while the host cannot be reached (the stop is
+        retried until it can).
+        """
+        capsule = await self._lifecycle.stop(await self.require(capsule_id))
+        log.info("team %s destroyed capsule %s: %s", self._team.name, capsule_id, capsule.status.value)
         return capsule

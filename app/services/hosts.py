@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Mapping
 
+from app.domain import check_id
 from app.errors import HostUnavailable, InvalidRequest
 from app.store import models
 from app.store.repositories import HostRepository
@@ -13,7 +14,6 @@ from app.store.session import Database
 
 logger = logging.getLogger(__name__)
 
-HOST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # HOST:PORT, where HOST is a name, an IPv4 address or a bracketed IPv6 address.
 ADDRESS_RE = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
 
@@ -28,11 +28,7 @@ def check_address(address: str) -> str:
 
 def check_host_id(host_id: str) -> str:
     """Returns a host id unchanged, or raises InvalidRequest."""
-    if not HOST_ID_RE.fullmatch(host_id):
-        raise InvalidRequest(
-            f"host id {host_id[:80]!r} is malformed: use 1-64 of A-Z a-z 0-9 _ . -, not starting with _ . -"
-        )
-    return host_id
+    return check_id(host_id, what="host id")
 
 
 class HostService:

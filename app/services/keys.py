@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
-from app.domain import utcnow
+from app.domain import Team, utcnow
 from app.store import models
 from app.store.repositories import ApiKeyRepository, TeamRepository
 from app.store.session import Database
@@ -49,10 +49,9 @@ class KeyService:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def create_key(self, team_name: str) -> tuple[models.Team, str]:
+    async def create_key(self, team_name: str) -> tuple[Team, str]:
         """Creates the team if needed and a key for it; the plaintext key is returned here only."""
         team = await self._team(team_name)
-        assert team.id is not None  # a stored team has its id
         key = new_key()
         async with self._db.transaction() as session:
             await ApiKeyRepository(session).add(
@@ -61,12 +60,13 @@ class KeyService:
         logger.info("created API key %s... for team %s", key[:SHOWN_PREFIX_LEN], team.name)
         return team, key
 
-    async def authenticate(self, key: str) -> models.Team | None:
+    async def authenticate(self, key: str) -> Team | None:
         """The team of an unrevoked key; None for an unknown, revoked or malformed one."""
         if not is_well_formed(key):
             return None
         async with self._db.session() as session:
-            return await ApiKeyRepository(session).team_of(hash_key(key))
+            team = await ApiKeyRepository(session).team_of(hash_key(key))
+        return None if team is None else _team_of(team)
 
     async def revoke(self, key: str) -> bool:
         """Revokes a key; False when it is unknown or was revoked already."""
@@ -89,11 +89,11 @@ class KeyService:
         logger.info("wrote a new development API key to %s", path)
         return key, True
 
-    async def _team(self, name: str) -> models.Team:
+    async def _team(self, name: str) -> Team:
         async with self._db.session() as session:
             team = await TeamRepository(session).get_by_name(name)
         if team is not None:
-            return team
+            return _team_of(team)
         try:
             async with self._db.transaction() as session:
                 team = await TeamRepository(session).add(models.Team(name=name))
@@ -105,7 +105,12 @@ class KeyService:
                 raise
         else:
             logger.info("created team %s", name)
-        return team
+        return _team_of(team)
+
+
+def _team_of(row: models.Team) -> Team:
+    assert row.id is not None  # a stored team has its id
+    return Team(id=row.id, name=row.name)
 
 
 def _read_key(path: Path) -> str | None:

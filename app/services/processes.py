@@ -85,7 +85,7 @@ class ProcessService:
                 live = None
             if live is not None:
                 merged.update({(p.pid, p.tag): p for p in live})
-                await self._records.reconcile(capsule_id, live)
+                await self._records.reconcile(capsule, live)
         infos = [p for p in merged.values() if status is None or p.status is status]
         return sorted(infos, key=_sort_key)
 
@@ -118,7 +118,7 @@ class ProcessService:
             raise InvalidRequest(f"graceSec must be between 0 and {MAX_GRACE_SEC}")
         client = await self._host_of(capsule_id, selector)
         info = await client.stop_process(capsule_id, selector, grace_sec=float(grace_sec))
-        await self._records.record_exit(info)
+        await self._records.record_exit(info, team_id=self._team_id)
         return info
 
     async def send_input(self, capsule_id: str, selector: str, data: bytes) -> None:

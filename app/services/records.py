@@ -1,4 +1,4 @@
-"""Process records across teams: the server's own bookkeeping of starts and exits."""
+"""Process records: each start and exit written to the store once and announced on the bus."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from dataclasses import replace
 from app import domain
 from app.bus.broadcast import Bus
 from app.bus.events import capsule_events_channel, process_event_to_json
-from app.domain import ProcessEventKind, ProcessInfo, ProcessStatus, utcnow
+from app.domain import CapsuleInfo, ProcessEventKind, ProcessInfo, ProcessStatus, utcnow
 from app.errors import CapsuleError
 from app.store import models
-from app.store.repositories import ProcessRecordRepository, SystemRepository
+from app.store.repositories import ProcessExitRecord, ProcessRecordRepository, SystemRepository
 from app.store.session import Database
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,24 @@ def record_to_info(record: models.ProcessRecord) -> ProcessInfo:
     )
 
 
+def _exit_record(info: ProcessInfo) -> ProcessExitRecord:
+    return ProcessExitRecord(
+        capsule_id=info.capsule_id,
+        pid=info.pid,
+        tag=info.tag,
+        exit_code=info.exit_code,
+        signal=domain.signal_name(info.signal),
+        timed_out=info.timed_out,
+        ended_at=info.ended_at or utcnow(),
+    )
+
+
 class ProcessRecords:
-    """Writes each start and exit to the store once and publishes it on the bus."""
+    """Writes each start and exit to the store once and publishes it on the bus.
+
+    Writes made for a request name the team (its repository can reach nothing else); only the
+    exit recorder, which follows every capsule of a host, writes across teams.
+    """
 
     def __init__(self, *, db: Database, bus: Bus) -> None:
         self._db, self._bus = db, bus
@@ -70,23 +86,23 @@ class ProcessRecords:
             early = self._early_exits.pop((info.capsule_id, info.pid, info.tag), None)
         await self._publish(ProcessEventKind.STARTED, info)
         if early is not None or info.status is ProcessStatus.EXITED:  # it ended before it was recorded
-            await self.record_exit(early or info)
+            await self.record_exit(early or info, team_id=team_id)
 
-    async def record_exit(self, info: ProcessInfo) -> bool:
-        """Marks the process EXITED once across every replica; True for the call that did."""
+    async def record_exit(self, info: ProcessInfo, *, team_id: int | None) -> bool:
+        """Marks the process EXITED once across every replica; True for the call that did.
+
+        team_id is the team a request acts for; None only for the exit recorder, which follows
+        every team's processes on a host.
+        """
+        exit = _exit_record(info)
         async with self._lock, self._db.transaction() as session:
-            system = SystemRepository(session)
-            record = await system.record_exit(
-                capsule_id=info.capsule_id,
-                pid=info.pid,
-                tag=info.tag,
-                exit_code=info.exit_code,
-                signal=domain.signal_name(info.signal),
-                timed_out=info.timed_out,
-                ended_at=info.ended_at or utcnow(),
-            )
-            if record is None and not await system.has_record(info.capsule_id, info.pid, info.tag):
-                self._park(info)
+            if team_id is not None:
+                record = await ProcessRecordRepository(session, team_id).record_exit(exit)
+            else:
+                system = SystemRepository(session)
+                record = await system.record_exit(exit)
+                if record is None and not await system.has_record(info.capsule_id, info.pid, info.tag):
+                    self._park(info)
         if record is None:
             return False
         log.info("capsule %s process %s (%s) exited", info.capsule_id, info.pid, info.tag)
@@ -98,21 +114,27 @@ class ProcessRecords:
         while len(self._early_exits) > MAX_EARLY_EXITS:  # starts that failed to record never claim theirs
             self._early_exits.popitem(last=False)
 
-    async def reconcile(self, capsule_id: str, live: Iterable[ProcessInfo]) -> None:
-        """Ends the records of processes the agent reports exited or no longer knows."""
+    async def reconcile(
+        self, capsule: CapsuleInfo, live: Iterable[ProcessInfo], *, killed: bool = True
+    ) -> None:
+        """Ends the records of the capsule's processes that its host reports exited or no longer knows.
+
+        killed: the processes it no longer knows were killed (with their capsule, or by the next
+        agent); else nobody knows how they ended, and their records say no more than when.
+        """
         by_key = {(p.pid, p.tag): p for p in live}
         async with self._db.session() as session:
-            running = await SystemRepository(session).running_records(capsule_id)
+            running = await ProcessRecordRepository(session, capsule.team_id).running(capsule.id)
         for record in running:
             info = by_key.get((record.pid, record.tag))
             if info is None:
-                info = _lost(record_to_info(record))
+                info = _lost(record_to_info(record), killed=killed)
             if info.status is ProcessStatus.EXITED:
-                await self.record_exit(info)
+                await self.record_exit(info, team_id=capsule.team_id)
 
-    async def end_all(self, capsule_id: str) -> None:
-        """Ends the records of every process of a capsule that was destroyed or lost."""
-        await self.reconcile(capsule_id, ())
+    async def end_all(self, capsule: CapsuleInfo, *, killed: bool = True) -> None:
+        """Ends the records of every process of a capsule its host no longer holds."""
+        await self.reconcile(capsule, (), killed=killed)
 
     async def _publish(self, kind: ProcessEventKind, info: ProcessInfo) -> None:
         event = domain.ProcessEvent(kind=kind, process=info)
@@ -123,6 +145,12 @@ class ProcessRecords:
             log.warning("capsule %s: could not publish %s of %s", info.capsule_id, kind.value, info.tag)
 
 
-def _lost(info: ProcessInfo) -> ProcessInfo:
-    """A process the agent no longer knows: it was killed with its capsule or its agent."""
-    return replace(info, status=ProcessStatus.EXITED, signal=signal.SIGKILL, ended_at=utcnow())
+def _lost(info: ProcessInfo, *, killed: bool) -> ProcessInfo:
+    """A process its host no longer knows: killed with its capsule or agent, or gone no one knows how."""
+    return replace(
+        info,
+        status=ProcessStatus.EXITED,
+        exit_code=None,
+        signal=signal.SIGKILL if killed else None,
+        ended_at=utcnow(),
+    )

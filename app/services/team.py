@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from app.bus.broadcast import Bus
 from app.config import Settings
+from app.domain import Team
 from app.hosts.pool import HostPool
-from app.services.capsules import CapsuleService, Team
+from app.services.capsules import CapsuleService
 from app.services.exec import ExecService
 from app.services.fanout import OutputFanout
 from app.services.hosts import HostService
 from app.services.keys import KeyService
+from app.services.lifecycle import CapsuleLifecycle
 from app.services.output import OutputService
 from app.services.processes import ProcessService
 from app.services.records import ProcessRecords
@@ -29,6 +31,7 @@ class Platform:
     hosts: HostService
     keys: KeyService
     records: ProcessRecords
+    lifecycle: CapsuleLifecycle
     fanout: OutputFanout
 
     def for_team(self, team: Team) -> TeamServices:
@@ -37,7 +40,7 @@ class Platform:
             db=self.db,
             pool=self.pool,
             hosts=self.hosts,
-            records=self.records,
+            lifecycle=self.lifecycle,
             team=team,
             max_capsules=self.settings.max_capsules_per_team,
         )

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import JSON, Column, Field, SQLModel
 
-from app.domain import CapsuleStatus, ProcessStatus, as_utc, utcnow
+from app.domain import CapsuleInfo, CapsuleStatus, ProcessStatus, as_utc, utcnow
 
 # Named constraints, so later migrations can alter or drop them (SQLite's batch mode needs names).
 SQLModel.metadata.naming_convention = {
@@ -75,6 +75,18 @@ class Capsule(SQLModel, table=True):
     timeout_sec: int = 300
     created_at: datetime = _moment()
     last_active_at: datetime = _moment(index=True)
+
+    def to_info(self) -> CapsuleInfo:
+        """The capsule as the domain value services hand out."""
+        return CapsuleInfo(
+            id=self.id,
+            team_id=self.team_id,
+            host_id=self.host_id,
+            status=self.status,
+            timeout_sec=self.timeout_sec,
+            created_at=as_utc(self.created_at),
+            last_active_at=as_utc(self.last_active_at),
+        )
 
 
 class ProcessRecord(SQLModel, table=True):

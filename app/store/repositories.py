@@ -5,7 +5,8 @@ Repositories flush; the service that opened the session commits (Database.transa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -15,13 +16,10 @@ from sqlmodel import col, func, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
-from app.domain import CapsuleStatus, ProcessStatus, as_utc, utcnow
+from app.domain import ACTIVE_CAPSULE_STATUSES, CapsuleStatus, ProcessStatus, as_utc, utcnow
 from app.store import models
 
 M = TypeVar("M", models.Capsule, models.ProcessRecord)
-
-# Capsules that take a share of their host: they count when choosing where a new one goes.
-ACTIVE_CAPSULE_STATUSES = (CapsuleStatus.STARTING, CapsuleStatus.RUNNING)
 
 
 async def _add(session: AsyncSession, row: Any) -> Any:
@@ -69,16 +67,57 @@ class CapsuleRepository(TeamScoped[models.Capsule]):
 
     async def count_active(self) -> int:
         """How many of the team's capsules are starting or running."""
-        active = (CapsuleStatus.STARTING, CapsuleStatus.RUNNING)
-        statement = self._select().where(col(models.Capsule.status).in_(active))
+        statement = self._select().where(col(models.Capsule.status).in_(ACTIVE_CAPSULE_STATUSES))
         count = select(func.count()).select_from(statement.subquery())
         return int((await self._session.exec(count)).one())
+
+    async def set_status(
+        self, capsule_id: str, status: CapsuleStatus, *, only_from: Collection[CapsuleStatus] | None = None
+    ) -> models.Capsule | None:
+        """Sets the status (only from one of only_from, when given); the row, or None if unchanged."""
+        capsule = models.Capsule
+        statement = update(capsule).where(
+            col(capsule.team_id) == self._team_id, col(capsule.id) == capsule_id
+        )
+        if only_from is not None:
+            statement = statement.where(col(capsule.status).in_(only_from))
+        result = await self._session.exec(
+            statement.values(status=status).returning(capsule), execution_options={"populate_existing": True}
+        )
+        changed: models.Capsule | None = result.scalars().one_or_none()
+        return changed
+
+    async def touch(self, capsule_id: str, now: datetime) -> bool:
+        """Moves the capsule's last_active_at forward to now (never back); True when it moved."""
+        capsule = models.Capsule
+        statement = (
+            update(capsule)
+            .where(
+                col(capsule.team_id) == self._team_id,
+                col(capsule.id) == capsule_id,
+                col(capsule.last_active_at) < now,
+            )
+            .values(last_active_at=now)
+        )
+        return bool((await self._session.exec(statement)).rowcount)
 
 
 class ProcessRecordRepository(TeamScoped[models.ProcessRecord]):
     """One team's process records."""
 
     model = models.ProcessRecord
+
+    async def record_exit(self, exit: ProcessExitRecord) -> models.ProcessRecord | None:
+        """Marks the team's RUNNING record EXITED; the record for the caller that changed it, else None."""
+        return await _mark_exited(self._session, exit, col(models.ProcessRecord.team_id) == self._team_id)
+
+    async def running(self, capsule_id: str) -> Sequence[models.ProcessRecord]:
+        """The capsule's RUNNING records, oldest first."""
+        statement = self._select().where(
+            col(models.ProcessRecord.capsule_id) == capsule_id,
+            col(models.ProcessRecord.status) == ProcessStatus.RUNNING,
+        )
+        return (await self._session.exec(statement.order_by(col(models.ProcessRecord.id)))).all()
 
     async def count_running(self, capsule_id: str) -> int:
         """How many of the capsule's processes are on record as running."""
@@ -224,8 +263,57 @@ def _idle_since(dialect: str, now: datetime) -> sa.ColumnElement[bool]:
     return func.julianday(last_active) + timeout / 86400.0 < func.julianday(moment)
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessExitRecord:
+    """How one process ended, as a record stores it."""
+
+    capsule_id: str
+    pid: int
+    tag: str
+    exit_code: int | None
+    signal: str | None
+    timed_out: bool
+    ended_at: datetime
+
+
+async def _mark_exited(
+    session: AsyncSession, exit: ProcessExitRecord, *scope: sa.ColumnElement[bool]
+) -> models.ProcessRecord | None:
+    """Marks the RUNNING record EXITED; the record for the one caller that changed it, else None.
+
+    A conditional UPDATE, so when several replicas see the same exit only one of them wins:
+    PostgreSQL re-checks the WHERE after the first writer commits, SQLite has one writer at a time.
+    """
+    record = models.ProcessRecord
+    statement = (
+        update(record)
+        .where(
+            *scope,
+            col(record.capsule_id) == exit.capsule_id,
+            col(record.pid) == exit.pid,
+            col(record.tag) == exit.tag,
+            col(record.status) == ProcessStatus.RUNNING,
+        )
+        .values(
+            status=ProcessStatus.EXITED,
+            exit_code=exit.exit_code,
+            signal=exit.signal,
+            timed_out=exit.timed_out,
+            ended_at=exit.ended_at,
+        )
+        .returning(record)
+    )
+    result = await session.exec(statement, execution_options={"populate_existing": True})
+    # A tag is unique among a capsule's running processes, so at most one row matches.
+    changed: models.ProcessRecord | None = result.scalars().first()
+    return changed
+
+
 class SystemRepository:
-    """Across teams, for the server's own background jobs (exits, idle capsules); never for a request."""
+    """Across teams, for the server's own background work (exits, idle capsules, reconciling hosts).
+
+    Never for a request: what a request writes goes through its team's repositories.
+    """
 
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -234,44 +322,9 @@ class SystemRepository:
     def _dialect(self) -> str:
         return self._session.get_bind().dialect.name
 
-    async def record_exit(
-        self,
-        *,
-        capsule_id: str,
-        pid: int,
-        tag: str,
-        exit_code: int | None,
-        signal: str | None,
-        timed_out: bool,
-        ended_at: datetime,
-    ) -> models.ProcessRecord | None:
-        """Marks the RUNNING record EXITED; the record for the one caller that changed it, else None.
-
-        A conditional UPDATE, so when several replicas see the same exit only one of them wins:
-        PostgreSQL re-checks the WHERE after the first writer commits, SQLite has one writer at a time.
-        """
-        record = models.ProcessRecord
-        statement = (
-            update(record)
-            .where(
-                col(record.capsule_id) == capsule_id,
-                col(record.pid) == pid,
-                col(record.tag) == tag,
-                col(record.status) == ProcessStatus.RUNNING,
-            )
-            .values(
-                status=ProcessStatus.EXITED,
-                exit_code=exit_code,
-                signal=signal,
-                timed_out=timed_out,
-                ended_at=ended_at,
-            )
-            .returning(record)
-        )
-        result = await self._session.exec(statement, execution_options={"populate_existing": True})
-        # A tag is unique among a capsule's running processes, so at most one row matches.
-        changed: models.ProcessRecord | None = result.scalars().first()
-        return changed
+    async def record_exit(self, exit: ProcessExitRecord) -> models.ProcessRecord | None:
+        """Marks the RUNNING record EXITED, whichever team's; the record for the caller that changed it."""
+        return await _mark_exited(self._session, exit)
 
     async def has_record(self, capsule_id: str, pid: int, tag: str) -> bool:
         """True when a record of this process exists, in any status."""
@@ -281,20 +334,9 @@ class SystemRepository:
         )
         return (await self._session.exec(statement.limit(1))).first() is not None
 
-    async def running_records(self, capsule_id: str) -> Sequence[models.ProcessRecord]:
-        """The capsule's RUNNING process records, oldest first."""
-        statement = (
-            select(models.ProcessRecord)
-            .where(
-                col(models.ProcessRecord.capsule_id) == capsule_id,
-                col(models.ProcessRecord.status) == ProcessStatus.RUNNING,
-            )
-            .order_by(col(models.ProcessRecord.id))
-        )
-        return (await self._session.exec(statement)).all()
-
-    async def running_capsule_ids(self, host_id: str) -> list[str]:
-        """The host's capsules that are RUNNING or still have a RUNNING process record."""
+    async def capsules_to_reconcile(self, host_id: str, hosted: Collection[str]) -> Sequence[models.Capsule]:
+        """The host's capsules whose state the host must confirm: every one not STOPPED, each STOPPED one
+        that still has a RUNNING record, and each of `hosted` (the ids the host holds)."""
         has_running = (
             select(models.ProcessRecord.id)
             .where(
@@ -304,14 +346,18 @@ class SystemRepository:
             .exists()
         )
         statement = (
-            select(models.Capsule.id)
+            select(models.Capsule)
             .where(
                 col(models.Capsule.host_id) == host_id,
-                sa.or_(col(models.Capsule.status) == CapsuleStatus.RUNNING, has_running),
+                sa.or_(
+                    col(models.Capsule.status) != CapsuleStatus.STOPPED,
+                    has_running,
+                    col(models.Capsule.id).in_(list(hosted)),
+                ),
             )
             .order_by(col(models.Capsule.id))
         )
-        return list((await self._session.exec(statement)).all())
+        return (await self._session.exec(statement)).all()
 
     async def idle_capsules(self, now: datetime) -> Sequence[models.Capsule]:
         """RUNNING capsules whose last_active_at + timeout_sec is before now."""
@@ -330,24 +376,3 @@ class SystemRepository:
         )
         result = await self._session.exec(statement, execution_options={"populate_existing": True})
         return result.scalars().all()
-
-    async def set_capsule_status(self, capsule_id: str, status: CapsuleStatus) -> models.Capsule | None:
-        """Sets a capsule's status; the updated capsule, or None when there is no such capsule."""
-        statement = (
-            update(models.Capsule)
-            .where(col(models.Capsule.id) == capsule_id)
-            .values(status=status)
-            .returning(models.Capsule)
-        )
-        result = await self._session.exec(statement, execution_options={"populate_existing": True})
-        capsule: models.Capsule | None = result.scalars().one_or_none()
-        return capsule
-
-    async def touch(self, capsule_id: str, now: datetime) -> bool:
-        """Moves the capsule's last_active_at forward to now (never back); True when it moved."""
-        statement = (
-            update(models.Capsule)
-            .where(col(models.Capsule.id) == capsule_id, col(models.Capsule.last_active_at) < now)
-            .values(last_active_at=now)
-        )
-        return bool((await self._session.exec(statement)).rowcount)

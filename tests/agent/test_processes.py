@@ -39,7 +39,7 @@ class TestStartListGet:
 
     async def test_a_generated_tag(self, stub: Any, capsule: str) -> None:
         started = await start_sh(stub, capsule, "true")
-        assert domain.TAG_RE.fullmatch(started.tag)
+        assert domain.ID_RE.fullmatch(started.tag)
         assert started.tag.startswith("proc-")
 
     async def test_list_running_first_then_exited(self, stub: Any, capsule: str) -> None:

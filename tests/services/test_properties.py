@@ -25,9 +25,8 @@ from hypothesis import strategies as st
 from app import domain
 from app.agent.launch import BASE_PATH
 from app.config import Settings
-from app.domain import EnvVar, ExecSpec, ProcessSpec, ProcessStatus, SignalScope
+from app.domain import EnvVar, ExecSpec, ProcessSpec, ProcessStatus, SignalScope, Team
 from app.errors import CapsuleError, ErrorCode, InvalidRequest, NotFound
-from app.services.capsules import Team
 from app.services.team import TeamServices
 from app.state import AppState
 

@@ -12,6 +12,7 @@ from app.store import models
 from app.store.repositories import (
     CapsuleRepository,
     HostRepository,
+    ProcessExitRecord,
     ProcessRecordRepository,
     SystemRepository,
 )
@@ -127,6 +128,26 @@ class TestProcessRecordRepository:
         assert by_tag is not None and by_tag.id == newest.id
 
 
+def exit_of(
+    capsule: models.Capsule,
+    *,
+    pid: int,
+    tag: str,
+    exit_code: int | None = 0,
+    signal: str | None = None,
+    timed_out: bool = False,
+) -> ProcessExitRecord:
+    return ProcessExitRecord(
+        capsule_id=capsule.id,
+        pid=pid,
+        tag=tag,
+        exit_code=exit_code,
+        signal=signal,
+        timed_out=timed_out,
+        ended_at=utcnow(),
+    )
+
+
 class TestRecordExit:
     async def test_exactly_one_concurrent_caller_wins(self, database: Database) -> None:
         team = await make_team(database)
@@ -137,13 +158,15 @@ class TestRecordExit:
         async def record_exit(exit_code: int) -> models.ProcessRecord | None:
             async with database.transaction() as session:
                 return await SystemRepository(session).record_exit(
-                    capsule_id=capsule.id,
-                    pid=42,
-                    tag="worker",
-                    exit_code=exit_code,
-                    signal=None,
-                    timed_out=False,
-                    ended_at=ended,
+                    ProcessExitRecord(
+                        capsule_id=capsule.id,
+                        pid=42,
+                        tag="worker",
+                        exit_code=exit_code,
+                        signal=None,
+                        timed_out=False,
+                        ended_at=ended,
+                    )
                 )
 
         async with asyncio.timeout(30):
@@ -162,14 +185,8 @@ class TestRecordExit:
         capsule = await make_capsule(database, team)
         await make_process_record(database, capsule, pid=5, tag="slow")
         async with database.transaction() as session:
-            record = await SystemRepository(session).record_exit(
-                capsule_id=capsule.id,
-                pid=5,
-                tag="slow",
-                exit_code=None,
-                signal="SIGKILL",
-                timed_out=True,
-                ended_at=utcnow(),
+            record = await ProcessRecordRepository(session, _id(team)).record_exit(
+                exit_of(capsule, pid=5, tag="slow", exit_code=None, signal="SIGKILL", timed_out=True)
             )
         assert record is not None
         assert (record.exit_code, record.signal, record.timed_out) == (None, "SIGKILL", True)
@@ -179,34 +196,43 @@ class TestRecordExit:
         capsule = await make_capsule(database, team)
         await make_process_record(database, capsule, pid=5, tag="a")
         async with database.transaction() as session:
-            record = await SystemRepository(session).record_exit(
-                capsule_id=capsule.id,
-                pid=5,
-                tag="b",  # the PID was reused by another process
-                exit_code=0,
-                signal=None,
-                timed_out=False,
-                ended_at=utcnow(),
-            )
+            # The PID was reused by another process.
+            record = await SystemRepository(session).record_exit(exit_of(capsule, pid=5, tag="b"))
         assert record is None
+
+    async def test_a_team_cannot_end_another_teams_process(self, database: Database) -> None:
+        owner, other = await make_team(database), await make_team(database)
+        capsule = await make_capsule(database, owner)
+        await make_process_record(database, capsule, pid=5, tag="a")
+        async with database.transaction() as session:
+            assert (
+                await ProcessRecordRepository(session, _id(other)).record_exit(
+                    exit_of(capsule, pid=5, tag="a")
+                )
+                is None
+            )
+            assert await ProcessRecordRepository(session, _id(other)).running(capsule.id) == []
+            mine = await ProcessRecordRepository(session, _id(owner)).running(capsule.id)
+            assert [r.tag for r in mine] == ["a"]
 
 
 class TestSystemRepository:
-    async def test_running_records_and_capsule_ids(self, database: Database) -> None:
+    async def test_capsules_to_reconcile(self, database: Database) -> None:
         team = await make_team(database)
         running = await make_capsule(database, team, host_id="h1")
+        stopping = await make_capsule(database, team, host_id="h1", status=CapsuleStatus.STOPPING)
         stopped_with_leftover = await make_capsule(database, team, host_id="h1", status=CapsuleStatus.STOPPED)
+        stopped_but_hosted = await make_capsule(database, team, host_id="h1", status=CapsuleStatus.STOPPED)
         await make_capsule(database, team, host_id="h1", status=CapsuleStatus.STOPPED)
         await make_capsule(database, team, host_id="h2")
-        live = await make_process_record(database, running, pid=1)
-        await make_process_record(database, running, pid=2, status=ProcessStatus.EXITED)
+        await make_process_record(database, running, pid=1)
         await make_process_record(database, stopped_with_leftover, pid=3)
         async with database.session() as session:
-            system = SystemRepository(session)
-            records = await system.running_records(running.id)
-            capsule_ids = await system.running_capsule_ids("h1")
-        assert [r.id for r in records] == [live.id]
-        assert capsule_ids == sorted([running.id, stopped_with_leftover.id])
+            rows = await SystemRepository(session).capsules_to_reconcile(
+                "h1", {stopped_but_hosted.id, "cap-x"}
+            )
+        expected = [running.id, stopping.id, stopped_with_leftover.id, stopped_but_hosted.id]
+        assert [r.id for r in rows] == sorted(expected)
 
     async def test_idle_capsules_and_claims(self, database: Database) -> None:
         team = await make_team(database)
@@ -234,22 +260,28 @@ class TestSystemRepository:
             stored = await CapsuleRepository(session, _id(team)).get(idle.id)
         assert stored is not None and stored.status is CapsuleStatus.STOPPING
 
+
+class TestCapsuleStatusAndTouch:
     async def test_set_status_and_touch(self, database: Database) -> None:
-        team = await make_team(database)
+        team, other = await make_team(database), await make_team(database)
         then = utcnow() - timedelta(minutes=1)
         capsule = await make_capsule(database, team, last_active_at=then)
         now = utcnow()
         async with database.transaction() as session:
-            system = SystemRepository(session)
-            updated = await system.set_capsule_status(capsule.id, CapsuleStatus.STOPPED)
-            assert await system.set_capsule_status("cap-missing", CapsuleStatus.STOPPED) is None
-            assert await system.touch(capsule.id, now) is True
-            assert await system.touch(capsule.id, then) is False  # never moves back
-        assert updated is not None and updated.status is CapsuleStatus.STOPPED
+            capsules = CapsuleRepository(session, _id(team))
+            assert await capsules.set_status(capsule.id, CapsuleStatus.STOPPED, only_from=[]) is None
+            updated = await capsules.set_status(capsule.id, CapsuleStatus.STOPPING)
+            assert await capsules.set_status("cap-missing", CapsuleStatus.STOPPED) is None
+            assert await capsules.touch(capsule.id, now) is True
+            assert await capsules.touch(capsule.id, then) is False  # never moves back
+            others = CapsuleRepository(session, _id(other))
+            assert await others.set_status(capsule.id, CapsuleStatus.STOPPED) is None
+            assert await others.touch(capsule.id, now + timedelta(seconds=1)) is False
+        assert updated is not None and updated.status is CapsuleStatus.STOPPING
         async with database.session() as session:
             stored = await CapsuleRepository(session, _id(team)).get(capsule.id)
         assert stored is not None
-        assert (stored.status, stored.last_active_at) == (CapsuleStatus.STOPPED, now)
+        assert (stored.status, stored.last_active_at) == (CapsuleStatus.STOPPING, now)
 
 
 class TestHostRepository:
