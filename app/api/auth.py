@@ -23,13 +23,33 @@ def bearer_key(value: object) -> str | None:
     return key.strip() or None if scheme.lower() == "bearer" else None
 
 
-def key_from_params(params: Mapping[str, Any] | None) -> str | None:
-    """The key a WebSocket client sent in its connection_init payload."""
-    if not params:
+# Close reasons must fit a WebSocket close frame: 123 bytes at most.
+NO_WS_KEY = 'no API key: send {"Authorization": "Bearer <key>"} as the connection_init payload'
+NOT_BEARER = "the Authorization value in {where} is not 'Bearer <key>'"
+WRONG_KEY = "the API key in {where} is wrong or revoked: make a new one with `capsule keys create`"
+
+
+async def websocket_refusal(context: Context) -> str | None:
+    """Why a WebSocket's key is refused, in words a person can act on; None once its team is set."""
+    if context.team is not None:
         return None
-    for name, value in params.items():
+    raw, where = _authorization(context.connection_params), "connection_init"
+    if raw is None:
+        raw, where = context.request.headers.get("authorization"), "the upgrade request's header"
+    if raw is None:
+        return NO_WS_KEY
+    key = bearer_key(raw)
+    if key is None:
+        return NOT_BEARER.format(where=where)
+    if await authenticate(context, key) is None:
+        return WRONG_KEY.format(where=where)
+    return None
+
+
+def _authorization(params: Mapping[str, object] | None) -> object | None:
+    for name, value in (params or {}).items():
         if name.lower() == "authorization":
-            return bearer_key(value)
+            return value
     return None
 
 

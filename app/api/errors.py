@@ -12,6 +12,17 @@ from app.errors import CapsuleError, ErrorCode
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error: it has been logged; retry, and report it if it persists"
+NOT_UNICODE = (
+    "a text argument holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode: "
+    "send valid text, or the bytes as BASE64 where the field takes an encoding"
+)
+
+
+def is_not_unicode(error: GraphQLError) -> bool:
+    """True for an error from text a client sent with a lone surrogate: JSON's \\ud800 escapes allow
+    it, but nothing can encode it as UTF-8 (for gRPC, a process's stdin, the store)."""
+    original = error.original_error
+    return isinstance(original, UnicodeEncodeError) and original.reason == "surrogates not allowed"
 
 
 def _code_of(error: GraphQLError) -> ErrorCode | None:
@@ -46,6 +57,17 @@ class ErrorCodes(MaskErrors):
         return masked
 
     def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
+        errors = [
+            GraphQLError(
+                NOT_UNICODE,
+                nodes=error.nodes,
+                path=error.path,
+                extensions={"code": ErrorCode.INVALID_REQUEST.value},
+            )
+            if is_not_unicode(error)
+            else error
+            for error in errors
+        ]
         processed = super()._process_errors(errors)
         for error in processed:
             if _code_of(error) is None:

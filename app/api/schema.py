@@ -11,7 +11,7 @@ from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
 
 from app.api.capsules import CapsuleMutation, CapsuleQuery
-from app.api.errors import ErrorCodes
+from app.api.errors import ErrorCodes, is_not_unicode
 from app.api.exec import ExecMutation
 from app.api.output import OutputSubscription
 from app.api.processes import ProcessMutation, ProcessQuery, ProcessSubscription
@@ -32,7 +32,7 @@ class Schema(strawberry.Schema):
     ) -> None:
         for error in errors:
             original = error.original_error
-            if original is None or isinstance(original, CapsuleError | GraphQLError):
+            if original is None or isinstance(original, CapsuleError | GraphQLError) or is_not_unicode(error):
                 log.debug("request error: %s", error.message)
             else:
                 log.error("unexpected error in %s", error.path, exc_info=original)

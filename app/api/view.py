@@ -11,13 +11,17 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLRequestData
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    ConnectionInitMessage as TransportConnectionInitMessage,
+)
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage
 from strawberry.types import ExecutionResult
 from strawberry.types.unset import UnsetType
 
-from app.api.auth import authenticate, bearer_key, key_from_params
-from app.api.context import MISSING_KEY, Context
+from app.api.auth import authenticate, bearer_key, websocket_refusal
+from app.api.context import Context
 from app.api.graphiql import graphiql_page
 from app.api.schema import schema
 from app.errors import ErrorCode
@@ -42,17 +46,36 @@ def _is_subscription(query: str | None, operation_name: str | None) -> bool:
 
 
 class GraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
-    """Legacy graphql-ws: a rejected connection_init closes with 4403, as graphql-transport-ws does."""
+    """Legacy graphql-ws: a refused key closes with 4403 and says why, as graphql-transport-ws does."""
 
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         payload = message.get("payload")
         self.context.connection_params = payload if isinstance(payload, dict) else None
-        view = self.view
-        assert isinstance(view, GraphQLView)
-        if not await view.authorize_websocket(self.context):
-            await self.send_message({"type": "connection_error", "payload": {"message": MISSING_KEY}})
-            await self.websocket.close(code=FORBIDDEN, reason="Forbidden")
+        refusal = await websocket_refusal(self.context)
+        if refusal is not None:
+            await self.send_message({"type": "connection_error", "payload": {"message": refusal}})
+            await self.websocket.close(code=FORBIDDEN, reason=refusal)
             return
+        await super().handle_connection_init(message)
+
+
+class GraphQLTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
+    """graphql-transport-ws: a refused key closes with 4403 and a reason that says which and where.
+
+    Strawberry's own handler closes a rejected connection with the bare reason "Forbidden".
+    """
+
+    async def handle_connection_init(self, message: TransportConnectionInitMessage) -> None:
+        payload = message.get("payload", {})
+        if isinstance(payload, dict) and not self.connection_init_received:
+            self.context.connection_params = payload
+            refusal = await websocket_refusal(self.context)
+            if refusal is not None:
+                self.connection_init_received = True
+                if self.connection_init_timeout_task:
+                    self.connection_init_timeout_task.cancel()
+                await self.websocket.close(code=FORBIDDEN, reason=refusal)
+                return
         await super().handle_connection_init(message)
 
 
@@ -60,6 +83,7 @@ class GraphQLView(GraphQL[Context, None]):
     """Builds a Context per request; WebSocket callers authenticate in connection_init."""
 
     graphql_ws_handler_class = GraphQLWSHandler
+    graphql_transport_ws_handler_class = GraphQLTransportWSHandler
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(schema, keep_alive=True, keep_alive_interval=15, **kwargs)
@@ -81,15 +105,6 @@ class GraphQLView(GraphQL[Context, None]):
         if isinstance(request, Request):
             await authenticate(context, bearer_key(request.headers.get("authorization")))
         return context
-
-    async def authorize_websocket(self, context: Context) -> bool:
-        """Takes the key from connection_init, else from the upgrade request's header."""
-        if context.team is not None:
-            return True
-        key = key_from_params(context.connection_params) or bearer_key(
-            context.request.headers.get("authorization")
-        )
-        return await authenticate(context, key) is not None
 
     async def execute_single(
         self,
@@ -113,6 +128,7 @@ class GraphQLView(GraphQL[Context, None]):
         return graphiql_page(request)  # strawberry's own page loads GraphiQL from a CDN
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
-        if not await self.authorize_websocket(context):
-            raise ConnectionRejectionError({"message": MISSING_KEY})
+        # Both handlers have refused a bad key by now, with its reason; this guards any other path.
+        if (refusal := await websocket_refusal(context)) is not None:
+            raise ConnectionRejectionError({"message": refusal})
         return None  # a plain connection_ack

@@ -13,6 +13,9 @@ from app.services.capsules import CapsuleService
 from app.services.fanout import OutputFanout, ProcessKey
 from app.services.processes import ProcessService
 
+# Seqs are 64-bit on the agent's wire; no log ever comes near it.
+MAX_SEQ = 2**63 - 1
+
 
 class OutputService:
     """Output use case for one team; built per request."""
@@ -24,8 +27,10 @@ class OutputService:
 
     async def follow(self, capsule_id: str, selector: str, from_seq: int) -> AsyncIterator[OutputEvent]:
         """Replays retained output from from_seq, follows live output, ends after the exit event."""
-        if from_seq < 0:
-            raise InvalidRequest("fromSeq is negative: pass 0 for all retained output, or last seq + 1")
+        if not 0 <= from_seq <= MAX_SEQ:
+            raise InvalidRequest(
+                "fromSeq is out of range: pass 0 for all retained output, or the last seq seen plus one"
+            )
         domain.parse_selector(selector)
         capsule = await self._capsules.require_running(capsule_id)
         try:

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import websockets
-from gql.transport.exceptions import TransportQueryError
+from gql.transport.exceptions import TransportError, TransportQueryError
 from websockets.typing import Subprotocol
 
 from app.agent.leftovers import Sessions
 from app.config import Settings
-from tests.e2e.client import PROTOCOLS, HttpClient, subscribe, ws_session
+from tests.e2e.client import PROTOCOLS, Answer, HttpClient, document, subscribe, ws_session
 from tests.e2e.conftest import Server, running_server
 from tests.e2e.test_processes import start
 from tests.system import free_port
@@ -40,9 +40,24 @@ class TestUnauthenticated:
         assert "Authorization: Bearer" in answer.errors[0]["message"]
 
     @pytest.mark.parametrize("protocol", PROTOCOLS)
-    @pytest.mark.parametrize("payload", [{}, {"Authorization": "Bearer cap_wrong"}])
-    async def test_websocket_closes_with_4403(
-        self, server: Server, protocol: str, payload: dict[str, str]
+    @pytest.mark.parametrize(
+        ("payload", "reason"),
+        [
+            ({}, 'no API key: send {"Authorization": "Bearer <key>"} as the connection_init payload'),
+            (
+                {"Authorization": "cap_no_scheme"},
+                "the Authorization value in connection_init is not 'Bearer <key>'",
+            ),
+            (
+                {"authorization": "Bearer cap_wrong"},
+                "the API key in connection_init is wrong or revoked: "
+                "make a new one with `capsule keys create`",
+            ),
+        ],
+        ids=["missing", "not-bearer", "wrong"],
+    )
+    async def test_websocket_closes_with_4403_and_says_why(
+        self, server: Server, protocol: str, payload: dict[str, str], reason: str
     ) -> None:
         async with websockets.connect(server.ws_url, subprotocols=[Subprotocol(protocol)]) as ws:
             await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
@@ -51,7 +66,38 @@ class TestUnauthenticated:
                     while True:
                         message = json.loads(await ws.recv())
                         assert message["type"] in ("connection_error", "ka")
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+                        if message["type"] == "connection_error":
+                            assert message["payload"]["message"] == reason
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4403, reason)
+
+    @pytest.mark.parametrize("protocol", PROTOCOLS)
+    async def test_a_wrong_key_in_the_upgrade_header_says_where_it_was(
+        self, server: Server, protocol: str
+    ) -> None:
+        headers = {"Authorization": "Bearer cap_wrong"}
+        async with websockets.connect(
+            server.ws_url, subprotocols=[Subprotocol(protocol)], additional_headers=headers
+        ) as ws:
+            await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+            async with asyncio.timeout(5):
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.reason.startswith("the API key in the upgrade request's header is wrong")
+
+    @pytest.mark.parametrize("protocol", PROTOCOLS)
+    async def test_gql_reports_the_reason(self, server: Server, protocol: str) -> None:
+        with pytest.raises(TransportError) as raised:
+            async with ws_session(server.ws_url, "cap_wrong", protocol) as session:
+                async for _ in subscribe(session, "ProcessEvents", capsuleId="cap-x"):
+                    pass
+        # graphql-ws carries the reason in connection_error; graphql-transport-ws in the close frame,
+        # which gql keeps as the cause of its "connection failed".
+        cause = raised.value.__cause__
+        told = str(raised.value) if cause is None else str(getattr(cause, "rcvd", None))
+        assert "the API key in connection_init is wrong or revoked" in told
 
     @pytest.mark.parametrize("protocol", PROTOCOLS)
     async def test_websocket_key_in_upgrade_header(self, server: Server, key: str, protocol: str) -> None:
@@ -298,3 +344,40 @@ async def test_a_selector_that_is_neither_pid_nor_tag_is_invalid_request(
     assert "neither a PID (digits only) nor a tag" in answer.errors[0]["message"]
     signalled = await api.run("SignalProcess", capsuleId=capsule_id, selector=selector)
     assert signalled.codes == ["INVALID_REQUEST"]
+
+
+async def post_escaped(api: HttpClient, operation: str, **variables: Any) -> Answer:
+    """Posts a document with its variables as ASCII JSON: a lone surrogate travels as its \\u escape,
+    which JSON allows and no UTF-8 encoder can produce."""
+    body = json.dumps({"query": document(operation), "variables": variables})
+    response = await api.http.post(api.url, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    return Answer(data=response.json().get("data"), errors=response.json().get("errors") or [])
+
+
+@pytest.mark.parametrize(
+    ("operation", "variables"),
+    [
+        ("StartProcess", {"input": {"cmd": "\ud800"}}),
+        ("StartProcess", {"input": {"cmd": "echo", "args": ["ok", "x\udfff"]}}),
+        ("StartProcess", {"input": {"cmd": "true", "cwd": "\ud800dir"}}),
+        ("StartProcess", {"input": {"cmd": "true", "envs": [{"name": "A", "value": "\ud800"}]}}),
+        ("Exec", {"input": {"cmd": "cat", "stdin": "\ud800"}}),
+        ("Exec", {"input": {"cmd": "\udbff"}}),
+    ],
+    ids=["cmd", "args", "cwd", "env", "exec-stdin", "exec-cmd"],
+)
+async def test_text_that_is_not_unicode_is_invalid_request(
+    api: HttpClient, capsule_id: str, operation: str, variables: dict[str, Any]
+) -> None:
+    answer = await post_escaped(api, operation, capsuleId=capsule_id, **variables)
+    assert answer.codes == ["INVALID_REQUEST"]
+    assert "lone UTF-16 surrogate" in answer.errors[0]["message"]
+    listed = await api.run("Processes", capsuleId=capsule_id)
+    assert listed.ok()["processes"] == []  # nothing started, nothing recorded
+
+
+async def test_input_that_is_not_unicode_is_invalid_request(api: HttpClient, capsule_id: str) -> None:
+    await start(api, capsule_id, "cat", tag="reader", stdin=True)
+    answer = await post_escaped(api, "SendInput", capsuleId=capsule_id, selector="reader", data="\ud800")
+    assert answer.codes == ["INVALID_REQUEST"]
