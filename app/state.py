@@ -14,13 +14,13 @@ from app.config import Settings
 from app.hosts.pool import HostPool
 from app.services.fanout import OutputFanout
 from app.services.hosts import HostService
-from app.services.lifecycle import CapsuleLifecycle, ExitRecorder, IdleReaper, Reconciler
 from app.services.keys import KeyService
+from app.services.lifecycle import CapsuleLifecycle, ExitRecorder, IdleReaper, Reconciler
 from app.services.records import ProcessRecords
 from app.services.team import Platform
 from app.store.session import Database
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 EMBEDDED_HOST_ID = "local"
 
@@ -50,7 +50,7 @@ class AppState:
                 agent = await start_agent("127.0.0.1:0", settings)
                 stack.push_async_callback(agent.stop)
                 configured[EMBEDDED_HOST_ID] = f"127.0.0.1:{agent.port}"
-                log.info("started the embedded host agent on 127.0.0.1:%s", agent.port)
+                logger.info("started the embedded host agent on 127.0.0.1:%s", agent.port)
             hosts = HostService(db, configured)
             pool = HostPool(settings)
             stack.push_async_callback(pool.close)

@@ -15,6 +15,7 @@ from app.errors import NotFound
 
 logger = logging.getLogger(__name__)
 
+
 def check_capsule_id(capsule_id: str) -> str:
     """Returns the id when it is well formed, else raises InvalidRequest."""
     return check_id(capsule_id, what="capsule id")

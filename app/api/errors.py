@@ -9,7 +9,7 @@ from strawberry.extensions import MaskErrors
 
 from app.errors import CapsuleError, ErrorCode
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error: it has been logged; retry, and report it if it persists"
 NOT_UNICODE = (

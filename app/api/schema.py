@@ -17,7 +17,7 @@ from app.api.output import OutputSubscription
 from app.api.processes import ProcessMutation, ProcessQuery, ProcessSubscription
 from app.errors import CapsuleError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 Query = merge_types("Query", (CapsuleQuery, ProcessQuery))
 Mutation = merge_types("Mutation", (CapsuleMutation, ExecMutation, ProcessMutation))
@@ -33,9 +33,9 @@ class Schema(strawberry.Schema):
         for error in errors:
             original = error.original_error
             if original is None or isinstance(original, CapsuleError | GraphQLError) or is_not_unicode(error):
-                log.debug("request error: %s", error.message)
+                logger.debug("request error: %s", error.message)
             else:
-                log.error("unexpected error in %s", error.path, exc_info=original)
+                logger.error("unexpected error in %s", error.path, exc_info=original)
 
 
 # Bounds on a document's shape, far above what the contract's operations need, so that a hostile

@@ -17,6 +17,7 @@ from app.errors import BusUnavailable, RateLimited
 
 logger = logging.getLogger(__name__)
 
+
 class BusOverflow(RateLimited):
     """A subscriber fell too far behind; it ends rather than eat memory or lose events unseen."""
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from app.config import ConfigError, Settings
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a CLI user gets a line, not a traceback; the log has the rest
-        log.debug("command failed", exc_info=True)
+        logger.debug("command failed", exc_info=True)
         print(f"capsule: {exc}", file=sys.stderr)
         return 1
 

@@ -18,7 +18,7 @@ from app.store import models
 from app.store.repositories import CapsuleRepository
 from app.store.session import Database
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_CAPSULE_TIMEOUT_SEC = 7 * 24 * 3600
 
@@ -78,7 +78,7 @@ class CapsuleService:
                 try:
                     await self._touch(capsule.id, utcnow())
                 except Exception:  # the store is down: the idle reaper cannot act on it either
-                    log.warning("capsule %s: could not mark it active", capsule.id, exc_info=True)
+                    logger.warning("capsule %s: could not mark it active", capsule.id, exc_info=True)
 
         heart = asyncio.create_task(beat(), name=f"in-use-{capsule.id}")
         try:
@@ -118,7 +118,7 @@ class CapsuleService:
         async with self._db.transaction() as session:
             await CapsuleRepository(session, self._team.id).add(row)
         capsule = await self._lifecycle.place(row.to_info())
-        log.info("team %s created capsule %s on host %s", self._team.name, capsule.id, host_id)
+        logger.info("team %s created capsule %s on host %s", self._team.name, capsule.id, host_id)
         return capsule
 
     async def destroy(self, capsule_id: str) -> CapsuleInfo:
@@ -128,5 +128,5 @@ class CapsuleService:
         retried until it can).
         """
         capsule = await self._lifecycle.stop(await self.require(capsule_id))
-        log.info("team %s destroyed capsule %s: %s", self._team.name, capsule_id, capsule.status.value)
+        logger.info("team %s destroyed capsule %s: %s", self._team.name, capsule_id, capsule.status.value)
         return capsule

@@ -11,7 +11,7 @@ from app.errors import InvalidRequest
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,7 @@ class ExecService:
         capsule = await self._capsules.require_running(capsule_id)
         async with self._capsules.in_use(capsule):
             result = await self._pool.client(capsule.host_id).exec(capsule_id, spec)
-        log.info(
+        logger.info(
             "capsule %s exec %s exited %s (signal %s)",
             capsule_id,
             spec.cmd,

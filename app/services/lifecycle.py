@@ -24,7 +24,7 @@ from app.services.records import ProcessRecords
 from app.store.repositories import CapsuleRepository, SystemRepository
 from app.store.session import Database
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STOPPABLE = frozenset(
     {CapsuleStatus.STARTING, CapsuleStatus.RUNNING, CapsuleStatus.STOPPING, CapsuleStatus.ERROR}
@@ -67,7 +67,7 @@ class CapsuleLifecycle:
         stopped = await self._transition(stopping, CapsuleStatus.STOPPED, only_from={CapsuleStatus.STOPPING})
         if stopped is None:
             return await self._current(capsule)
-        log.info("capsule %s stopped on host %s", capsule.id, capsule.host_id)
+        logger.info("capsule %s stopped on host %s", capsule.id, capsule.host_id)
         return stopped
 
     async def reconcile_host(self, host_id: str) -> None:
@@ -76,23 +76,23 @@ class CapsuleLifecycle:
             client = self._pool.client(host_id)
             hosted = {c.capsule_id for c in await client.list_capsules()}
         except HostUnavailable as exc:
-            log.debug("host %s: not reconciled: %s", host_id, exc)
+            logger.debug("host %s: not reconciled: %s", host_id, exc)
             return
         async with self._db.session() as session:
             rows = await SystemRepository(session).capsules_to_reconcile(host_id, hosted)
         capsules = [row.to_info() for row in rows]
         unknown = hosted - {c.id for c in capsules}
         if unknown:
-            log.warning("host %s holds capsules the store does not know, left alone: %s", host_id, unknown)
+            logger.warning("host %s holds capsules the store does not know, left alone: %s", host_id, unknown)
         now = utcnow()
         for capsule in capsules:
             try:
                 await self._reconcile(client, capsule, on_host=capsule.id in hosted, now=now)
             except HostUnavailable as exc:
-                log.info("host %s: reconciling stopped half-way: %s", host_id, exc)
+                logger.info("host %s: reconciling stopped half-way: %s", host_id, exc)
                 return
             except CapsuleError as exc:
-                log.warning("capsule %s on host %s: not reconciled: %s", capsule.id, host_id, exc)
+                logger.warning("capsule %s on host %s: not reconciled: %s", capsule.id, host_id, exc)
 
     async def _reconcile(
         self, client: HostClient, capsule: CapsuleInfo, *, on_host: bool, now: datetime
@@ -140,7 +140,7 @@ class CapsuleLifecycle:
         except HostUnavailable:
             raise
         except CapsuleError as exc:
-            log.warning("capsule %s: host %s cannot hold it again: %s", capsule.id, capsule.host_id, exc)
+            logger.warning("capsule %s: host %s cannot hold it again: %s", capsule.id, capsule.host_id, exc)
             errored = await self._transition(capsule, CapsuleStatus.ERROR, only_from={CapsuleStatus.RUNNING})
             if errored is not None:
                 await self._records.end_all(errored, killed=False)
@@ -149,7 +149,7 @@ class CapsuleLifecycle:
         if current.status is not CapsuleStatus.RUNNING:  # stopped while this ran: take it down again
             await self._destroy_on_host(current)
             return False
-        log.info("capsule %s: back on host %s, without the processes it lost", capsule.id, capsule.host_id)
+        logger.info("capsule %s: back on host %s, without the processes it lost", capsule.id, capsule.host_id)
         return True
 
     async def _destroy_on_host(self, capsule: CapsuleInfo) -> bool:
@@ -159,7 +159,7 @@ class CapsuleLifecycle:
         except NotFound:
             pass  # the host does not hold it: gone already
         except CapsuleError as exc:
-            log.warning(
+            logger.warning(
                 "capsule %s: host %s did not confirm the stop, retried later: %s",
                 capsule.id,
                 capsule.host_id,
@@ -203,7 +203,7 @@ class ExitRecorder:
                 try:
                     await self._round(followed)
                 except Exception:  # the store may be down for a while; the next round tries again
-                    log.exception("following the hosts failed")
+                    logger.exception("following the hosts failed")
                 await asyncio.sleep(HOSTS_CHECK_INTERVAL_SEC)
         finally:
             for task in followed.values():
@@ -225,9 +225,9 @@ class ExitRecorder:
                 await self._follow_once(host_id)
                 failures = 0
             except CapsuleError as exc:
-                log.debug("host %s lifecycle stream: %s", host_id, exc)
+                logger.debug("host %s lifecycle stream: %s", host_id, exc)
             except Exception:  # the store, most likely; the stream is opened again after a pause
-                log.exception("host %s: recording exits failed", host_id)
+                logger.exception("host %s: recording exits failed", host_id)
             await asyncio.sleep(RETRY_DELAYS_SEC[min(failures, len(RETRY_DELAYS_SEC) - 1)])
             failures += 1
 
@@ -268,7 +268,7 @@ class Reconciler:
             try:
                 await self.reconcile_once()
             except Exception:
-                log.exception("reconciling the hosts failed")
+                logger.exception("reconciling the hosts failed")
 
     async def reconcile_once(self) -> None:
         """Reconciles each known host once, one after the other."""
@@ -288,7 +288,7 @@ class IdleReaper:
             try:
                 await self.reap_once()
             except Exception:
-                log.exception("idle capsule check failed")
+                logger.exception("idle capsule check failed")
             await asyncio.sleep(self._interval)
 
     async def reap_once(self) -> list[CapsuleInfo]:
@@ -297,6 +297,6 @@ class IdleReaper:
             claimed = [row.to_info() for row in await SystemRepository(session).claim_idle_capsules(utcnow())]
         stopped = []
         for capsule in claimed:
-            log.info("capsule %s idle for %ss: stopping it", capsule.id, capsule.timeout_sec)
+            logger.info("capsule %s idle for %ss: stopping it", capsule.id, capsule.timeout_sec)
             stopped.append(await self._lifecycle.stop(capsule))
         return stopped

@@ -19,7 +19,7 @@ from app.store import models
 from app.store.repositories import ProcessRecordRepository
 from app.store.session import Database
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_GRACE_SEC = 3600
 
@@ -68,7 +68,7 @@ class ProcessService:
                 "stop one before starting another"
             )
         info = await self._pool.client(capsule.host_id).start_process(capsule_id, spec)
-        log.info("capsule %s started process %s (%s)", capsule_id, info.pid, info.tag)
+        logger.info("capsule %s started process %s (%s)", capsule_id, info.pid, info.tag)
         await self._records.record_start(self._team_id, info)
         return info
 
@@ -109,7 +109,7 @@ class ProcessService:
             raise InvalidRequest(f"{signum.name} cannot be sent; send one of the contract's signals")
         client = await self._host_of(capsule_id, selector)
         info = await client.signal_process(capsule_id, selector, signal=signum, scope=scope)
-        log.info("capsule %s process %s: sent %s to %s", capsule_id, info.tag, signum.name, scope.value)
+        logger.info("capsule %s process %s: sent %s to %s", capsule_id, info.tag, signum.name, scope.value)
         return info
 
     async def stop(self, capsule_id: str, selector: str, *, grace_sec: int) -> ProcessInfo:

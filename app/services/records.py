@@ -18,7 +18,7 @@ from app.store import models
 from app.store.repositories import ProcessExitRecord, ProcessRecordRepository, SystemRepository
 from app.store.session import Database
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAX_EARLY_EXITS = 1000
 
@@ -105,7 +105,7 @@ class ProcessRecords:
                     self._park(info)
         if record is None:
             return False
-        log.info("capsule %s process %s (%s) exited", info.capsule_id, info.pid, info.tag)
+        logger.info("capsule %s process %s (%s) exited", info.capsule_id, info.pid, info.tag)
         await self._publish(ProcessEventKind.EXITED, record_to_info(record))
         return True
 
@@ -142,7 +142,7 @@ class ProcessRecords:
             await self._bus.publish(capsule_events_channel(info.capsule_id), process_event_to_json(event))
         except CapsuleError:
             # The record is written; subscribers of this event miss it, and say so by their own error.
-            log.warning("capsule %s: could not publish %s of %s", info.capsule_id, kind.value, info.tag)
+            logger.warning("capsule %s: could not publish %s of %s", info.capsule_id, kind.value, info.tag)
 
 
 def _lost(info: ProcessInfo, *, killed: bool) -> ProcessInfo:
