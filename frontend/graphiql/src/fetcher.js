@@ -1,7 +1,7 @@
 // Queries and mutations over HTTP POST, subscriptions over graphql-ws (the graphql-transport-ws
 // protocol), both to one address and both with the Headers editor's headers.
 import { createGraphiQLFetcher } from '@graphiql/toolkit';
-import { getOperationAST } from 'graphql';
+import { getOperationAST, parse } from 'graphql';
 import { createClient } from 'graphql-ws';
 
 // The server closes a socket whose connection_init carries no valid key with this code.
@@ -50,12 +50,21 @@ function subscribe(url, params, headers) {
   };
 }
 
+// What the request itself runs: GraphiQL's own parse of the editor (options.documentAST) lags behind
+// text pasted and run at once, and would send a subscription over HTTP.
+function isSubscription(params) {
+  try {
+    return getOperationAST(parse(params.query), params.operationName)?.operation === 'subscription';
+  } catch {
+    return false; // the server answers a document that does not parse
+  }
+}
+
 export function createFetcher(url) {
   const http = createGraphiQLFetcher({ url });
   const subscriptionUrl = url.replace(/^http/, 'ws');
   return (params, options) => {
-    const operation = options?.documentAST && getOperationAST(options.documentAST, params.operationName);
-    if (operation?.operation === 'subscription') return subscribe(subscriptionUrl, params, options.headers);
+    if (isSubscription(params)) return subscribe(subscriptionUrl, params, options?.headers);
     return http(params, options);
   };
 }
