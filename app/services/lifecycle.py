@@ -119,21 +119,25 @@ class CapsuleLifecycle:
 
     async def _reconcile_processes(self, client: HostClient, capsule: CapsuleInfo, *, on_host: bool) -> None:
         """Ends the records of a RUNNING capsule's processes that exited or vanished unseen."""
+        # Read before the host is asked, so that a process started meanwhile is not taken for lost.
+        running = await self._records.running(capsule)
         live: Sequence[ProcessInfo] = ()
         if on_host:
             try:
                 live = await client.list_processes(capsule.id)
             except NotFound:  # destroyed on the host since it was listed
                 on_host = False
-        if not on_host and not await self._restore(client, capsule):
+        if not on_host and not await self._restore(client, capsule, running):
             return
-        await self._records.reconcile(capsule, live)
+        await self._records.reconcile(capsule, running=running, live=live)
 
-    async def _restore(self, client: HostClient, capsule: CapsuleInfo) -> bool:
+    async def _restore(
+        self, client: HostClient, capsule: CapsuleInfo, running: Sequence[ProcessInfo]
+    ) -> bool:
         """Gives a RUNNING capsule its place back on a host that lost it (its agent restarted).
 
         True when the capsule is back, without the processes it lost; where the host refuses, the
-        capsule becomes ERROR and its processes' records end, saying no more than when.
+        capsule becomes ERROR and the records of `running` end, saying no more than when.
         """
         try:
             await client.create_capsule(capsule.id)  # the workspace on disk is kept
@@ -143,7 +147,7 @@ class CapsuleLifecycle:
             logger.warning("capsule %s: host %s cannot hold it again: %s", capsule.id, capsule.host_id, exc)
             errored = await self._transition(capsule, CapsuleStatus.ERROR, only_from={CapsuleStatus.RUNNING})
             if errored is not None:
-                await self._records.end_all(errored, killed=False)
+                await self._records.reconcile(errored, running=running, live=(), killed=False)
             return False
         current = await self._current(capsule)
         if current.status is not CapsuleStatus.RUNNING:  # stopped while this ran: take it down again

@@ -10,7 +10,7 @@ from app import domain
 from app.bus.broadcast import Bus
 from app.bus.events import capsule_events_channel, process_event_from_json
 from app.domain import ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
-from app.errors import InvalidRequest, NotFound, RateLimited
+from app.errors import InvalidRequest, NotFound
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
@@ -60,14 +60,9 @@ class ProcessService:
         """Starts a background process and records it."""
         check_spec(spec)
         capsule = await self._capsules.require_running(capsule_id)
-        async with self._db.session() as session:
-            running = await ProcessRecordRepository(session, self._team_id).count_running(capsule_id)
-        if running >= self._max_processes:
-            raise RateLimited(
-                f"capsule {capsule_id} runs {running} processes, the most it may: "
-                "stop one before starting another"
-            )
-        info = await self._pool.client(capsule.host_id).start_process(capsule_id, spec)
+        info = await self._pool.client(capsule.host_id).start_process(
+            capsule_id, spec, max_running=self._max_processes
+        )
         logger.info("capsule %s started process %s (%s)", capsule_id, info.pid, info.tag)
         await self._records.record_start(self._team_id, info)
         return info
@@ -78,6 +73,8 @@ class ProcessService:
         async with self._db.session() as session:
             records = await ProcessRecordRepository(session, self._team_id).list(capsule_id, None)
         merged = {(r.pid, r.tag): record_to_info(r) for r in records}
+        # Read before the host is asked, so that a process started meanwhile is not taken for lost.
+        running = [p for p in merged.values() if p.status is ProcessStatus.RUNNING]
         if capsule.status is domain.CapsuleStatus.RUNNING:
             try:
                 live = await self._pool.client(capsule.host_id).list_processes(capsule_id)
@@ -85,7 +82,7 @@ class ProcessService:
                 live = None
             if live is not None:
                 merged.update({(p.pid, p.tag): p for p in live})
-                await self._records.reconcile(capsule, live)
+                await self._records.reconcile(capsule, running=running, live=live)
         infos = [p for p in merged.values() if status is None or p.status is status]
         return sorted(infos, key=_sort_key)
 

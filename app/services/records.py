@@ -114,27 +114,37 @@ class ProcessRecords:
         while len(self._early_exits) > MAX_EARLY_EXITS:  # starts that failed to record never claim theirs
             self._early_exits.popitem(last=False)
 
-    async def reconcile(
-        self, capsule: CapsuleInfo, live: Iterable[ProcessInfo], *, killed: bool = True
-    ) -> None:
-        """Ends the records of the capsule's processes that its host reports exited or no longer knows.
+    async def running(self, capsule: CapsuleInfo) -> list[ProcessInfo]:
+        """The capsule's processes on record as RUNNING."""
+        async with self._db.session() as session:
+            rows = await ProcessRecordRepository(session, capsule.team_id).running(capsule.id)
+        return [record_to_info(row) for row in rows]
 
-        killed: the processes it no longer knows were killed (with their capsule, or by the next
-        agent); else nobody knows how they ended, and their records say no more than when.
+    async def reconcile(
+        self,
+        capsule: CapsuleInfo,
+        *,
+        running: Iterable[ProcessInfo],
+        live: Iterable[ProcessInfo],
+        killed: bool = True,
+    ) -> None:
+        """Ends the records of `running` that the host's `live` list reports exited or lacks.
+
+        running must be read before the host was asked: a process started since is missing from
+        live, and would be ended while it runs. killed: the processes the host lacks were killed
+        (with their capsule, or by the next agent); else nobody knows how they ended, and their
+        records say no more than when.
         """
         by_key = {(p.pid, p.tag): p for p in live}
-        async with self._db.session() as session:
-            running = await ProcessRecordRepository(session, capsule.team_id).running(capsule.id)
-        for record in running:
-            info = by_key.get((record.pid, record.tag))
-            if info is None:
-                info = _lost(record_to_info(record), killed=killed)
-            if info.status is ProcessStatus.EXITED:
-                await self.record_exit(info, team_id=capsule.team_id)
+        for info in running:
+            seen = by_key.get((info.pid, info.tag))
+            ended = _lost(info, killed=killed) if seen is None else seen
+            if ended.status is ProcessStatus.EXITED:
+                await self.record_exit(ended, team_id=capsule.team_id)
 
     async def end_all(self, capsule: CapsuleInfo, *, killed: bool = True) -> None:
         """Ends the records of every process of a capsule its host no longer holds."""
-        await self.reconcile(capsule, (), killed=killed)
+        await self.reconcile(capsule, running=await self.running(capsule), live=(), killed=killed)
 
     async def _publish(self, kind: ProcessEventKind, info: ProcessInfo) -> None:
         event = domain.ProcessEvent(kind=kind, process=info)

@@ -184,7 +184,9 @@ class TestReconcile:
         alive, gone, done = running(capsule, pid=1), running(capsule, pid=2), running(capsule, pid=3)
         for info in (alive, gone, done):
             await records.record_start(teams.ours.team.id, info)
-        await records.reconcile(capsule, [alive, ended(done, exit_code=7)])
+        await records.reconcile(
+            capsule, running=await records.running(capsule), live=[alive, ended(done, exit_code=7)]
+        )
         assert (await stored(teams, alive)).status is ProcessStatus.RUNNING
         lost = await stored(teams, gone)
         assert (lost.status, lost.exit_code, lost.signal) == (ProcessStatus.EXITED, None, "SIGKILL")
@@ -198,7 +200,7 @@ class TestReconcile:
         info = running(capsule)
         await records.record_start(teams.ours.team.id, info)
         before = utcnow()
-        await records.reconcile(capsule, [], killed=False)
+        await records.reconcile(capsule, running=await records.running(capsule), live=[], killed=False)
         lost = await stored(teams, info)
         assert (lost.status, lost.exit_code, lost.signal) == (ProcessStatus.EXITED, None, None)
         assert lost.ended_at is not None and lost.ended_at >= before
@@ -213,17 +215,24 @@ class TestReconcile:
         assert (await stored(teams, mine)).status is ProcessStatus.EXITED
         assert (await stored(teams, elsewhere)).status is ProcessStatus.RUNNING
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: reconcile ends every RUNNING record missing from `live`, including one recorded "
-        "after the host was asked (app/services/records.py ProcessRecords.reconcile; reached from "
-        "ProcessService.list and CapsuleLifecycle._reconcile_processes)",
-    )
     async def test_a_process_started_after_the_host_was_asked_is_left_running(self, teams: Teams) -> None:
+        records = teams.state.platform.records
         capsule = await teams.capsule()
-        # ProcessService.list asks the host, and a start by another request lands before it reconciles.
+        # As ProcessService.list and the reconciler do: the records first, then the host; a start by
+        # another request lands between the host's answer and the reconcile.
+        running_before = await records.running(capsule)
         live = await teams.host.list_processes(capsule.id)
         info = await teams.ours.processes.start(capsule.id, ProcessSpec(cmd="sleep", args=("1000",)))
-        await teams.state.platform.records.reconcile(capsule, live)
+        await records.reconcile(capsule, running=running_before, live=live)
         assert is_alive(info.pid)
         assert (await stored(teams, info)).status is ProcessStatus.RUNNING
+
+    async def test_a_list_racing_starts_ends_no_running_process(self, teams: Teams) -> None:
+        capsule = await teams.capsule()
+        spec = ProcessSpec(cmd="sleep", args=("1000",))
+        async with asyncio.timeout(30):
+            for _ in range(3):  # the capsule's process limit in these tests
+                started, _ = await asyncio.gather(
+                    teams.ours.processes.start(capsule.id, spec), teams.ours.processes.list(capsule.id)
+                )
+                assert (await stored(teams, started)).status is ProcessStatus.RUNNING
