@@ -97,13 +97,6 @@ class CapsuleService:
         """Places a new capsule on a host and waits until it runs there."""
         if not 1 <= timeout_sec <= MAX_CAPSULE_TIMEOUT_SEC:
             raise InvalidRequest(f"timeoutSec must be between 1 and {MAX_CAPSULE_TIMEOUT_SEC} seconds")
-        async with self._db.session() as session:
-            active = await CapsuleRepository(session, self._team.id).count_active()
-        if active >= self._max_capsules:
-            raise RateLimited(
-                f"team {self._team.name} has {active} capsules running, the most it may have: "
-                "destroy one before creating another"
-            )
         # Hosts registered since this replica started join its pool here.
         hosts = await self._hosts.hosts()
         self._pool.set_hosts(hosts)
@@ -116,7 +109,15 @@ class CapsuleService:
             timeout_sec=timeout_sec,
         )
         async with self._db.transaction() as session:
-            await CapsuleRepository(session, self._team.id).add(row)
+            capsules = CapsuleRepository(session, self._team.id)
+            await capsules.lock_team()  # creates of one team at the same moment count one after another
+            active = await capsules.count_active()
+            if active >= self._max_capsules:
+                raise RateLimited(
+                    f"team {self._team.name} has {active} capsules running, the most it may have: "
+                    "destroy one before creating another"
+                )
+            await capsules.add(row)
         capsule = await self._lifecycle.place(row.to_info())
         logger.info("team %s created capsule %s on host %s", self._team.name, capsule.id, host_id)
         return capsule

@@ -40,6 +40,14 @@ class TeamScoped(Generic[M]):
         # Every query of a subclass starts here, so no query can reach another team's rows.
         return select(self.model).where(col(self.model.team_id) == self._team_id)
 
+    async def lock_team(self) -> None:
+        """Holds the team's row until the transaction ends, so that count-then-add stays within a limit.
+
+        A write that changes nothing: PostgreSQL locks the row, SQLite takes its one write lock.
+        """
+        team = models.Team
+        await self._session.exec(update(team).where(col(team.id) == self._team_id).values(name=team.name))
+
     async def add(self, row: M) -> M:
         """Adds a row of this team (its team_id must be this team's) and flushes."""
         if row.team_id != self._team_id:
@@ -118,15 +126,6 @@ class ProcessRecordRepository(TeamScoped[models.ProcessRecord]):
             col(models.ProcessRecord.status) == ProcessStatus.RUNNING,
         )
         return (await self._session.exec(statement.order_by(col(models.ProcessRecord.id)))).all()
-
-    async def count_running(self, capsule_id: str) -> int:
-        """How many of the capsule's processes are on record as running."""
-        statement = self._select().where(
-            col(models.ProcessRecord.capsule_id) == capsule_id,
-            col(models.ProcessRecord.status) == ProcessStatus.RUNNING,
-        )
-        count = select(func.count()).select_from(statement.subquery())
-        return int((await self._session.exec(count)).one())
 
     def _newest_first(self, capsule_id: str) -> SelectOfScalar[models.ProcessRecord]:
         return (

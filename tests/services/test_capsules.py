@@ -68,12 +68,6 @@ class TestCreate:
         await teams.ours.capsules.destroy(made[0].id)
         assert (await teams.capsule()).status is CapsuleStatus.RUNNING
 
-    # A race, so it may pass now and then: strict would make that a failure.
-    @pytest.mark.xfail(
-        strict=False,
-        reason="bug: the limit is counted, then the capsule added, in separate transactions, so creates "
-        "at the same moment all pass the count (app/services/capsules.py, CapsuleService.create)",
-    )
     async def test_concurrent_creates_stay_within_the_limit(self, teams: Teams) -> None:
         attempts = MAX_CAPSULES + 4
         outcomes = await asyncio.gather(
