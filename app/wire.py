@@ -113,8 +113,10 @@ def exec_result(reply: pb.ExecReply) -> domain.ExecResult:
     )
 
 
-def start_request(capsule_id: str, spec: domain.ProcessSpec) -> pb.StartRequest:
-    request = pb.StartRequest(**_command_to_pb(capsule_id, spec), tag=spec.tag or "", stdin=spec.stdin)
+def start_request(capsule_id: str, spec: domain.ProcessSpec, *, max_running: int) -> pb.StartRequest:
+    request = pb.StartRequest(
+        **_command_to_pb(capsule_id, spec), tag=spec.tag or "", stdin=spec.stdin, max_running=max_running
+    )
     if spec.timeout_sec is not None:
         request.timeout_sec = spec.timeout_sec
     return request

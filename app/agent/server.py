@@ -127,7 +127,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
     @abort_on_capsule_error
     async def StartProcess(self, request: pb.StartRequest, context: Context) -> pb.ProcessInfo:
         supervisor = self._capsules.supervisor(request.capsule_id)
-        return wire.process_info_to_pb(supervisor.start(wire.process_spec(request)))
+        info = supervisor.start(wire.process_spec(request), max_running=request.max_running)
+        return wire.process_info_to_pb(info)
 
     @abort_on_capsule_error
     async def ListProcesses(self, request: pb.CapsuleRef, context: Context) -> pb.ProcessList:

@@ -33,7 +33,7 @@ from app.domain import (
     new_tag,
     to_signal,
 )
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import Conflict, InvalidRequest, NotFound, RateLimited
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,14 @@ class Supervisor:
         finally:
             child.close_input()
 
-    def start(self, spec: ProcessSpec) -> ProcessInfo:
-        """Starts a background process and answers at once."""
+    def start(self, spec: ProcessSpec, *, max_running: int = 0) -> ProcessInfo:
+        """Starts a background process and answers at once; RateLimited when the capsule already
+        runs max_running of them (0: no limit)."""
+        if max_running and (running := self.running_count()) >= max_running:
+            raise RateLimited(
+                f"capsule {self.capsule_id} runs {running} processes, the most it may: "
+                "stop one before starting another"
+            )
         argv = launch.argv(spec.cmd, spec.args)
         env = launch.environment(self.workspace, spec.envs)
         cwd = launch.working_dir(self.workspace, spec.cwd)

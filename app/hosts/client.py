@@ -115,11 +115,12 @@ class HostClient:
         )
         return wire.exec_result(reply)
 
-    async def start_process(self, capsule_id: str, spec: domain.ProcessSpec) -> domain.ProcessInfo:
-        """Starts a background process; answers once it runs."""
-        reply = await self._unary(
-            "StartProcess", self._stub.StartProcess, wire.start_request(capsule_id, spec)
-        )
+    async def start_process(
+        self, capsule_id: str, spec: domain.ProcessSpec, *, max_running: int = 0
+    ) -> domain.ProcessInfo:
+        """Starts a background process, unless the capsule runs max_running already (0: no limit)."""
+        request = wire.start_request(capsule_id, spec, max_running=max_running)
+        reply = await self._unary("StartProcess", self._stub.StartProcess, request)
         return wire.process_info(reply)
 
     async def list_processes(self, capsule_id: str) -> list[domain.ProcessInfo]:

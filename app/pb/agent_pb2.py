@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61pp/pb/agent.proto\x12\x10\x63\x61psule.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x07\n\x05\x45mpty\" \n\nCapsuleRef\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\"O\n\x0b\x43\x61psuleInfo\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x19\n\x11running_processes\x18\x03 \x01(\x05\">\n\x0b\x43\x61psuleList\x12/\n\x08\x63\x61psules\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.CapsuleInfo\"2\n\nProcessRef\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\"%\n\x06\x45nvVar\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa4\x01\n\x0b\x45xecRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12&\n\x04\x65nvs\x18\x04 \x03(\x0b\x32\x18.capsule.agent.v1.EnvVar\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x12\n\x05stdin\x18\x06 \x01(\x0cH\x00\x88\x01\x01\x12\x13\n\x0btimeout_sec\x18\x07 \x01(\x01\x42\x08\n\x06_stdin\"\x89\x01\n\tExecReply\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x03\x12\x11\n\ttimed_out\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x0e\n\x06signal\x18\x07 \x01(\x05\"\xb8\x01\n\x0cStartRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12&\n\x04\x65nvs\x18\x04 \x03(\x0b\x32\x18.capsule.agent.v1.EnvVar\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x0b\n\x03tag\x18\x06 \x01(\t\x12\r\n\x05stdin\x18\x07 \x01(\x08\x12\x18\n\x0btimeout_sec\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_timeout_sec\"\xca\x02\n\x0bProcessInfo\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0b\n\x03\x63md\x18\x04 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x05 \x03(\t\x12\x0b\n\x03\x63wd\x18\x06 \x01(\t\x12/\n\x06status\x18\x07 \x01(\x0e\x32\x1f.capsule.agent.v1.ProcessStatus\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\t \x01(\x05\x12\x11\n\ttimed_out\x18\n \x01(\x08\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05stdin\x18\r \x01(\x08\x42\x0c\n\n_exit_code\"?\n\x0bProcessList\x12\x30\n\tprocesses\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.ProcessInfo\"|\n\rSignalRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12,\n\x05scope\x18\x03 \x01(\x0e\x32\x1d.capsule.agent.v1.SignalScope\"O\n\x0bStopRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x11\n\tgrace_sec\x18\x02 \x01(\x01\"K\n\x0cInputRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\rOutputRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x03\"R\n\x0bOutputChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x06stream\x18\x02 \x01(\x0e\x32\x18.capsule.agent.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\tOutputGap\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x13\n\x0blost_events\x18\x02 \x01(\x03\x12\x12\n\nlost_bytes\x18\x03 \x01(\x03\"\x91\x01\n\x0bProcessExit\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x16\n\texit_code\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12,\n\x08\x65nded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\n_exit_code\"\xa1\x01\n\x0bOutputEvent\x12.\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1d.capsule.agent.v1.OutputChunkH\x00\x12*\n\x03gap\x18\x02 \x01(\x0b\x32\x1b.capsule.agent.v1.OutputGapH\x00\x12-\n\x04\x65xit\x18\x03 \x01(\x0b\x32\x1d.capsule.agent.v1.ProcessExitH\x00\x42\x07\n\x05\x65vent\"<\n\x0bOutputBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.OutputEvent\"p\n\x0cProcessEvent\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".capsule.agent.v1.ProcessEventKind\x12.\n\x07process\x18\x02 \x01(\x0b\x32\x1d.capsule.agent.v1.ProcessInfo*X\n\rProcessStatus\x12\x1e\n\x1aPROCESS_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROCESS_RUNNING\x10\x01\x12\x12\n\x0ePROCESS_EXITED\x10\x02*1\n\x0bSignalScope\x12\x0f\n\x0bSCOPE_GROUP\x10\x00\x12\x11\n\rSCOPE_PROCESS\x10\x01* \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01*[\n\x10ProcessEventKind\x12\"\n\x1ePROCESS_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rEVENT_STARTED\x10\x01\x12\x10\n\x0c\x45VENT_EXITED\x10\x02\x32\xaa\x08\n\x05\x41gent\x12L\n\rCreateCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.CapsuleInfo\x12I\n\nGetCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.CapsuleInfo\x12\x46\n\x0cListCapsules\x12\x17.capsule.agent.v1.Empty\x1a\x1d.capsule.agent.v1.CapsuleList\x12G\n\x0e\x44\x65stroyCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x17.capsule.agent.v1.Empty\x12\x42\n\x04\x45xec\x12\x1d.capsule.agent.v1.ExecRequest\x1a\x1b.capsule.agent.v1.ExecReply\x12M\n\x0cStartProcess\x12\x1e.capsule.agent.v1.StartRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12L\n\rListProcesses\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.ProcessList\x12I\n\nGetProcess\x12\x1c.capsule.agent.v1.ProcessRef\x1a\x1d.capsule.agent.v1.ProcessInfo\x12O\n\rSignalProcess\x12\x1f.capsule.agent.v1.SignalRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12K\n\x0bStopProcess\x12\x1d.capsule.agent.v1.StopRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12\x44\n\tSendInput\x12\x1e.capsule.agent.v1.InputRequest\x1a\x17.capsule.agent.v1.Empty\x12\x43\n\nCloseInput\x12\x1c.capsule.agent.v1.ProcessRef\x1a\x17.capsule.agent.v1.Empty\x12P\n\x0cStreamOutput\x12\x1f.capsule.agent.v1.OutputRequest\x1a\x1d.capsule.agent.v1.OutputBatch0\x01\x12P\n\x0eWatchProcesses\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1e.capsule.agent.v1.ProcessEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61pp/pb/agent.proto\x12\x10\x63\x61psule.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x07\n\x05\x45mpty\" \n\nCapsuleRef\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\"O\n\x0b\x43\x61psuleInfo\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x19\n\x11running_processes\x18\x03 \x01(\x05\">\n\x0b\x43\x61psuleList\x12/\n\x08\x63\x61psules\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.CapsuleInfo\"2\n\nProcessRef\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\"%\n\x06\x45nvVar\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa4\x01\n\x0b\x45xecRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12&\n\x04\x65nvs\x18\x04 \x03(\x0b\x32\x18.capsule.agent.v1.EnvVar\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x12\n\x05stdin\x18\x06 \x01(\x0cH\x00\x88\x01\x01\x12\x13\n\x0btimeout_sec\x18\x07 \x01(\x01\x42\x08\n\x06_stdin\"\x89\x01\n\tExecReply\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x03\x12\x11\n\ttimed_out\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x0e\n\x06signal\x18\x07 \x01(\x05\"\xcd\x01\n\x0cStartRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12&\n\x04\x65nvs\x18\x04 \x03(\x0b\x32\x18.capsule.agent.v1.EnvVar\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x0b\n\x03tag\x18\x06 \x01(\t\x12\r\n\x05stdin\x18\x07 \x01(\x08\x12\x18\n\x0btimeout_sec\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bmax_running\x18\t \x01(\rB\x0e\n\x0c_timeout_sec\"\xca\x02\n\x0bProcessInfo\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0b\n\x03\x63md\x18\x04 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x05 \x03(\t\x12\x0b\n\x03\x63wd\x18\x06 \x01(\t\x12/\n\x06status\x18\x07 \x01(\x0e\x32\x1f.capsule.agent.v1.ProcessStatus\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\t \x01(\x05\x12\x11\n\ttimed_out\x18\n \x01(\x08\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05stdin\x18\r \x01(\x08\x42\x0c\n\n_exit_code\"?\n\x0bProcessList\x12\x30\n\tprocesses\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.ProcessInfo\"|\n\rSignalRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12,\n\x05scope\x18\x03 \x01(\x0e\x32\x1d.capsule.agent.v1.SignalScope\"O\n\x0bStopRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x11\n\tgrace_sec\x18\x02 \x01(\x01\"K\n\x0cInputRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\rOutputRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x03\"R\n\x0bOutputChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x06stream\x18\x02 \x01(\x0e\x32\x18.capsule.agent.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\tOutputGap\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x13\n\x0blost_events\x18\x02 \x01(\x03\x12\x12\n\nlost_bytes\x18\x03 \x01(\x03\"\x91\x01\n\x0bProcessExit\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x16\n\texit_code\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12,\n\x08\x65nded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\n_exit_code\"\xa1\x01\n\x0bOutputEvent\x12.\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1d.capsule.agent.v1.OutputChunkH\x00\x12*\n\x03gap\x18\x02 \x01(\x0b\x32\x1b.capsule.agent.v1.OutputGapH\x00\x12-\n\x04\x65xit\x18\x03 \x01(\x0b\x32\x1d.capsule.agent.v1.ProcessExitH\x00\x42\x07\n\x05\x65vent\"<\n\x0bOutputBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.OutputEvent\"p\n\x0cProcessEvent\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".capsule.agent.v1.ProcessEventKind\x12.\n\x07process\x18\x02 \x01(\x0b\x32\x1d.capsule.agent.v1.ProcessInfo*X\n\rProcessStatus\x12\x1e\n\x1aPROCESS_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROCESS_RUNNING\x10\x01\x12\x12\n\x0ePROCESS_EXITED\x10\x02*1\n\x0bSignalScope\x12\x0f\n\x0bSCOPE_GROUP\x10\x00\x12\x11\n\rSCOPE_PROCESS\x10\x01* \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01*[\n\x10ProcessEventKind\x12\"\n\x1ePROCESS_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rEVENT_STARTED\x10\x01\x12\x10\n\x0c\x45VENT_EXITED\x10\x02\x32\xaa\x08\n\x05\x41gent\x12L\n\rCreateCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.CapsuleInfo\x12I\n\nGetCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.CapsuleInfo\x12\x46\n\x0cListCapsules\x12\x17.capsule.agent.v1.Empty\x1a\x1d.capsule.agent.v1.CapsuleList\x12G\n\x0e\x44\x65stroyCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x17.capsule.agent.v1.Empty\x12\x42\n\x04\x45xec\x12\x1d.capsule.agent.v1.ExecRequest\x1a\x1b.capsule.agent.v1.ExecReply\x12M\n\x0cStartProcess\x12\x1e.capsule.agent.v1.StartRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12L\n\rListProcesses\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.ProcessList\x12I\n\nGetProcess\x12\x1c.capsule.agent.v1.ProcessRef\x1a\x1d.capsule.agent.v1.ProcessInfo\x12O\n\rSignalProcess\x12\x1f.capsule.agent.v1.SignalRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12K\n\x0bStopProcess\x12\x1d.capsule.agent.v1.StopRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12\x44\n\tSendInput\x12\x1e.capsule.agent.v1.InputRequest\x1a\x17.capsule.agent.v1.Empty\x12\x43\n\nCloseInput\x12\x1c.capsule.agent.v1.ProcessRef\x1a\x17.capsule.agent.v1.Empty\x12P\n\x0cStreamOutput\x12\x1f.capsule.agent.v1.OutputRequest\x1a\x1d.capsule.agent.v1.OutputBatch0\x01\x12P\n\x0eWatchProcesses\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1e.capsule.agent.v1.ProcessEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'app.pb.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROCESSSTATUS']._serialized_start=2249
-  _globals['_PROCESSSTATUS']._serialized_end=2337
-  _globals['_SIGNALSCOPE']._serialized_start=2339
-  _globals['_SIGNALSCOPE']._serialized_end=2388
-  _globals['_STREAM']._serialized_start=2390
-  _globals['_STREAM']._serialized_end=2422
-  _globals['_PROCESSEVENTKIND']._serialized_start=2424
-  _globals['_PROCESSEVENTKIND']._serialized_end=2515
+  _globals['_PROCESSSTATUS']._serialized_start=2270
+  _globals['_PROCESSSTATUS']._serialized_end=2358
+  _globals['_SIGNALSCOPE']._serialized_start=2360
+  _globals['_SIGNALSCOPE']._serialized_end=2409
+  _globals['_STREAM']._serialized_start=2411
+  _globals['_STREAM']._serialized_end=2443
+  _globals['_PROCESSEVENTKIND']._serialized_start=2445
+  _globals['_PROCESSEVENTKIND']._serialized_end=2536
   _globals['_EMPTY']._serialized_start=73
   _globals['_EMPTY']._serialized_end=80
   _globals['_CAPSULEREF']._serialized_start=82
@@ -57,31 +57,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECREPLY']._serialized_start=520
   _globals['_EXECREPLY']._serialized_end=657
   _globals['_STARTREQUEST']._serialized_start=660
-  _globals['_STARTREQUEST']._serialized_end=844
-  _globals['_PROCESSINFO']._serialized_start=847
-  _globals['_PROCESSINFO']._serialized_end=1177
-  _globals['_PROCESSLIST']._serialized_start=1179
-  _globals['_PROCESSLIST']._serialized_end=1242
-  _globals['_SIGNALREQUEST']._serialized_start=1244
-  _globals['_SIGNALREQUEST']._serialized_end=1368
-  _globals['_STOPREQUEST']._serialized_start=1370
-  _globals['_STOPREQUEST']._serialized_end=1449
-  _globals['_INPUTREQUEST']._serialized_start=1451
-  _globals['_INPUTREQUEST']._serialized_end=1526
-  _globals['_OUTPUTREQUEST']._serialized_start=1528
-  _globals['_OUTPUTREQUEST']._serialized_end=1608
-  _globals['_OUTPUTCHUNK']._serialized_start=1610
-  _globals['_OUTPUTCHUNK']._serialized_end=1692
-  _globals['_OUTPUTGAP']._serialized_start=1694
-  _globals['_OUTPUTGAP']._serialized_end=1759
-  _globals['_PROCESSEXIT']._serialized_start=1762
-  _globals['_PROCESSEXIT']._serialized_end=1907
-  _globals['_OUTPUTEVENT']._serialized_start=1910
-  _globals['_OUTPUTEVENT']._serialized_end=2071
-  _globals['_OUTPUTBATCH']._serialized_start=2073
-  _globals['_OUTPUTBATCH']._serialized_end=2133
-  _globals['_PROCESSEVENT']._serialized_start=2135
-  _globals['_PROCESSEVENT']._serialized_end=2247
-  _globals['_AGENT']._serialized_start=2518
-  _globals['_AGENT']._serialized_end=3584
+  _globals['_STARTREQUEST']._serialized_end=865
+  _globals['_PROCESSINFO']._serialized_start=868
+  _globals['_PROCESSINFO']._serialized_end=1198
+  _globals['_PROCESSLIST']._serialized_start=1200
+  _globals['_PROCESSLIST']._serialized_end=1263
+  _globals['_SIGNALREQUEST']._serialized_start=1265
+  _globals['_SIGNALREQUEST']._serialized_end=1389
+  _globals['_STOPREQUEST']._serialized_start=1391
+  _globals['_STOPREQUEST']._serialized_end=1470
+  _globals['_INPUTREQUEST']._serialized_start=1472
+  _globals['_INPUTREQUEST']._serialized_end=1547
+  _globals['_OUTPUTREQUEST']._serialized_start=1549
+  _globals['_OUTPUTREQUEST']._serialized_end=1629
+  _globals['_OUTPUTCHUNK']._serialized_start=1631
+  _globals['_OUTPUTCHUNK']._serialized_end=1713
+  _globals['_OUTPUTGAP']._serialized_start=1715
+  _globals['_OUTPUTGAP']._serialized_end=1780
+  _globals['_PROCESSEXIT']._serialized_start=1783
+  _globals['_PROCESSEXIT']._serialized_end=1928
+  _globals['_OUTPUTEVENT']._serialized_start=1931
+  _globals['_OUTPUTEVENT']._serialized_end=2092
+  _globals['_OUTPUTBATCH']._serialized_start=2094
+  _globals['_OUTPUTBATCH']._serialized_end=2154
+  _globals['_PROCESSEVENT']._serialized_start=2156
+  _globals['_PROCESSEVENT']._serialized_end=2268
+  _globals['_AGENT']._serialized_start=2539
+  _globals['_AGENT']._serialized_end=3605
 # @@protoc_insertion_point(module_scope)

@@ -121,7 +121,7 @@ class ExecReply(_message.Message):
     def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., timed_out: _Optional[bool] = ..., truncated: _Optional[bool] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "stdin", "timeout_sec")
+    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "stdin", "timeout_sec", "max_running")
     CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class StartRequest(_message.Message):
     TAG_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SEC_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     capsule_id: str
     cmd: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -138,7 +139,8 @@ class StartRequest(_message.Message):
     tag: str
     stdin: bool
     timeout_sec: float
-    def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., stdin: _Optional[bool] = ..., timeout_sec: _Optional[float] = ...) -> None: ...
+    max_running: int
+    def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., stdin: _Optional[bool] = ..., timeout_sec: _Optional[float] = ..., max_running: _Optional[int] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
     __slots__ = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "status", "exit_code", "signal", "timed_out", "started_at", "ended_at", "stdin")

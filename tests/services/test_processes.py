@@ -109,12 +109,6 @@ class TestStart:
         await teams.ours.processes.stop(capsule.id, running[0].tag, grace_sec=0)
         assert (await teams.ours.processes.start(capsule.id, SLEEP)).status is ProcessStatus.RUNNING
 
-    # A race, so it may pass now and then: strict would make that a failure.
-    @pytest.mark.xfail(
-        strict=False,
-        reason="bug: the running processes are counted, then the process started and recorded, so starts "
-        "at the same moment all pass the count (app/services/processes.py, ProcessService.start)",
-    )
     async def test_concurrent_starts_stay_within_the_limit(self, teams: Teams) -> None:
         capsule = await teams.capsule()
         attempts = MAX_PROCESSES + 3
