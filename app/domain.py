@@ -257,6 +257,40 @@ class Team:
     name: str
 
 
+class CapsuleRuntime(enum.Enum):
+    """Where a capsule's processes run."""
+
+    SANDBOX = "SANDBOX"
+    PLAIN = "PLAIN"
+
+
+@dataclass(frozen=True, slots=True)
+class CapsuleLimits:
+    """What a capsule's processes may use together."""
+
+    max_processes: int
+    memory_mib: int | None = None
+    cpus: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceUsage:
+    """CPU and memory, measured by the host's kernel."""
+
+    cpu_sec: float
+    memory_bytes: int
+    memory_peak_bytes: int
+    processes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CapsuleSpec:
+    """What a new capsule may reach and use."""
+
+    network: bool = False
+    limits: CapsuleLimits = CapsuleLimits(max_processes=256)
+
+
 @dataclass(frozen=True, slots=True)
 class HostCapsule:
     """What a host agent holds of one capsule."""
@@ -264,6 +298,10 @@ class HostCapsule:
     capsule_id: str
     workspace: str
     running_processes: int = 0
+    runtime: CapsuleRuntime = CapsuleRuntime.PLAIN
+    network: bool = False
+    limits: CapsuleLimits = CapsuleLimits(max_processes=256)
+    usage: ResourceUsage | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,17 +170,73 @@ def process_info(message: pb.ProcessInfo) -> domain.ProcessInfo:
     )
 
 
-def capsule_info_to_pb(info: domain.HostCapsule) -> pb.CapsuleInfo:
-    return pb.CapsuleInfo(
-        capsule_id=info.capsule_id, workspace=info.workspace, running_processes=info.running_processes
+_RUNTIME_TO_PB = {
+    domain.CapsuleRuntime.SANDBOX: pb.RUNTIME_SANDBOX,
+    domain.CapsuleRuntime.PLAIN: pb.RUNTIME_PLAIN,
+}
+_RUNTIME_FROM_PB = {v: k for k, v in _RUNTIME_TO_PB.items()}
+
+
+def limits_to_pb(limits: domain.CapsuleLimits) -> pb.CapsuleLimits:
+    message = pb.CapsuleLimits(max_processes=limits.max_processes)
+    if limits.memory_mib is not None:
+        message.memory_mib = limits.memory_mib
+    if limits.cpus is not None:
+        message.cpus = limits.cpus
+    return message
+
+
+def limits(message: pb.CapsuleLimits) -> domain.CapsuleLimits:
+    return domain.CapsuleLimits(
+        max_processes=message.max_processes,
+        memory_mib=message.memory_mib if message.HasField("memory_mib") else None,
+        cpus=message.cpus if message.HasField("cpus") else None,
     )
 
 
+def create_capsule_request(capsule_id: str, spec: domain.CapsuleSpec) -> pb.CreateCapsuleRequest:
+    return pb.CreateCapsuleRequest(
+        capsule_id=capsule_id, network=spec.network, limits=limits_to_pb(spec.limits)
+    )
+
+
+def capsule_spec(request: pb.CreateCapsuleRequest) -> domain.CapsuleSpec:
+    return domain.CapsuleSpec(network=request.network, limits=limits(request.limits))
+
+
+def capsule_info_to_pb(info: domain.HostCapsule) -> pb.CapsuleInfo:
+    message = pb.CapsuleInfo(
+        capsule_id=info.capsule_id,
+        workspace=info.workspace,
+        running_processes=info.running_processes,
+        runtime=_RUNTIME_TO_PB[info.runtime],
+        network=info.network,
+        limits=limits_to_pb(info.limits),
+    )
+    if info.usage is not None:
+        usage = message.usage
+        usage.cpu_sec, usage.processes = info.usage.cpu_sec, info.usage.processes
+        usage.memory_bytes, usage.memory_peak_bytes = info.usage.memory_bytes, info.usage.memory_peak_bytes
+    return message
+
+
 def capsule_info(message: pb.CapsuleInfo) -> domain.HostCapsule:
+    usage = message.usage
     return domain.HostCapsule(
         capsule_id=message.capsule_id,
         workspace=message.workspace,
         running_processes=message.running_processes,
+        runtime=_RUNTIME_FROM_PB.get(message.runtime, domain.CapsuleRuntime.PLAIN),
+        network=message.network,
+        limits=limits(message.limits),
+        usage=domain.ResourceUsage(
+            cpu_sec=usage.cpu_sec,
+            memory_bytes=usage.memory_bytes,
+            memory_peak_bytes=usage.memory_peak_bytes,
+            processes=usage.processes,
+        )
+        if message.HasField("usage")
+        else None,
     )
 
 

@@ -60,7 +60,7 @@ class AgentStub(Protocol):
     proto/agent.proto.
     """
 
-    CreateCapsule: UnaryRpc[pb.CapsuleRef, pb.CapsuleInfo]
+    CreateCapsule: UnaryRpc[pb.CreateCapsuleRequest, pb.CapsuleInfo]
     GetCapsule: UnaryRpc[pb.CapsuleRef, pb.CapsuleInfo]
     ListCapsules: UnaryRpc[pb.Empty, pb.CapsuleList]
     DestroyCapsule: UnaryRpc[pb.CapsuleRef, pb.Empty]
@@ -91,11 +91,12 @@ class HostClient:
         self._stub = stub
         self._settings = settings
 
-    async def create_capsule(self, capsule_id: str) -> domain.HostCapsule:
-        """Creates the capsule's workspace and supervisor on the host."""
-        reply = await self._unary(
-            "CreateCapsule", self._stub.CreateCapsule, pb.CapsuleRef(capsule_id=capsule_id)
-        )
+    async def create_capsule(
+        self, capsule_id: str, spec: domain.CapsuleSpec | None = None
+    ) -> domain.HostCapsule:
+        """Creates the capsule's workspace and supervisor on the host; an existing one is returned."""
+        request = wire.create_capsule_request(capsule_id, spec or domain.CapsuleSpec())
+        reply = await self._unary("CreateCapsule", self._stub.CreateCapsule, request)
         return wire.capsule_info(reply)
 
     async def destroy_capsule(self, capsule_id: str) -> None:

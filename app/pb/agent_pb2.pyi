@@ -10,6 +10,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CapsuleRuntime(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUNTIME_UNSPECIFIED: _ClassVar[CapsuleRuntime]
+    RUNTIME_SANDBOX: _ClassVar[CapsuleRuntime]
+    RUNTIME_PLAIN: _ClassVar[CapsuleRuntime]
+
 class ProcessStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PROCESS_STATUS_UNSPECIFIED: _ClassVar[ProcessStatus]
@@ -31,6 +37,9 @@ class ProcessEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROCESS_EVENT_KIND_UNSPECIFIED: _ClassVar[ProcessEventKind]
     EVENT_STARTED: _ClassVar[ProcessEventKind]
     EVENT_EXITED: _ClassVar[ProcessEventKind]
+RUNTIME_UNSPECIFIED: CapsuleRuntime
+RUNTIME_SANDBOX: CapsuleRuntime
+RUNTIME_PLAIN: CapsuleRuntime
 PROCESS_STATUS_UNSPECIFIED: ProcessStatus
 PROCESS_RUNNING: ProcessStatus
 PROCESS_EXITED: ProcessStatus
@@ -52,15 +61,55 @@ class CapsuleRef(_message.Message):
     capsule_id: str
     def __init__(self, capsule_id: _Optional[str] = ...) -> None: ...
 
+class CapsuleLimits(_message.Message):
+    __slots__ = ("max_processes", "memory_mib", "cpus")
+    MAX_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    max_processes: int
+    memory_mib: int
+    cpus: float
+    def __init__(self, max_processes: _Optional[int] = ..., memory_mib: _Optional[int] = ..., cpus: _Optional[float] = ...) -> None: ...
+
+class CreateCapsuleRequest(_message.Message):
+    __slots__ = ("capsule_id", "network", "limits")
+    CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    capsule_id: str
+    network: bool
+    limits: CapsuleLimits
+    def __init__(self, capsule_id: _Optional[str] = ..., network: _Optional[bool] = ..., limits: _Optional[_Union[CapsuleLimits, _Mapping]] = ...) -> None: ...
+
+class ResourceUsage(_message.Message):
+    __slots__ = ("cpu_sec", "memory_bytes", "memory_peak_bytes", "processes")
+    CPU_SEC_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    cpu_sec: float
+    memory_bytes: int
+    memory_peak_bytes: int
+    processes: int
+    def __init__(self, cpu_sec: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., memory_peak_bytes: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+
 class CapsuleInfo(_message.Message):
-    __slots__ = ("capsule_id", "workspace", "running_processes")
+    __slots__ = ("capsule_id", "workspace", "running_processes", "runtime", "network", "limits", "usage")
     CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     capsule_id: str
     workspace: str
     running_processes: int
-    def __init__(self, capsule_id: _Optional[str] = ..., workspace: _Optional[str] = ..., running_processes: _Optional[int] = ...) -> None: ...
+    runtime: CapsuleRuntime
+    network: bool
+    limits: CapsuleLimits
+    usage: ResourceUsage
+    def __init__(self, capsule_id: _Optional[str] = ..., workspace: _Optional[str] = ..., running_processes: _Optional[int] = ..., runtime: _Optional[_Union[CapsuleRuntime, str]] = ..., network: _Optional[bool] = ..., limits: _Optional[_Union[CapsuleLimits, _Mapping]] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ...) -> None: ...
 
 class CapsuleList(_message.Message):
     __slots__ = ("capsules",)

@@ -36,7 +36,7 @@ class AgentStub:
         """
         self.CreateCapsule = channel.unary_unary(
                 '/capsule.agent.v1.Agent/CreateCapsule',
-                request_serializer=app_dot_pb_dot_agent__pb2.CapsuleRef.SerializeToString,
+                request_serializer=app_dot_pb_dot_agent__pb2.CreateCapsuleRequest.SerializeToString,
                 response_deserializer=app_dot_pb_dot_agent__pb2.CapsuleInfo.FromString,
                 _registered_method=True)
         self.GetCapsule = channel.unary_unary(
@@ -110,7 +110,8 @@ class AgentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateCapsule(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creating an existing capsule returns it as it is.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -205,7 +206,7 @@ def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateCapsule': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCapsule,
-                    request_deserializer=app_dot_pb_dot_agent__pb2.CapsuleRef.FromString,
+                    request_deserializer=app_dot_pb_dot_agent__pb2.CreateCapsuleRequest.FromString,
                     response_serializer=app_dot_pb_dot_agent__pb2.CapsuleInfo.SerializeToString,
             ),
             'GetCapsule': grpc.unary_unary_rpc_method_handler(
@@ -299,7 +300,7 @@ class Agent:
             request,
             target,
             '/capsule.agent.v1.Agent/CreateCapsule',
-            app_dot_pb_dot_agent__pb2.CapsuleRef.SerializeToString,
+            app_dot_pb_dot_agent__pb2.CreateCapsuleRequest.SerializeToString,
             app_dot_pb_dot_agent__pb2.CapsuleInfo.FromString,
             options,
             channel_credentials,
