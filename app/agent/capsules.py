@@ -10,7 +10,7 @@ from app.agent.events import ProcessEvents
 from app.agent.supervisor import Supervisor
 from app.config import Settings
 from app.datadir import DirectoryLock
-from app.domain import ID_RE, HostCapsule, check_id
+from app.domain import ID_RE, CapsuleRuntime, CapsuleSpec, HostCapsule, check_id
 from app.errors import NotFound
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ class Capsules:
         self._events = events
         self._root = (settings.agent_dir / "capsules").resolve()
         self._supervisors: dict[str, Supervisor] = {}
+        # What each capsule was created with; one adopted from disk takes the spec of its next create.
+        self._specs: dict[str, CapsuleSpec] = {}
         self._lock = asyncio.Lock()  # create and destroy of one id must not interleave on disk
 
     def load(self, lock: DirectoryLock) -> None:
@@ -54,16 +56,23 @@ class Capsules:
         return Supervisor(capsule_id, workspace, self._settings, self._events.publish)
 
     def _info(self, supervisor: Supervisor) -> HostCapsule:
+        spec = self._specs.get(supervisor.capsule_id, CapsuleSpec())
         return HostCapsule(
             capsule_id=supervisor.capsule_id,
             workspace=str(supervisor.workspace),
             running_processes=supervisor.running_count(),
+            # The plain runtime isolates and measures nothing: network and limits are only reported.
+            runtime=CapsuleRuntime.PLAIN,
+            network=spec.network,
+            limits=spec.limits,
+            usage=None,
         )
 
-    async def create(self, capsule_id: str) -> HostCapsule:
+    async def create(self, capsule_id: str, spec: CapsuleSpec | None = None) -> HostCapsule:
         """Makes the capsule's workspace; creating an existing capsule returns it."""
         check_capsule_id(capsule_id)
         async with self._lock:
+            self._specs.setdefault(capsule_id, spec or CapsuleSpec())
             supervisor = self._supervisors.get(capsule_id)
             if supervisor is None:
                 supervisor = self._supervisor_for(capsule_id)
@@ -93,6 +102,7 @@ class Capsules:
         async with self._lock:
             supervisor = self.supervisor(capsule_id)
             del self._supervisors[capsule_id]
+            self._specs.pop(capsule_id, None)
             await supervisor.close()
             self._events.end(capsule_id)
             try:
@@ -107,4 +117,5 @@ class Capsules:
         """Kills the processes of every capsule; workspaces stay on disk."""
         supervisors = list(self._supervisors.values())
         self._supervisors.clear()
+        self._specs.clear()
         await asyncio.gather(*(supervisor.close() for supervisor in supervisors))

@@ -101,8 +101,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         self._events = events
 
     @abort_on_capsule_error
-    async def CreateCapsule(self, request: pb.CapsuleRef, context: Context) -> pb.CapsuleInfo:
-        return wire.capsule_info_to_pb(await self._capsules.create(request.capsule_id))
+    async def CreateCapsule(self, request: pb.CreateCapsuleRequest, context: Context) -> pb.CapsuleInfo:
+        spec = wire.capsule_spec(request)
+        return wire.capsule_info_to_pb(await self._capsules.create(request.capsule_id, spec))
 
     @abort_on_capsule_error
     async def GetCapsule(self, request: pb.CapsuleRef, context: Context) -> pb.CapsuleInfo:
