@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from app.domain import CapsuleLimits, check_limits
+from app.errors import InvalidRequest
+
 MiB = 1024 * 1024
 
 # Each bus URL scheme and the backend that speaks it.
@@ -44,9 +47,14 @@ def _parse_hosts(text: str) -> dict[str, str]:
 
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _optional_number(env, name)
+    return default if value is None else value
+
+
+def _optional_number(env: Mapping[str, str], name: str) -> float | None:
     raw = env.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     try:
         value = float(raw)
     except ValueError as exc:
@@ -54,6 +62,18 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     if value < 0:
         raise ConfigError(f"{name}={raw!r} is negative")
     return value
+
+
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    value = _optional_number(env, name)
+    if value is not None and not value.is_integer():
+        raise ConfigError(f"{name}={env[name]!r} is not a whole number")
+    return None if value is None else int(value)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _optional_int(env, name)
+    return default if value is None else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +103,10 @@ class Settings:
     # What one team may hold at once; past these, RATE_LIMITED.
     max_capsules_per_team: int = 100
     max_processes_per_capsule: int = 256
+    # The limits of a capsule whose createCapsule leaves them out (None: no limit beyond the host's).
+    capsule_max_processes: int = 256
+    capsule_memory_mib: int | None = None
+    capsule_cpus: float | None = None
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -92,6 +116,15 @@ class Settings:
     def embedded_agent(self) -> bool:
         """True when no host is configured here, so `serve` starts its own agent."""
         return not self.hosts
+
+    @property
+    def capsule_limits(self) -> CapsuleLimits:
+        """The limits a capsule gets where its creator asks for none."""
+        return CapsuleLimits(
+            max_processes=self.capsule_max_processes,
+            memory_mib=self.capsule_memory_mib,
+            cpus=self.capsule_cpus,
+        )
 
     @property
     def agent_dir(self) -> Path:
@@ -111,9 +144,16 @@ class Settings:
             "max_capsules_per_team": int(_number(env, "CAPSULE_MAX_CAPSULES_PER_TEAM", 100)),
             "max_processes_per_capsule": int(_number(env, "CAPSULE_MAX_PROCESSES_PER_CAPSULE", 256)),
             "reconcile_interval_sec": _number(env, "CAPSULE_RECONCILE_INTERVAL_SEC", 30.0),
+            "capsule_max_processes": _int(env, "CAPSULE_DEFAULT_MAX_PROCESSES", 256),
+            "capsule_memory_mib": _optional_int(env, "CAPSULE_DEFAULT_MEMORY_MIB"),
+            "capsule_cpus": _optional_number(env, "CAPSULE_DEFAULT_CPUS"),
         }
         settings = cls(**(values | overrides))
         bus_backend_kind(settings.bus_url)
         if settings.reconcile_interval_sec <= 0:
             raise ConfigError("CAPSULE_RECONCILE_INTERVAL_SEC must be more than 0 seconds")
+        try:
+            check_limits(settings.capsule_limits)
+        except InvalidRequest as exc:
+            raise ConfigError(f"the default capsule limits (CAPSULE_DEFAULT_*) are refused: {exc}") from None
         return settings

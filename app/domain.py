@@ -291,6 +291,51 @@ class CapsuleSpec:
     limits: CapsuleLimits = CapsuleLimits(max_processes=256)
 
 
+# Bounds of a capsule's limits. Fewer than 16 MiB starts hardly any program; past 1 TiB, or 64Ki
+# processes, no host of ours has it to give. Below 0.01 cores, cgroup v1's CFS quota (1 ms a 100 ms
+# period) cannot go; past 1024 a share means nothing, though one beyond the host's cores is harmless.
+MAX_PROCESSES_RANGE = (1, 65536)
+MEMORY_MIB_RANGE = (16, 1024 * 1024)
+CPUS_RANGE = (0.01, 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedLimits:
+    """The limits a caller asks for; None: the server's default."""
+
+    max_processes: int | None = None
+    memory_mib: int | None = None
+    cpus: float | None = None
+
+    def over(self, defaults: CapsuleLimits) -> CapsuleLimits:
+        """These limits, the defaults where none was asked for, checked."""
+        return check_limits(
+            CapsuleLimits(
+                max_processes=defaults.max_processes if self.max_processes is None else self.max_processes,
+                memory_mib=defaults.memory_mib if self.memory_mib is None else self.memory_mib,
+                cpus=defaults.cpus if self.cpus is None else self.cpus,
+            )
+        )
+
+
+def check_limits(limits: CapsuleLimits) -> CapsuleLimits:
+    """Returns the limits when each is within its range, else raises InvalidRequest naming it."""
+    _check_range("limits.maxProcesses", limits.max_processes, MAX_PROCESSES_RANGE, "processes")
+    if limits.memory_mib is not None:
+        _check_range("limits.memoryMiB", limits.memory_mib, MEMORY_MIB_RANGE, "MiB")
+    if limits.cpus is not None:
+        _check_range("limits.cpus", limits.cpus, CPUS_RANGE, "cores")
+    return limits
+
+
+def _check_range(name: str, value: float, bounds: tuple[float, float], unit: str) -> None:
+    low, high = bounds
+    # NaN compares false with everything: only `not low <= value <= high` refuses it.
+    if not low <= value <= high:
+        shown = "not a number" if math.isnan(value) else str(value)
+        raise InvalidRequest(f"{name} is {shown}: pass {low} to {high} {unit}")
+
+
 @dataclass(frozen=True, slots=True)
 class HostCapsule:
     """What a host agent holds of one capsule."""
@@ -315,6 +360,14 @@ class CapsuleInfo:
     timeout_sec: int
     created_at: datetime
     last_active_at: datetime
+    runtime: CapsuleRuntime
+    network: bool
+    limits: CapsuleLimits
+
+    @property
+    def spec(self) -> CapsuleSpec:
+        """What its host must create it with, the first time and whenever it gives it back."""
+        return CapsuleSpec(network=self.network, limits=self.limits)
 
 
 @dataclass(frozen=True, slots=True)

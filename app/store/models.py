@@ -9,7 +9,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import JSON, Column, Field, SQLModel
 
-from app.domain import CapsuleInfo, CapsuleStatus, ProcessStatus, as_utc, utcnow
+from app.domain import (
+    CapsuleInfo,
+    CapsuleLimits,
+    CapsuleRuntime,
+    CapsuleStatus,
+    ProcessStatus,
+    as_utc,
+    utcnow,
+)
 
 # Named constraints, so later migrations can alter or drop them (SQLite's batch mode needs names).
 SQLModel.metadata.naming_convention = {
@@ -75,6 +83,15 @@ class Capsule(SQLModel, table=True):
     timeout_sec: int = 300
     created_at: datetime = _moment()
     last_active_at: datetime = _moment(index=True)
+    # What its host reported creating it with; null until the host has answered.
+    runtime: CapsuleRuntime | None = Field(
+        default=None, sa_column=Column(sa.Enum(CapsuleRuntime, native_enum=False, length=16), nullable=True)
+    )
+    # What it was created with: its host gets these again whenever it gives the capsule back.
+    network: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    max_processes: int = Field(default=256, sa_column_kwargs={"server_default": "256"})
+    memory_mib: int | None = None
+    cpus: float | None = None
 
     def to_info(self) -> CapsuleInfo:
         """The capsule as the domain value services hand out."""
@@ -86,6 +103,12 @@ class Capsule(SQLModel, table=True):
             timeout_sec=self.timeout_sec,
             created_at=as_utc(self.created_at),
             last_active_at=as_utc(self.last_active_at),
+            # Until its host has said otherwise, a capsule claims no isolation: nothing runs in it yet.
+            runtime=self.runtime or CapsuleRuntime.PLAIN,
+            network=self.network,
+            limits=CapsuleLimits(
+                max_processes=self.max_processes, memory_mib=self.memory_mib, cpus=self.cpus
+            ),
         )
 
 

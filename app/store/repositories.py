@@ -16,7 +16,7 @@ from sqlmodel import col, func, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
-from app.domain import ACTIVE_CAPSULE_STATUSES, CapsuleStatus, ProcessStatus, as_utc, utcnow
+from app.domain import ACTIVE_CAPSULE_STATUSES, CapsuleRuntime, CapsuleStatus, ProcessStatus, as_utc, utcnow
 from app.store import models
 
 M = TypeVar("M", models.Capsule, models.ProcessRecord)
@@ -80,17 +80,26 @@ class CapsuleRepository(TeamScoped[models.Capsule]):
         return int((await self._session.exec(count)).one())
 
     async def set_status(
-        self, capsule_id: str, status: CapsuleStatus, *, only_from: Collection[CapsuleStatus] | None = None
+        self,
+        capsule_id: str,
+        status: CapsuleStatus,
+        *,
+        only_from: Collection[CapsuleStatus] | None = None,
+        runtime: CapsuleRuntime | None = None,
     ) -> models.Capsule | None:
-        """Sets the status (only from one of only_from, when given); the row, or None if unchanged."""
+        """Sets the status (only from one of only_from, when given) and the runtime its host reported
+        (when given); the row, or None if unchanged."""
         capsule = models.Capsule
         statement = update(capsule).where(
             col(capsule.team_id) == self._team_id, col(capsule.id) == capsule_id
         )
         if only_from is not None:
             statement = statement.where(col(capsule.status).in_(only_from))
+        values: dict[str, Any] = {"status": status}
+        if runtime is not None:
+            values["runtime"] = runtime
         result = await self._session.exec(
-            statement.values(status=status).returning(capsule), execution_options={"populate_existing": True}
+            statement.values(**values).returning(capsule), execution_options={"populate_existing": True}
         )
         changed: models.Capsule | None = result.scalars().one_or_none()
         return changed

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from app.domain import CapsuleStatus, ProcessStatus, utcnow
+from app.domain import CapsuleLimits, CapsuleRuntime, CapsuleStatus, ProcessStatus, utcnow
 from app.store import models
 from app.store.repositories import (
     CapsuleRepository,
@@ -61,6 +61,53 @@ class TestCapsuleRepository:
             stored = await CapsuleRepository(session, _id(team)).get("cap-new")
         assert stored is not None
         assert stored.status is CapsuleStatus.STARTING
+
+    async def test_runtime_network_and_limits_round_trip(self, database: Database) -> None:
+        team = await make_team(database)
+        capsule = models.Capsule(
+            id="cap-spec",
+            team_id=_id(team),
+            host_id="h1",
+            status=CapsuleStatus.STARTING,
+            network=True,
+            max_processes=32,
+            memory_mib=128,
+            cpus=0.5,
+        )
+        async with database.transaction() as session:
+            await CapsuleRepository(session, _id(team)).add(capsule)
+        async with database.session() as session:
+            stored = await CapsuleRepository(session, _id(team)).get("cap-spec")
+        assert stored is not None
+        assert (stored.runtime, stored.network) == (None, True)
+        assert (stored.max_processes, stored.memory_mib, stored.cpus) == (32, 128, 0.5)
+        # Until its host has answered, the capsule claims no isolation.
+        info = stored.to_info()
+        assert info.runtime is CapsuleRuntime.PLAIN
+        assert (info.network, info.limits) == (
+            True,
+            CapsuleLimits(max_processes=32, memory_mib=128, cpus=0.5),
+        )
+
+    async def test_set_status_records_the_runtime_the_host_reported(self, database: Database) -> None:
+        team = await make_team(database)
+        capsule = await make_capsule(database, team, status=CapsuleStatus.STARTING)
+        async with database.transaction() as session:
+            running = await CapsuleRepository(session, _id(team)).set_status(
+                capsule.id, CapsuleStatus.RUNNING, runtime=CapsuleRuntime.SANDBOX
+            )
+        assert running is not None and running.runtime is CapsuleRuntime.SANDBOX
+        # A change of status alone leaves the runtime as it was.
+        async with database.transaction() as session:
+            await CapsuleRepository(session, _id(team)).set_status(capsule.id, CapsuleStatus.STOPPING)
+        async with database.session() as session:
+            stored = await CapsuleRepository(session, _id(team)).get(capsule.id)
+        assert stored is not None
+        assert (stored.status, stored.runtime) == (CapsuleStatus.STOPPING, CapsuleRuntime.SANDBOX)
+
+    async def test_a_capsule_made_without_a_spec_has_the_defaults(self, database: Database) -> None:
+        stored = (await make_capsule(database, await make_team(database))).to_info()
+        assert (stored.network, stored.limits) == (False, CapsuleLimits(max_processes=256))
 
 
 class TestProcessRecordRepository:

@@ -1,0 +1,50 @@
+"""Settings.from_env: the capsule limits a createCapsule without limits gets."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from app.config import ConfigError, Settings
+from app.domain import CapsuleLimits
+
+
+class TestDefaultCapsuleLimits:
+    def test_unset_is_256_processes_and_no_other_limit(self) -> None:
+        assert Settings.from_env({}).capsule_limits == CapsuleLimits(max_processes=256)
+
+    def test_read_from_the_environment(self) -> None:
+        env = {
+            "CAPSULE_DEFAULT_MAX_PROCESSES": "64",
+            "CAPSULE_DEFAULT_MEMORY_MIB": "512",
+            "CAPSULE_DEFAULT_CPUS": "1.5",
+        }
+        assert Settings.from_env(env).capsule_limits == CapsuleLimits(
+            max_processes=64, memory_mib=512, cpus=1.5
+        )
+
+    def test_empty_is_unset(self) -> None:
+        env = {"CAPSULE_DEFAULT_MEMORY_MIB": "", "CAPSULE_DEFAULT_CPUS": ""}
+        assert Settings.from_env(env).capsule_limits == CapsuleLimits(max_processes=256)
+
+    @pytest.mark.parametrize(
+        ("env", "words"),
+        [
+            ({"CAPSULE_DEFAULT_MAX_PROCESSES": "0"}, "limits.maxProcesses is 0: pass 1 to 65536"),
+            (
+                {"CAPSULE_DEFAULT_MAX_PROCESSES": "many"},
+                "CAPSULE_DEFAULT_MAX_PROCESSES='many' is not a number",
+            ),
+            ({"CAPSULE_DEFAULT_MEMORY_MIB": "1.5"}, "CAPSULE_DEFAULT_MEMORY_MIB='1.5' is not a whole number"),
+            ({"CAPSULE_DEFAULT_MEMORY_MIB": "8"}, "limits.memoryMiB is 8: pass 16 to 1048576 MiB"),
+            ({"CAPSULE_DEFAULT_CPUS": "-1"}, "CAPSULE_DEFAULT_CPUS='-1' is negative"),
+            ({"CAPSULE_DEFAULT_CPUS": "nan"}, "limits.cpus is not a number"),
+            ({"CAPSULE_DEFAULT_CPUS": "0"}, "limits.cpus is 0.0: pass 0.01 to 1024 cores"),
+        ],
+    )
+    def test_bad_values_stop_the_start(self, env: dict[str, str], words: str) -> None:
+        with pytest.raises(ConfigError, match=re.escape(words)) as caught:
+            Settings.from_env(env)
+        if "limits." in words:
+            assert "CAPSULE_DEFAULT_" in str(caught.value)
