@@ -99,6 +99,11 @@ class HostClient:
         reply = await self._unary("CreateCapsule", self._stub.CreateCapsule, request)
         return wire.capsule_info(reply)
 
+    async def get_capsule(self, capsule_id: str) -> domain.HostCapsule:
+        """What the host holds of one capsule, its usage included; NotFound when it holds none."""
+        reply = await self._unary("GetCapsule", self._stub.GetCapsule, pb.CapsuleRef(capsule_id=capsule_id))
+        return wire.capsule_info(reply)
+
     async def destroy_capsule(self, capsule_id: str) -> None:
         """Kills every process of the capsule and removes its workspace."""
         await self._unary("DestroyCapsule", self._stub.DestroyCapsule, pb.CapsuleRef(capsule_id=capsule_id))

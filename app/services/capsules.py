@@ -9,8 +9,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 
-from app.domain import CapsuleInfo, CapsuleStatus, Team, utcnow
-from app.errors import InvalidRequest, InvalidState, NotFound, RateLimited
+from app.domain import (
+    CapsuleInfo,
+    CapsuleLimits,
+    CapsuleStatus,
+    RequestedLimits,
+    ResourceUsage,
+    Team,
+    utcnow,
+)
+from app.errors import HostUnavailable, InvalidRequest, InvalidState, NotFound, RateLimited
 from app.hosts.pool import HostPool
 from app.services.hosts import HostService
 from app.services.lifecycle import CapsuleLifecycle
@@ -35,9 +43,11 @@ class CapsuleService:
         lifecycle: CapsuleLifecycle,
         team: Team,
         max_capsules: int,
+        default_limits: CapsuleLimits,
     ) -> None:
         self._db, self._pool, self._hosts, self._lifecycle, self._team = db, pool, hosts, lifecycle, team
         self._max_capsules = max_capsules
+        self._default_limits = default_limits
 
     async def get(self, capsule_id: str) -> CapsuleInfo | None:
         """This team's capsule, or None (another team's capsule is None too)."""
@@ -93,10 +103,31 @@ class CapsuleService:
             rows = await CapsuleRepository(session, self._team.id).list()
         return [row.to_info() for row in rows]
 
-    async def create(self, *, timeout_sec: int) -> CapsuleInfo:
-        """Places a new capsule on a host and waits until it runs there."""
+    async def usage(self, capsule: CapsuleInfo) -> ResourceUsage | None:
+        """What the capsule's processes use now, as its host measures it.
+
+        None where its runtime cannot measure it, when it is not RUNNING (nothing of it is left to
+        measure), and while its host cannot be reached: a capsule read must not fail for a figure.
+        """
+        if capsule.status is not CapsuleStatus.RUNNING:
+            return None
+        try:
+            hosted = await self._pool.client(capsule.host_id).get_capsule(capsule.id)
+        except (HostUnavailable, NotFound) as exc:  # NotFound: lost by its host, the reconciler's to mend
+            logger.info("capsule %s: no usage from host %s: %s", capsule.id, capsule.host_id, exc)
+            return None
+        return hosted.usage
+
+    async def create(
+        self, *, timeout_sec: int, network: bool = False, limits: RequestedLimits | None = None
+    ) -> CapsuleInfo:
+        """Places a new capsule on a host and waits until it runs there.
+
+        Limits left out are the server's defaults; network false keeps its processes to its loopback.
+        """
         if not 1 <= timeout_sec <= MAX_CAPSULE_TIMEOUT_SEC:
             raise InvalidRequest(f"timeoutSec must be between 1 and {MAX_CAPSULE_TIMEOUT_SEC} seconds")
+        checked = (limits or RequestedLimits()).over(self._default_limits)
         # Hosts registered since this replica started join its pool here.
         hosts = await self._hosts.hosts()
         self._pool.set_hosts(hosts)
@@ -107,6 +138,10 @@ class CapsuleService:
             host_id=host_id,
             status=CapsuleStatus.STARTING,
             timeout_sec=timeout_sec,
+            network=network,
+            max_processes=checked.max_processes,
+            memory_mib=checked.memory_mib,
+            cpus=checked.cpus,
         )
         async with self._db.transaction() as session:
             capsules = CapsuleRepository(session, self._team.id)

@@ -15,7 +15,15 @@ from collections.abc import AsyncGenerator, Collection, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
 
-from app.domain import CapsuleInfo, CapsuleStatus, ProcessEvent, ProcessEventKind, ProcessInfo, utcnow
+from app.domain import (
+    CapsuleInfo,
+    CapsuleRuntime,
+    CapsuleStatus,
+    ProcessEvent,
+    ProcessEventKind,
+    ProcessInfo,
+    utcnow,
+)
 from app.errors import CapsuleError, HostUnavailable, NotFound
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
@@ -45,11 +53,13 @@ class CapsuleLifecycle:
     async def place(self, capsule: CapsuleInfo) -> CapsuleInfo:
         """Creates a STARTING capsule on its host: RUNNING once the host holds it, ERROR if it refused."""
         try:
-            await self._pool.client(capsule.host_id).create_capsule(capsule.id)
+            hosted = await self._pool.client(capsule.host_id).create_capsule(capsule.id, capsule.spec)
         except CapsuleError:
             await self._transition(capsule, CapsuleStatus.ERROR, only_from={CapsuleStatus.STARTING})
             raise
-        running = await self._transition(capsule, CapsuleStatus.RUNNING, only_from={CapsuleStatus.STARTING})
+        running = await self._transition(
+            capsule, CapsuleStatus.RUNNING, only_from={CapsuleStatus.STARTING}, runtime=hosted.runtime
+        )
         return running or await self._current(capsule)  # destroyed meanwhile: what it is now
 
     async def stop(self, capsule: CapsuleInfo) -> CapsuleInfo:
@@ -140,7 +150,8 @@ class CapsuleLifecycle:
         capsule becomes ERROR and the records of `running` end, saying no more than when.
         """
         try:
-            await client.create_capsule(capsule.id)  # the workspace on disk is kept
+            # The workspace on disk is kept; the isolation and limits are the capsule's own, not defaults.
+            hosted = await client.create_capsule(capsule.id, capsule.spec)
         except HostUnavailable:
             raise
         except CapsuleError as exc:
@@ -149,7 +160,10 @@ class CapsuleLifecycle:
             if errored is not None:
                 await self._records.reconcile(errored, running=running, live=(), killed=False)
             return False
-        current = await self._current(capsule)
+        # An agent restarted with another runtime holds the capsule differently now: record how.
+        current = await self._transition(
+            capsule, CapsuleStatus.RUNNING, only_from={CapsuleStatus.RUNNING}, runtime=hosted.runtime
+        ) or await self._current(capsule)
         if current.status is not CapsuleStatus.RUNNING:  # stopped while this ran: take it down again
             await self._destroy_on_host(current)
             return False
@@ -173,12 +187,18 @@ class CapsuleLifecycle:
         return True
 
     async def _transition(
-        self, capsule: CapsuleInfo, status: CapsuleStatus, *, only_from: Collection[CapsuleStatus]
+        self,
+        capsule: CapsuleInfo,
+        status: CapsuleStatus,
+        *,
+        only_from: Collection[CapsuleStatus],
+        runtime: CapsuleRuntime | None = None,
     ) -> CapsuleInfo | None:
-        """Moves the capsule to status from one of only_from; the capsule as it is then, or None."""
+        """Moves the capsule to status from one of only_from, recording the runtime its host reported
+        (when given); the capsule as it is then, or None."""
         async with self._db.transaction() as session:
             row = await CapsuleRepository(session, capsule.team_id).set_status(
-                capsule.id, status, only_from=only_from
+                capsule.id, status, only_from=only_from, runtime=runtime
             )
         return None if row is None else row.to_info()
 

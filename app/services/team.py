@@ -43,6 +43,7 @@ class Platform:
             lifecycle=self.lifecycle,
             team=team,
             max_capsules=self.settings.max_capsules_per_team,
+            default_limits=self.settings.capsule_limits,
         )
         limit = self.settings.max_input_bytes
         processes = ProcessService(

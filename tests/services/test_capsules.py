@@ -4,12 +4,21 @@ require_running, list and in_use, each for a missing capsule, another team's, a 
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 from datetime import timedelta
 
 import pytest
 
-from app.domain import CapsuleStatus, ProcessSpec, ProcessStatus, utcnow
+from app.domain import (
+    CapsuleLimits,
+    CapsuleRuntime,
+    CapsuleStatus,
+    ProcessSpec,
+    ProcessStatus,
+    RequestedLimits,
+    utcnow,
+)
 from app.errors import ErrorCode, InvalidRequest, InvalidState, NotFound, RateLimited
 from app.services.capsules import MAX_CAPSULE_TIMEOUT_SEC
 from app.state import EMBEDDED_HOST_ID
@@ -54,6 +63,77 @@ class TestCreate:
             await teams.ours.capsules.create(timeout_sec=timeout_sec)
         assert caught.value.code is ErrorCode.INVALID_REQUEST
         assert await teams.ours.capsules.list() == []
+
+    async def test_network_and_limits_are_stored_and_given_to_the_host(self, teams: Teams) -> None:
+        asked = RequestedLimits(max_processes=32, memory_mib=256, cpus=0.5)
+        capsule = await teams.ours.capsules.create(timeout_sec=300, network=True, limits=asked)
+        limits = CapsuleLimits(max_processes=32, memory_mib=256, cpus=0.5)
+        assert (capsule.network, capsule.limits) == (True, limits)
+        assert await teams.stored(capsule.id) == capsule
+        on_host = await teams.host.get_capsule(capsule.id)
+        assert (on_host.network, on_host.limits) == (True, limits)
+
+    async def test_limits_left_out_are_the_servers_defaults(self, teams: Teams) -> None:
+        defaults = teams.state.settings.capsule_limits
+        capsule = await teams.ours.capsules.create(timeout_sec=300)
+        assert (capsule.network, capsule.limits) == (False, defaults)
+        partly = await teams.ours.capsules.create(timeout_sec=300, limits=RequestedLimits(memory_mib=64))
+        assert partly.limits == CapsuleLimits(
+            max_processes=defaults.max_processes, memory_mib=64, cpus=defaults.cpus
+        )
+        assert (await teams.host.get_capsule(partly.id)).limits == partly.limits
+
+    @pytest.mark.parametrize(
+        ("limits", "words"),
+        [
+            (RequestedLimits(max_processes=0), "limits.maxProcesses is 0: pass 1 to 65536 processes"),
+            (RequestedLimits(max_processes=-5), "limits.maxProcesses is -5: pass 1 to 65536 processes"),
+            (RequestedLimits(max_processes=65537), "limits.maxProcesses is 65537: pass 1 to 65536 processes"),
+            (RequestedLimits(memory_mib=15), "limits.memoryMiB is 15: pass 16 to 1048576 MiB"),
+            (RequestedLimits(memory_mib=2**20 + 1), "limits.memoryMiB is 1048577: pass 16 to 1048576 MiB"),
+            (RequestedLimits(cpus=0.0), "limits.cpus is 0.0: pass 0.01 to 1024 cores"),
+            (RequestedLimits(cpus=0.001), "limits.cpus is 0.001: pass 0.01 to 1024 cores"),
+            (RequestedLimits(cpus=-1.0), "limits.cpus is -1.0: pass 0.01 to 1024 cores"),
+            (RequestedLimits(cpus=1024.5), "limits.cpus is 1024.5: pass 0.01 to 1024 cores"),
+            (RequestedLimits(cpus=math.nan), "limits.cpus is not a number: pass 0.01 to 1024 cores"),
+            (RequestedLimits(cpus=math.inf), "limits.cpus is inf: pass 0.01 to 1024 cores"),
+        ],
+    )
+    async def test_bad_limits_are_invalid_request_naming_the_field(
+        self, teams: Teams, limits: RequestedLimits, words: str
+    ) -> None:
+        with pytest.raises(InvalidRequest) as caught:
+            await teams.ours.capsules.create(timeout_sec=300, limits=limits)
+        assert caught.value.code is ErrorCode.INVALID_REQUEST
+        assert str(caught.value) == words
+        assert await teams.ours.capsules.list() == []
+
+    async def test_the_limits_at_their_bounds_are_taken(self, teams: Teams) -> None:
+        low = await teams.ours.capsules.create(
+            timeout_sec=300, limits=RequestedLimits(max_processes=1, memory_mib=16, cpus=0.01)
+        )
+        assert low.limits == CapsuleLimits(max_processes=1, memory_mib=16, cpus=0.01)
+        await teams.ours.capsules.destroy(low.id)  # within the team's limit of capsules
+        high = await teams.ours.capsules.create(
+            timeout_sec=300, limits=RequestedLimits(max_processes=65536, memory_mib=2**20, cpus=1024)
+        )
+        assert high.limits == CapsuleLimits(max_processes=65536, memory_mib=2**20, cpus=1024)
+
+    async def test_the_runtime_is_the_one_its_host_reports(self, teams: Teams) -> None:
+        capsule = await teams.capsule()
+        assert capsule.runtime is (await teams.host.get_capsule(capsule.id)).runtime
+        assert (await teams.stored(capsule.id)).runtime is capsule.runtime
+
+    async def test_a_capsule_its_host_lost_comes_back_with_its_own_network_and_limits(
+        self, teams: Teams
+    ) -> None:
+        asked = RequestedLimits(max_processes=48, memory_mib=128, cpus=0.25)
+        capsule = await teams.ours.capsules.create(timeout_sec=300, network=True, limits=asked)
+        await teams.host.destroy_capsule(capsule.id)  # as an agent that lost its data would
+        await teams.state.platform.lifecycle.reconcile_host(EMBEDDED_HOST_ID)
+        back = await teams.host.get_capsule(capsule.id)
+        assert (back.network, back.limits) == (True, capsule.limits)
+        assert await teams.stored(capsule.id) == capsule
 
     async def test_past_the_team_limit_is_rate_limited(self, teams: Teams) -> None:
         made = [await teams.capsule() for _ in range(MAX_CAPSULES)]
@@ -218,3 +298,29 @@ class TestDestroy:
     ) -> None:
         capsule = await teams.stored_capsule(status, host_id=EMBEDDED_HOST_ID)
         assert (await teams.ours.capsules.destroy(capsule.id)).status is CapsuleStatus.STOPPED
+
+
+class TestUsage:
+    async def test_none_on_plain_measured_on_sandbox(self, teams: Teams) -> None:
+        capsule = await teams.capsule()
+        await teams.ours.processes.start(capsule.id, ProcessSpec(cmd="sleep", args=("1000",)))
+        usage = await teams.ours.capsules.usage(capsule)
+        if capsule.runtime is CapsuleRuntime.PLAIN:
+            assert usage is None
+        else:
+            assert usage is not None and usage.processes >= 1
+            assert 0 <= usage.memory_bytes <= usage.memory_peak_bytes and usage.cpu_sec >= 0
+
+    @pytest.mark.parametrize("status", NOT_RUNNING)
+    async def test_a_capsule_not_running_has_none(self, teams: Teams, status: CapsuleStatus) -> None:
+        capsule = await teams.stored_capsule(status, host_id=EMBEDDED_HOST_ID)
+        assert await teams.ours.capsules.usage(capsule) is None
+
+    async def test_an_unreachable_host_is_none_not_an_error(self, teams: Teams) -> None:
+        capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)  # on a host nobody answers for
+        assert await teams.ours.capsules.usage(capsule) is None
+
+    async def test_a_capsule_its_host_lost_has_none(self, teams: Teams) -> None:
+        capsule = await teams.capsule()
+        await teams.host.destroy_capsule(capsule.id)
+        assert await teams.ours.capsules.usage(capsule) is None
