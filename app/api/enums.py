@@ -33,6 +33,22 @@ SignalScope = domain.SignalScope
 ProcessEventKind = domain.ProcessEventKind
 
 
+@strawberry.enum(description="Where a capsule's processes run.")
+class CapsuleRuntime(enum.Enum):
+    SANDBOX = strawberry.enum_value(
+        "SANDBOX",
+        description="Namespaces of its own: its processes see and reach nothing outside the capsule.",
+    )
+    PLAIN = strawberry.enum_value(
+        "PLAIN",
+        description="On the host, as the agent's user, in the capsule's workspace: nothing is isolated.",
+    )
+
+    @classmethod
+    def of(cls, runtime: domain.CapsuleRuntime) -> CapsuleRuntime:
+        return cls(runtime.value)
+
+
 @strawberry.enum(
     description="A POSIX signal. Any may be reported as the one that ended a process; "
     "signalProcess sends the first nine."
