@@ -24,6 +24,9 @@ BUS_SCHEMES: Mapping[str, str] = {
 }
 
 
+RUNTIMES = ("auto", "sandbox", "plain")
+
+
 class ConfigError(ValueError):
     """A setting has a value the service cannot start with."""
 
@@ -91,6 +94,8 @@ class Settings:
     exec_default_timeout_sec: float = 60.0
     # How long a write to a process's stdin may wait for the process to read.
     input_timeout_sec: float = 5.0
+    # Where capsules' processes run: sandbox, plain, or auto (sandbox wherever it works, else plain).
+    runtime: str = "auto"
     # The API server's limits.
     host_connect_timeout_sec: float = 2.0
     host_call_timeout_sec: float = 30.0
@@ -141,6 +146,7 @@ class Settings:
             "hosts": _parse_hosts(env.get("CAPSULE_HOSTS", "")),
             "output_cap_bytes": int(_number(env, "CAPSULE_OUTPUT_CAP_BYTES", 16 * MiB)),
             "retention_sec": _number(env, "CAPSULE_RETENTION_SEC", 600.0),
+            "runtime": (env.get("CAPSULE_RUNTIME") or "auto").lower(),
             "max_capsules_per_team": int(_number(env, "CAPSULE_MAX_CAPSULES_PER_TEAM", 100)),
             "max_processes_per_capsule": int(_number(env, "CAPSULE_MAX_PROCESSES_PER_CAPSULE", 256)),
             "reconcile_interval_sec": _number(env, "CAPSULE_RECONCILE_INTERVAL_SEC", 30.0),
@@ -150,6 +156,10 @@ class Settings:
         }
         settings = cls(**(values | overrides))
         bus_backend_kind(settings.bus_url)
+        if settings.runtime not in RUNTIMES:
+            raise ConfigError(
+                f"CAPSULE_RUNTIME={settings.runtime!r}: use sandbox or plain (unset: sandbox where it works)"
+            )
         if settings.reconcile_interval_sec <= 0:
             raise ConfigError("CAPSULE_RECONCILE_INTERVAL_SEC must be more than 0 seconds")
         try:

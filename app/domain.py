@@ -291,11 +291,12 @@ class CapsuleSpec:
     limits: CapsuleLimits = CapsuleLimits(max_processes=256)
 
 
-# Bounds of a capsule's limits. Fewer than 16 MiB starts hardly any program; past 1 TiB, or 64Ki
-# processes, no host of ours has it to give. Below 0.01 cores, cgroup v1's CFS quota (1 ms a 100 ms
-# period) cannot go; past 1024 a share means nothing, though one beyond the host's cores is harmless.
+# Bounds of a capsule's limits. Fewer than 64 MiB leaves its sandbox's supervisor (an interpreter
+# with gRPC, in the same cgroup) no room; past 1 TiB, or 64Ki processes, no host of ours has it to
+# give. Below 0.01 cores, cgroup v1's CFS quota (1 ms a 100 ms period) cannot go; past 1024 a share
+# means nothing, though one beyond the host's cores is harmless.
 MAX_PROCESSES_RANGE = (1, 65536)
-MEMORY_MIB_RANGE = (16, 1024 * 1024)
+MEMORY_MIB_RANGE = (64, 1024 * 1024)
 CPUS_RANGE = (0.01, 1024)
 
 

@@ -47,10 +47,12 @@ class AppState:
             configured = dict(settings.hosts)
             agent: AgentHandle | None = None
             if not await HostService(db, configured).hosts():
-                agent = await start_agent("127.0.0.1:0", settings)
+                # A Unix socket in its own directory, never a port: a capsule with network shares the
+                # host's loopback, and must not reach the agent that runs every capsule.
+                agent = await start_agent(f"unix:{settings.agent_dir / 'agent.sock'}", settings)
                 stack.push_async_callback(agent.stop)
-                configured[EMBEDDED_HOST_ID] = f"127.0.0.1:{agent.port}"
-                logger.info("started the embedded host agent on 127.0.0.1:%s", agent.port)
+                configured[EMBEDDED_HOST_ID] = agent.address
+                logger.info("started the embedded host agent on %s", settings.agent_dir / "agent.sock")
             hosts = HostService(db, configured)
             pool = HostPool(settings)
             stack.push_async_callback(pool.close)

@@ -110,7 +110,7 @@ async def wait_ready(stub: agent_pb2_grpc.AgentStub) -> None:
     async with asyncio.timeout(20):
         while True:
             try:
-                await stub.CreateCapsule(pb.CapsuleRef(capsule_id="bench"), timeout=1)
+                await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="bench"), timeout=1)
                 return
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.1)

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
 import socket
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
+
+# The runtime the tests' agents use: auto (sandbox where it works) unless CAPSULE_TEST_RUNTIME says
+# sandbox or plain; .ci/run runs the suite once more on plain.
+TEST_RUNTIME = os.environ.get("CAPSULE_TEST_RUNTIME", "auto")
 
 
 def free_port() -> int:
@@ -20,3 +30,63 @@ def is_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """The environment for a `capsule` command a test runs: none of the caller's CAPSULE_* settings,
+    the tests' runtime, then extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
+    if TEST_RUNTIME != "auto":
+        env["CAPSULE_RUNTIME"] = TEST_RUNTIME
+    return env | extra
+
+
+@functools.cache
+def sandboxed() -> bool:
+    """True when the tests' agents run capsules in sandboxes: their PIDs are then the capsule's own."""
+    if TEST_RUNTIME == "plain":
+        return False
+    from app.agent.sandbox import SandboxRuntime
+    from app.config import Settings
+
+    def probe() -> bool:
+        with tempfile.TemporaryDirectory() as directory:
+            runtime, _ = asyncio.run(SandboxRuntime.probe(Settings(data_dir=Path(directory))))
+        return runtime is not None
+
+    # On a thread of its own: a test that asks is already inside an event loop.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(probe).result()
+
+
+def capsule_alive(capsule_id: str, pid: int) -> bool:
+    """True while pid, as the capsule's own processes see it, names a live process of that capsule."""
+    if not sandboxed():
+        return is_alive(pid)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cgroup = (entry / "cgroup").read_text()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if not any(line.endswith(f":/capsule/{capsule_id}") for line in cgroup.splitlines()):
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("NSpid", "").split()[-1:] == [str(pid)] and not fields["State"].strip().startswith("Z"):
+            return True
+    return False
+
+
+class _Process(Protocol):
+    @property
+    def capsule_id(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+
+def process_alive(process: _Process) -> bool:
+    """True while a process the API or the agent reported (its capsule and pid) is alive."""
+    return capsule_alive(process.capsule_id, process.pid)

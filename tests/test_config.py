@@ -37,7 +37,7 @@ class TestDefaultCapsuleLimits:
                 "CAPSULE_DEFAULT_MAX_PROCESSES='many' is not a number",
             ),
             ({"CAPSULE_DEFAULT_MEMORY_MIB": "1.5"}, "CAPSULE_DEFAULT_MEMORY_MIB='1.5' is not a whole number"),
-            ({"CAPSULE_DEFAULT_MEMORY_MIB": "8"}, "limits.memoryMiB is 8: pass 16 to 1048576 MiB"),
+            ({"CAPSULE_DEFAULT_MEMORY_MIB": "8"}, "limits.memoryMiB is 8: pass 64 to 1048576 MiB"),
             ({"CAPSULE_DEFAULT_CPUS": "-1"}, "CAPSULE_DEFAULT_CPUS='-1' is negative"),
             ({"CAPSULE_DEFAULT_CPUS": "nan"}, "limits.cpus is not a number"),
             ({"CAPSULE_DEFAULT_CPUS": "0"}, "limits.cpus is 0.0: pass 0.01 to 1024 cores"),

@@ -1,19 +1,27 @@
-"""The agent's capsules by id, each a workspace on disk with its own supervisor."""
+"""The agent's capsules by id: each a directory on disk, run by a supervisor in the agent (plain) or
+by one inside its own sandbox (sandbox)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+from app.agent import inner
 from app.agent.events import ProcessEvents
+from app.agent.sandbox import UID_BASE, UID_COUNT, Sandbox, SandboxRuntime
 from app.agent.supervisor import Supervisor
 from app.config import Settings
 from app.datadir import DirectoryLock
-from app.domain import ID_RE, CapsuleRuntime, CapsuleSpec, HostCapsule, check_id
-from app.errors import NotFound
+from app.domain import ID_RE, CapsuleLimits, CapsuleRuntime, CapsuleSpec, HostCapsule, check_id
+from app.errors import NotFound, RateLimited
 
 logger = logging.getLogger(__name__)
+
+SPEC_FILE = "spec.json"
 
 
 def check_capsule_id(capsule_id: str) -> str:
@@ -21,89 +29,177 @@ def check_capsule_id(capsule_id: str) -> str:
     return check_id(capsule_id, what="capsule id")
 
 
-class Capsules:
-    """Creates, finds and destroys capsules; routes each call to the capsule's supervisor."""
+@dataclass
+class _Capsule:
+    """One capsule of this agent: a supervisor here (plain), or a sandbox with one inside."""
 
-    def __init__(self, settings: Settings, events: ProcessEvents) -> None:
+    capsule_id: str
+    spec: CapsuleSpec
+    uid: int
+    supervisor: Supervisor | None = None
+    sandbox: Sandbox | None = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self.sandbox is None or self.sandbox.is_alive
+
+
+class Capsules:
+    """Creates, finds and destroys capsules; says where each call for a capsule goes."""
+
+    def __init__(self, settings: Settings, events: ProcessEvents, runtime: SandboxRuntime | None) -> None:
         self._settings = settings
         self._events = events
+        self._runtime = runtime
         self._root = (settings.agent_dir / "capsules").resolve()
-        self._supervisors: dict[str, Supervisor] = {}
-        # What each capsule was created with; one adopted from disk takes the spec of its next create.
-        self._specs: dict[str, CapsuleSpec] = {}
-        self._lock = asyncio.Lock()  # create and destroy of one id must not interleave on disk
+        self._capsules: dict[str, _Capsule] = {}
+        self._lock = asyncio.Lock()  # create and destroy must not interleave on disk
 
-    def load(self, lock: DirectoryLock) -> None:
-        """Adopts the capsule workspaces on disk and kills what the last agent left running in them.
+    @property
+    def runtime(self) -> CapsuleRuntime:
+        """Where this agent runs its capsules' processes."""
+        return CapsuleRuntime.PLAIN if self._runtime is None else CapsuleRuntime.SANDBOX
 
-        lock is this agent's hold on its directory: without it, the sweep could kill the processes
-        of an agent that is alive and serving on the same data.
+    def load(self, lock: DirectoryLock) -> list[str]:
+        """Adopts the capsules on disk and kills what the last agent left running in them.
+
+        Returns the sandboxed ones, to be started again by resume(). lock is this agent's hold on its
+        directory: without it, the sweep could kill the processes of an agent alive on the same data.
         """
         if not lock.is_held or lock.directory != self._settings.agent_dir.resolve():
             raise RuntimeError(f"loading capsules needs the lock on {self._settings.agent_dir}")
         self._root.mkdir(parents=True, exist_ok=True)
+        waiting = []
         for path in sorted(self._root.iterdir()):
-            if ID_RE.fullmatch(path.name) and (path / "workspace").is_dir():
-                supervisor = self._supervisor_for(path.name)
-                if killed := supervisor.sessions.sweep():
-                    logger.warning(
-                        "capsule %s: killed %d processes left by a previous agent", path.name, killed
-                    )
-                self._supervisors[path.name] = supervisor
+            if not (ID_RE.fullmatch(path.name) and (path / "workspace").is_dir()):
+                continue
+            spec, uid = _read_spec(path)
+            if self._runtime is not None:
+                self._capsules[path.name] = _Capsule(path.name, spec, uid or self._free_uid())
+                waiting.append(path.name)
+                continue
+            supervisor = self._supervisor_for(path.name)
+            if killed := supervisor.sessions.sweep():
+                logger.warning("capsule %s: killed %d processes left by a previous agent", path.name, killed)
+            self._capsules[path.name] = _Capsule(path.name, spec, uid, supervisor=supervisor)
+        return waiting
+
+    async def resume(self, capsule_ids: list[str]) -> None:
+        """Starts the sandboxes of capsules adopted from disk (their processes ended with the last agent)."""
+        for capsule_id in capsule_ids:
+            capsule = self._capsules[capsule_id]
+            try:
+                capsule.sandbox = await self._launch(capsule)
+            except Exception:
+                logger.exception("capsule %s: its sandbox did not start again", capsule_id)
+                del self._capsules[capsule_id]
 
     def _supervisor_for(self, capsule_id: str) -> Supervisor:
         workspace = self._root / capsule_id / "workspace"
         return Supervisor(capsule_id, workspace, self._settings, self._events.publish)
 
-    def _info(self, supervisor: Supervisor) -> HostCapsule:
-        spec = self._specs.get(supervisor.capsule_id, CapsuleSpec())
+    def _free_uid(self) -> int:
+        used = {capsule.uid for capsule in self._capsules.values()}
+        for uid in range(UID_BASE, UID_BASE + UID_COUNT - 1):
+            if uid not in used:
+                return uid
+        raise RateLimited("this host runs as many sandboxes as it has uids for them")
+
+    async def _launch(self, capsule: _Capsule) -> Sandbox:
+        assert self._runtime is not None
+        return await self._runtime.launch(
+            capsule_id=capsule.capsule_id,
+            capsule_dir=self._root / capsule.capsule_id,
+            uid=capsule.uid,
+            spec=capsule.spec,
+            publish=self._events.publish,
+        )
+
+    def _info(self, capsule: _Capsule) -> HostCapsule:
+        if capsule.sandbox is not None:
+            return HostCapsule(
+                capsule_id=capsule.capsule_id,
+                workspace=str(inner.WORKSPACE),  # as its processes see it
+                running_processes=len(capsule.sandbox.running),
+                runtime=CapsuleRuntime.SANDBOX,
+                network=capsule.spec.network,
+                limits=capsule.spec.limits,
+                usage=capsule.sandbox.usage_now(),
+            )
+        assert capsule.supervisor is not None
         return HostCapsule(
-            capsule_id=supervisor.capsule_id,
-            workspace=str(supervisor.workspace),
-            running_processes=supervisor.running_count(),
+            capsule_id=capsule.capsule_id,
+            workspace=str(capsule.supervisor.workspace),
+            running_processes=capsule.supervisor.running_count(),
             # The plain runtime isolates and measures nothing: network and limits are only reported.
             runtime=CapsuleRuntime.PLAIN,
-            network=spec.network,
-            limits=spec.limits,
+            network=capsule.spec.network,
+            limits=capsule.spec.limits,
             usage=None,
         )
 
     async def create(self, capsule_id: str, spec: CapsuleSpec | None = None) -> HostCapsule:
-        """Makes the capsule's workspace; creating an existing capsule returns it."""
+        """Makes the capsule and starts what runs it; creating an existing capsule returns it."""
         check_capsule_id(capsule_id)
         async with self._lock:
-            self._specs.setdefault(capsule_id, spec or CapsuleSpec())
-            supervisor = self._supervisors.get(capsule_id)
-            if supervisor is None:
-                supervisor = self._supervisor_for(capsule_id)
-                await asyncio.to_thread(supervisor.workspace.mkdir, mode=0o755, parents=True, exist_ok=True)
-                self._supervisors[capsule_id] = supervisor
-                logger.info("capsule %s: created", capsule_id)
-        return self._info(supervisor)
+            capsule = self._capsules.get(capsule_id)
+            if capsule is not None and capsule.is_alive:
+                return self._info(capsule)
+            if capsule is None:
+                spec = self._with_defaults(spec or CapsuleSpec())
+                uid = self._free_uid() if self._runtime is not None else 0
+                capsule = _Capsule(capsule_id, spec, uid)
+                await asyncio.to_thread(_write_spec, self._root / capsule_id, spec, uid)
+            if self._runtime is None:
+                capsule.supervisor = self._supervisor_for(capsule_id)
+            else:
+                capsule.sandbox = await self._launch(capsule)  # a new one, or one whose sandbox ended
+            self._capsules[capsule_id] = capsule
+            logger.info("capsule %s: created (%s)", capsule_id, self.runtime.value.lower())
+            return self._info(capsule)
+
+    def _with_defaults(self, spec: CapsuleSpec) -> CapsuleSpec:
+        """The spec with this agent's default process limit where the caller gave none (0)."""
+        if spec.limits.max_processes:
+            return spec
+        limits = replace(spec.limits, max_processes=self._settings.capsule_max_processes)
+        return replace(spec, limits=limits)
+
+    def _find(self, capsule_id: str) -> _Capsule:
+        check_capsule_id(capsule_id)
+        capsule = self._capsules.get(capsule_id)
+        if capsule is None:
+            raise NotFound(f"no capsule {capsule_id} on this host")
+        return capsule
+
+    def sandbox(self, capsule_id: str) -> Sandbox | None:
+        """The capsule's sandbox, where calls for it go; None for a plain capsule; NotFound if unknown."""
+        return self._find(capsule_id).sandbox
 
     def supervisor(self, capsule_id: str) -> Supervisor:
-        """The capsule's supervisor, or NotFound."""
-        check_capsule_id(capsule_id)
-        supervisor = self._supervisors.get(capsule_id)
+        """The supervisor of a plain capsule, or NotFound."""
+        supervisor = self._find(capsule_id).supervisor
         if supervisor is None:
-            raise NotFound(f"no capsule {capsule_id} on this host")
+            raise NotFound(f"no capsule {capsule_id} runs in this agent itself")
         return supervisor
 
     def get(self, capsule_id: str) -> HostCapsule:
-        """One capsule, or NotFound."""
-        return self._info(self.supervisor(capsule_id))
+        """One capsule, or NotFound (a sandbox that has ended holds nothing any more)."""
+        capsule = self._find(capsule_id)
+        if not capsule.is_alive:
+            raise NotFound(f"capsule {capsule_id} has ended on this host: its sandbox stopped")
+        return self._info(capsule)
 
     def list_capsules(self) -> list[HostCapsule]:
-        """Every capsule of this agent, by id."""
-        return [self._info(self._supervisors[key]) for key in sorted(self._supervisors)]
+        """Every live capsule of this agent, by id."""
+        return [self._info(c) for key, c in sorted(self._capsules.items()) if c.is_alive]
 
     async def destroy(self, capsule_id: str) -> None:
-        """Kills every process group in the capsule and removes its directory."""
+        """Ends everything in the capsule and removes its directory."""
         async with self._lock:
-            supervisor = self.supervisor(capsule_id)
-            del self._supervisors[capsule_id]
-            self._specs.pop(capsule_id, None)
-            await supervisor.close()
+            capsule = self._find(capsule_id)
+            del self._capsules[capsule_id]
+            await _end(capsule)
             self._events.end(capsule_id)
             try:
                 await asyncio.to_thread(shutil.rmtree, self._root / capsule_id)
@@ -114,8 +210,48 @@ class Capsules:
         logger.info("capsule %s: destroyed", capsule_id)
 
     async def close(self) -> None:
-        """Kills the processes of every capsule; workspaces stay on disk."""
-        supervisors = list(self._supervisors.values())
-        self._supervisors.clear()
-        self._specs.clear()
-        await asyncio.gather(*(supervisor.close() for supervisor in supervisors))
+        """Ends everything in every capsule; their directories stay on disk."""
+        capsules = list(self._capsules.values())
+        self._capsules.clear()
+        await asyncio.gather(*(_end(capsule) for capsule in capsules))
+
+
+async def _end(capsule: _Capsule) -> None:
+    if capsule.sandbox is not None:
+        await capsule.sandbox.stop()
+    if capsule.supervisor is not None:
+        await capsule.supervisor.close()
+
+
+def _write_spec(directory: Path, spec: CapsuleSpec, uid: int) -> None:
+    """Keeps what the capsule was created with beside its workspace, for the next agent."""
+    (directory / "workspace").mkdir(mode=0o755, parents=True, exist_ok=True)
+    limits = spec.limits
+    data = {
+        "network": spec.network,
+        "limits": {
+            "max_processes": limits.max_processes,
+            "memory_mib": limits.memory_mib,
+            "cpus": limits.cpus,
+        },
+        "uid": uid,
+    }
+    (directory / SPEC_FILE).write_text(json.dumps(data))
+
+
+def _read_spec(directory: Path) -> tuple[CapsuleSpec, int]:
+    """What the capsule was created with, and its uid (0: none yet); defaults for an older capsule."""
+    try:
+        data = json.loads((directory / SPEC_FILE).read_text())
+        limits = data["limits"]
+        spec = CapsuleSpec(
+            network=bool(data["network"]),
+            limits=CapsuleLimits(
+                max_processes=int(limits["max_processes"]),
+                memory_mib=None if limits["memory_mib"] is None else int(limits["memory_mib"]),
+                cpus=None if limits["cpus"] is None else float(limits["cpus"]),
+            ),
+        )
+        return spec, int(data.get("uid") or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return CapsuleSpec(), 0

@@ -48,7 +48,10 @@ def working_dir(workspace: Path, cwd: str | None) -> Path:
     if "\0" in cwd:
         raise InvalidRequest("cwd contains a NUL byte")
     shown = repr(cwd) if len(cwd) <= 80 else f"{cwd[:80]!r}... ({len(cwd)} characters)"
-    resolved = Path(os.path.realpath(root / cwd))  # an absolute cwd replaces root here
+    try:
+        resolved = Path(os.path.realpath(root / cwd))  # an absolute cwd replaces root here
+    except OSError as exc:  # a link it may not read (/proc/1/root in a sandbox), a loop
+        raise InvalidRequest(f"cwd {shown} cannot be used: {exc.strerror}") from None
     if resolved != root and root not in resolved.parents:
         raise InvalidRequest(f"cwd {shown} is outside the capsule's workspace {root}")
     try:

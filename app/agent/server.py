@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -16,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from app import wire
 from app.agent.capsules import Capsules
 from app.agent.events import ProcessEvents
-from app.config import Settings
+from app.agent.sandbox import SandboxRuntime
+from app.config import ConfigError, Settings
 from app.datadir import DirectoryLock, lock_agent_dir
 from app.domain import SignalScope, parse_selector
 from app.errors import GRPC_STATUS, CapsuleError, InvalidRequest
@@ -86,6 +89,65 @@ def abort_stream_on_capsule_error(
     return wrapper
 
 
+def routed(
+    capsule_of: Callable[[Any], str],
+) -> Callable[
+    [Callable[[_Servicer, _Req, Context], Awaitable[_Resp]]],
+    Callable[[_Servicer, _Req, Context], Awaitable[_Resp]],
+]:
+    """A unary call on one capsule: a sandboxed capsule's goes, unchanged, to the supervisor inside."""
+
+    def decorate(
+        method: Callable[[_Servicer, _Req, Context], Awaitable[_Resp]],
+    ) -> Callable[[_Servicer, _Req, Context], Awaitable[_Resp]]:
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def wrapper(self: _Servicer, request: _Req, context: Context) -> _Resp:
+            sandbox = self._capsules.sandbox(capsule_of(request))
+            if sandbox is not None:
+                reply: _Resp = await sandbox.unary(name, request, context.time_remaining())
+                return reply
+            return await method(self, request, context)
+
+        return wrapper
+
+    return decorate
+
+
+def routed_stream(
+    capsule_of: Callable[[Any], str],
+) -> Callable[
+    [Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]]],
+    Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]],
+]:
+    """The twin of routed for server-streaming calls."""
+
+    def decorate(
+        method: Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]],
+    ) -> Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]]:
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def wrapper(self: _Servicer, request: _Req, context: Context) -> AsyncIterator[_Resp]:
+            sandbox = self._capsules.sandbox(capsule_of(request))
+            stream = method(self, request, context) if sandbox is None else sandbox.stream(name, request)
+            async for message in stream:
+                yield message
+
+        return wrapper
+
+    return decorate
+
+
+def _capsule(request: Any) -> str:
+    return str(request.capsule_id)
+
+
+def _process_capsule(request: Any) -> str:
+    return str(request.process.capsule_id)
+
+
 def _scope(value: int) -> SignalScope:
     try:
         return wire.signal_scope(value)
@@ -121,17 +183,20 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         return pb.Empty()
 
     @abort_on_capsule_error
+    @routed(_capsule)
     async def Exec(self, request: pb.ExecRequest, context: Context) -> pb.ExecReply:
         supervisor = self._capsules.supervisor(request.capsule_id)
         return wire.exec_reply(await supervisor.exec(wire.exec_spec(request)))
 
     @abort_on_capsule_error
+    @routed(_capsule)
     async def StartProcess(self, request: pb.StartRequest, context: Context) -> pb.ProcessInfo:
         supervisor = self._capsules.supervisor(request.capsule_id)
         info = supervisor.start(wire.process_spec(request), max_running=request.max_running)
         return wire.process_info_to_pb(info)
 
     @abort_on_capsule_error
+    @routed(_capsule)
     async def ListProcesses(self, request: pb.CapsuleRef, context: Context) -> pb.ProcessList:
         supervisor = self._capsules.supervisor(request.capsule_id)
         return pb.ProcessList(
@@ -139,11 +204,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         )
 
     @abort_on_capsule_error
+    @routed(_capsule)
     async def GetProcess(self, request: pb.ProcessRef, context: Context) -> pb.ProcessInfo:
         supervisor = self._capsules.supervisor(request.capsule_id)
         return wire.process_info_to_pb(supervisor.get(parse_selector(request.selector)))
 
     @abort_on_capsule_error
+    @routed(_process_capsule)
     async def SignalProcess(self, request: pb.SignalRequest, context: Context) -> pb.ProcessInfo:
         ref = request.process
         supervisor = self._capsules.supervisor(ref.capsule_id)
@@ -151,12 +218,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         return wire.process_info_to_pb(info)
 
     @abort_on_capsule_error
+    @routed(_process_capsule)
     async def StopProcess(self, request: pb.StopRequest, context: Context) -> pb.ProcessInfo:
         ref = request.process
         supervisor = self._capsules.supervisor(ref.capsule_id)
         return wire.process_info_to_pb(await supervisor.stop(parse_selector(ref.selector), request.grace_sec))
 
     @abort_on_capsule_error
+    @routed(_process_capsule)
     async def SendInput(self, request: pb.InputRequest, context: Context) -> pb.Empty:
         ref = request.process
         supervisor = self._capsules.supervisor(ref.capsule_id)
@@ -164,12 +233,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         return pb.Empty()
 
     @abort_on_capsule_error
+    @routed(_capsule)
     async def CloseInput(self, request: pb.ProcessRef, context: Context) -> pb.Empty:
         supervisor = self._capsules.supervisor(request.capsule_id)
         await supervisor.close_input(parse_selector(request.selector))
         return pb.Empty()
 
     @abort_stream_on_capsule_error
+    @routed_stream(_process_capsule)
     async def StreamOutput(
         self, request: pb.OutputRequest, context: Context
     ) -> AsyncIterator[pb.OutputBatch]:
@@ -184,7 +255,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.ProcessEvent]:
         capsule_id = request.capsule_id or None
         if capsule_id is not None:
-            self._capsules.supervisor(capsule_id)  # NotFound for an unknown capsule
+            self._capsules.sandbox(capsule_id)  # NotFound for an unknown capsule
         subscription = self._events.subscribe(capsule_id)
         try:
             # Headers tell the caller it is subscribed: events from now on reach it.
@@ -203,12 +274,16 @@ class AgentHandle:
         *,
         server: Any,
         port: int,
+        address: str,
         capsules: Capsules,
         events: ProcessEvents,
         health: Any,
         lock: DirectoryLock,
+        socket_dir_fd: int | None = None,
     ):
         self.port = port
+        self.address = address  # what a client in this process connects to
+        self._socket_dir_fd = socket_dir_fd
         self._server = server
         self._capsules = capsules
         self._events = events
@@ -227,7 +302,37 @@ class AgentHandle:
             self._events.end()
             await self._server.stop(grace)
         finally:
+            if self._socket_dir_fd is not None:
+                os.close(self._socket_dir_fd)
             self._lock.release()
+
+
+async def choose_runtime(settings: Settings) -> SandboxRuntime | None:
+    """The sandbox runtime where settings ask for it, or for auto where it works; None for plain.
+
+    Says at every start which runtime it is, and for plain what a sandbox would need.
+    """
+    if settings.runtime == "plain":
+        missing = "CAPSULE_RUNTIME=plain"
+        runtime = None
+    else:
+        runtime, missing = await SandboxRuntime.probe(settings)
+        if runtime is None and settings.runtime == "sandbox":
+            raise ConfigError(f"CAPSULE_RUNTIME=sandbox, but a sandbox does not work here: {missing}")
+    if runtime is not None:
+        logger.info(
+            "sandbox runtime: each capsule in namespaces and a %s cgroup of its own (bwrap %s)",
+            f"v{runtime.cgroups.version}",
+            runtime.bwrap,
+        )
+        return runtime
+    logger.warning(
+        "plain runtime (%s): capsule processes run on this host as uid %d and nothing isolates them "
+        "from each other, from the agent or from the host",
+        missing,
+        os.getuid(),
+    )
+    return None
 
 
 async def start_agent(address: str, settings: Settings) -> AgentHandle:
@@ -239,28 +344,53 @@ async def start_agent(address: str, settings: Settings) -> AgentHandle:
     # processes of an agent still running on this directory.
     lock = await asyncio.to_thread(lock_agent_dir, settings)
     try:
-        logger.warning(
-            "plain runtime: capsule processes run on this host as uid %d and nothing isolates them "
-            "from each other, from the agent or from the host",
-            os.getuid(),
-        )
+        runtime = await choose_runtime(settings)
         events = ProcessEvents()
-        capsules = Capsules(settings, events)
-        await asyncio.to_thread(capsules.load, lock)
+        capsules = Capsules(settings, events, runtime)
+        waiting = await asyncio.to_thread(capsules.load, lock)
+        await capsules.resume(waiting)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsules, events), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        port = server.add_insecure_port(address)
+        target, socket_dir_fd = _bind_target(address)
+        port = server.add_insecure_port(target)
+        if socket_dir_fd is not None:
+            port = 0  # gRPC answers 1 for a Unix socket
         await server.start()
     except BaseException:  # nothing runs yet: the capsules were only loaded
         lock.release()
         raise
-    logger.info("agent serving on %s (port %d), data in %s", address, port, settings.agent_dir)
-    return AgentHandle(
-        server=server, port=port, capsules=capsules, events=events, health=health_servicer, lock=lock
+    logger.info(
+        "agent serving on %s, data in %s",
+        address if port == 0 else f"{address} (port {port})",
+        settings.agent_dir,
     )
+    local = target if socket_dir_fd is not None else f"{address.rsplit(':', 1)[0]}:{port}"
+    return AgentHandle(
+        server=server,
+        port=port,
+        address=local,
+        capsules=capsules,
+        events=events,
+        health=health_servicer,
+        lock=lock,
+        socket_dir_fd=socket_dir_fd,
+    )
+
+
+def _bind_target(address: str) -> tuple[str, int | None]:
+    """What gRPC binds for an address; a unix:PATH one through a descriptor of PATH's directory,
+    because a socket's path holds at most 107 bytes and a data directory may lie deep."""
+    if not address.startswith("unix:"):
+        return address, None
+    path = Path(address.removeprefix("unix:").removeprefix("//"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    return f"unix:/proc/self/fd/{fd}/{path.name}", fd
 
 
 async def run_agent(address: str, settings: Settings) -> None:

@@ -67,7 +67,15 @@ class _Capture:
 class Supervisor:
     """The processes of one capsule; the plain runtime runs them on the host in its workspace."""
 
-    def __init__(self, capsule_id: str, workspace: Path, settings: Settings, publish: Publish) -> None:
+    def __init__(
+        self,
+        capsule_id: str,
+        workspace: Path,
+        settings: Settings,
+        publish: Publish,
+        *,
+        sessions_file: Path | None = None,
+    ) -> None:
         self.capsule_id = capsule_id
         self.workspace = workspace
         self._settings = settings
@@ -76,7 +84,7 @@ class Supervisor:
         self._reapers: set[asyncio.Task[None]] = set()
         self._drops: dict[str, asyncio.TimerHandle] = {}
         self._execs: set[Child] = set()
-        self.sessions = Sessions(workspace.parent / "sessions")
+        self.sessions = Sessions(sessions_file or workspace.parent / "sessions")
 
     def running_count(self) -> int:
         """How many background processes are running."""

@@ -19,6 +19,7 @@ from app.domain import (
     CapsuleInfo,
     CapsuleRuntime,
     CapsuleStatus,
+    HostCapsule,
     ProcessEvent,
     ProcessEventKind,
     ProcessInfo,
@@ -84,20 +85,20 @@ class CapsuleLifecycle:
         """Brings the host and the store into agreement about the host's capsules and processes."""
         try:
             client = self._pool.client(host_id)
-            hosted = {c.capsule_id for c in await client.list_capsules()}
+            hosted = {c.capsule_id: c for c in await client.list_capsules()}
         except HostUnavailable as exc:
             logger.debug("host %s: not reconciled: %s", host_id, exc)
             return
         async with self._db.session() as session:
-            rows = await SystemRepository(session).capsules_to_reconcile(host_id, hosted)
+            rows = await SystemRepository(session).capsules_to_reconcile(host_id, set(hosted))
         capsules = [row.to_info() for row in rows]
-        unknown = hosted - {c.id for c in capsules}
+        unknown = set(hosted) - {c.id for c in capsules}
         if unknown:
             logger.warning("host %s holds capsules the store does not know, left alone: %s", host_id, unknown)
         now = utcnow()
         for capsule in capsules:
             try:
-                await self._reconcile(client, capsule, on_host=capsule.id in hosted, now=now)
+                await self._reconcile(client, capsule, hosted=hosted.get(capsule.id), now=now)
             except HostUnavailable as exc:
                 logger.info("host %s: reconciling stopped half-way: %s", host_id, exc)
                 return
@@ -105,17 +106,17 @@ class CapsuleLifecycle:
                 logger.warning("capsule %s on host %s: not reconciled: %s", capsule.id, host_id, exc)
 
     async def _reconcile(
-        self, client: HostClient, capsule: CapsuleInfo, *, on_host: bool, now: datetime
+        self, client: HostClient, capsule: CapsuleInfo, *, hosted: HostCapsule | None, now: datetime
     ) -> None:
         match capsule.status:
             case CapsuleStatus.RUNNING:
-                await self._reconcile_processes(client, capsule, on_host=on_host)
+                await self._reconcile_processes(client, capsule, on_host=hosted is not None)
             case CapsuleStatus.STARTING if now - capsule.created_at > STARTING_GRACE:
-                if not on_host:
+                if hosted is None:
                     await self._transition(capsule, CapsuleStatus.ERROR, only_from={CapsuleStatus.STARTING})
                     return
                 running = await self._transition(
-                    capsule, CapsuleStatus.RUNNING, only_from={CapsuleStatus.STARTING}
+                    capsule, CapsuleStatus.RUNNING, only_from={CapsuleStatus.STARTING}, runtime=hosted.runtime
                 )
                 if running is not None:
                     await self._reconcile_processes(client, running, on_host=True)
@@ -123,7 +124,7 @@ class CapsuleLifecycle:
                 await self.stop(capsule)
             case CapsuleStatus.STOPPED | CapsuleStatus.ERROR:
                 # Nothing may run for it: what its host still holds goes, and its records end.
-                if on_host and not await self._destroy_on_host(capsule):
+                if hosted is not None and not await self._destroy_on_host(capsule):
                     return
                 await self._records.end_all(capsule)
 

@@ -14,6 +14,7 @@ from app.agent.server import AgentHandle, start_agent
 from app.config import Settings
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
+from tests.system import TEST_RUNTIME
 
 CAPSULE = "c1"
 # Small limits keep the tests fast; a test needing others passes overrides to make_stub.
@@ -30,7 +31,9 @@ MakeStub = Callable[..., Awaitable[Any]]
 
 def agent_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a test agent: the test limits, then the overrides."""
-    return dataclasses.replace(Settings(data_dir=data_dir), **(TEST_SETTINGS | overrides))
+    return dataclasses.replace(
+        Settings(data_dir=data_dir, runtime=TEST_RUNTIME), **(TEST_SETTINGS | overrides)
+    )
 
 
 @pytest.fixture
@@ -62,5 +65,10 @@ async def stub(make_stub: MakeStub) -> Any:
 @pytest.fixture
 async def capsule(stub: Any) -> str:
     """The id of a created capsule."""
-    await stub.CreateCapsule(pb.CapsuleRef(capsule_id=CAPSULE))
+    await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id=CAPSULE))
     return CAPSULE
+
+
+def workspace_on_host(data_dir: Path, capsule_id: str) -> Path:
+    """Where a capsule's workspace lies on the host (its processes may see it as /workspace)."""
+    return data_dir / "agent" / "capsules" / capsule_id / "workspace"

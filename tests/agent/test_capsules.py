@@ -17,30 +17,35 @@ from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.conftest import agent_settings
 from tests.agent.helpers import echoed_pid, eventually, grpc_error, start_sh
-from tests.system import free_port, is_alive
+from tests.system import TEST_RUNTIME, capsule_alive, free_port, process_alive, sandboxed
 
 
 class TestCapsules:
     async def test_create_get_list(self, stub: Any, tmp_path: Path) -> None:
-        created = await stub.CreateCapsule(pb.CapsuleRef(capsule_id="alpha"))
+        created = await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="alpha"))
         assert created.capsule_id == "alpha"
-        assert Path(created.workspace) == (tmp_path / "agent/capsules/alpha/workspace").resolve()
-        assert await asyncio.to_thread(Path(created.workspace).is_dir)
-        assert await stub.CreateCapsule(pb.CapsuleRef(capsule_id="alpha")) == created  # idempotent
-        await stub.CreateCapsule(pb.CapsuleRef(capsule_id="beta"))
+        on_host = (tmp_path / "agent/capsules/alpha/workspace").resolve()
+        assert Path(created.workspace) == (Path("/workspace") if sandboxed() else on_host)
+        assert await asyncio.to_thread(on_host.is_dir)
+        again = await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="alpha"))  # idempotent
+        again.ClearField("usage")
+        created.ClearField("usage")
+        assert again == created
+        await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="beta"))
         await start_sh(stub, "beta", "sleep 1000")
         assert (await stub.GetCapsule(pb.CapsuleRef(capsule_id="beta"))).running_processes == 1
         listed = (await stub.ListCapsules(pb.Empty())).capsules
         assert [(c.capsule_id, c.running_processes) for c in listed] == [("alpha", 0), ("beta", 1)]
 
-    async def test_destroy_kills_processes_and_removes_the_workspace(self, stub: Any, capsule: str) -> None:
-        workspace = Path((await stub.GetCapsule(pb.CapsuleRef(capsule_id=capsule))).workspace)
+    async def test_destroy_kills_processes_and_removes_the_workspace(
+        self, stub: Any, capsule: str, tmp_path: Path
+    ) -> None:
         info = await start_sh(stub, capsule, "sleep 1000 & echo $!; sleep 1000")
         background = await echoed_pid(stub, capsule, info.pid)
         await stub.DestroyCapsule(pb.CapsuleRef(capsule_id=capsule))
-        assert not workspace.parent.exists()
-        assert not is_alive(info.pid)
-        await eventually(lambda: not is_alive(background), what="the background sleep's death")
+        assert not (tmp_path / "agent/capsules" / capsule).exists()
+        assert not process_alive(info)
+        await eventually(lambda: not capsule_alive(capsule, background), what="the background sleep's death")
         error = await grpc_error(stub.GetCapsule(pb.CapsuleRef(capsule_id=capsule)))
         assert error.code() is grpc.StatusCode.NOT_FOUND
         error = await grpc_error(stub.DestroyCapsule(pb.CapsuleRef(capsule_id=capsule)))
@@ -60,7 +65,7 @@ class TestCapsules:
 
     async def test_malformed_capsule_ids(self, stub: Any) -> None:
         for capsule_id in ("", "..", "../etc", "a/b", ".hidden", "x" * 65):
-            error = await grpc_error(stub.CreateCapsule(pb.CapsuleRef(capsule_id=capsule_id)))
+            error = await grpc_error(stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id=capsule_id)))
             assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, capsule_id
 
 
@@ -81,10 +86,10 @@ class TestAgent:
         handle = await start_agent("127.0.0.1:0", settings)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
             stub = agent_pb2_grpc.AgentStub(channel)
-            await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+            await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
             info = await start_sh(stub, "c1", "trap '' TERM; sleep 1000")
         await handle.stop()
-        await eventually(lambda: not is_alive(info.pid), what="the process's death")
+        await eventually(lambda: not process_alive(info), what="the process's death")
 
     async def test_a_restarted_agent_keeps_its_capsules(self, tmp_path: Path) -> None:
         settings = agent_settings(tmp_path)
@@ -94,7 +99,7 @@ class TestAgent:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
                     stub = agent_pb2_grpc.AgentStub(channel)
                     if round_ == 0:
-                        await stub.CreateCapsule(pb.CapsuleRef(capsule_id="kept"))
+                        await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="kept"))
                     else:
                         info = await stub.GetCapsule(pb.CapsuleRef(capsule_id="kept"))
                         assert info.running_processes == 0
@@ -116,12 +121,12 @@ class TestRunAgent:
         task = asyncio.create_task(run_agent(f"127.0.0.1:{port}", agent_settings(tmp_path)))
         channel, stub = await connect(port)
         async with channel:
-            await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+            await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
             info = await start_sh(stub, "c1", "sleep 1000")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await eventually(lambda: not is_alive(info.pid), what="the process's death")
+        await eventually(lambda: not process_alive(info), what="the process's death")
 
     async def test_sigterm_stops_it_and_its_processes(self, tmp_path: Path) -> None:
         port = free_port()
@@ -130,15 +135,21 @@ class TestRunAgent:
             "from pathlib import Path\n"
             "from app.agent.server import run_agent\n"
             "from app.config import Settings\n"
-            "asyncio.run(run_agent(sys.argv[1], Settings(data_dir=Path(sys.argv[2]))))\n"
+            "asyncio.run(run_agent(sys.argv[1], Settings(data_dir=Path(sys.argv[2]), runtime=sys.argv[3])))\n"
         )
         agent = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, f"127.0.0.1:{port}", str(tmp_path), stderr=asyncio.subprocess.PIPE
+            sys.executable,
+            "-c",
+            script,
+            f"127.0.0.1:{port}",
+            str(tmp_path),
+            TEST_RUNTIME,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             channel, stub = await connect(port)
             async with channel:
-                await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+                await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
                 info = await start_sh(stub, "c1", "trap '' TERM; sleep 1000")
             agent.send_signal(signal.SIGTERM)
             async with asyncio.timeout(10):
@@ -148,4 +159,4 @@ class TestRunAgent:
                 agent.kill()
                 await agent.wait()
         assert agent.returncode == 0, stderr.decode()
-        await eventually(lambda: not is_alive(info.pid), what="the process's death")
+        await eventually(lambda: not process_alive(info), what="the process's death")

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from app.pb import agent_pb2 as pb
+from tests.agent.conftest import workspace_on_host
 from tests.agent.helpers import grpc_error, ref, start_sh
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -41,16 +42,16 @@ BAD_STARTS: list[tuple[dict[str, Any], str]] = [
 
 
 @pytest.fixture
-async def workspace(stub: Any, capsule: str) -> Path:
-    """The capsule's workspace, with a few files the bad requests point at."""
-    path = Path((await stub.GetCapsule(pb.CapsuleRef(capsule_id=capsule))).workspace)
+async def workspace(capsule: str, tmp_path: Path) -> Path:
+    """The capsule's workspace on the host, with a few files the bad requests point at."""
+    path = workspace_on_host(tmp_path, capsule)
 
     def populate() -> None:
         (path / "a-file").write_text("x")
         (path / "not-executable").write_text("#!/bin/sh\n")
         script = path / "no-shebang"
         script.write_bytes(b"\x7fELF-not-really")
-        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+        script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         (path / "escape").symlink_to("/tmp")
 
     await asyncio.to_thread(populate)

@@ -7,7 +7,7 @@ from typing import Any
 
 from app.pb import agent_pb2 as pb
 from tests.agent.helpers import eventually, exec_sh, start_sh
-from tests.system import is_alive
+from tests.system import capsule_alive
 
 
 class TestExec:
@@ -38,17 +38,19 @@ class TestExec:
         background, partial = result.stdout.decode().splitlines()
         assert partial == "partial"
         assert 400 <= result.duration_ms < 5000
-        await eventually(lambda: not is_alive(int(background)), what="the background sleep's death")
+        gone = "the background sleep's death"
+        await eventually(lambda: not capsule_alive(capsule, int(background)), what=gone)
 
     async def test_a_leftover_background_process_does_not_hold_it(self, stub: Any, capsule: str) -> None:
         result = await exec_sh(stub, capsule, "sleep 1000 & echo $!")
         assert (result.exit_code, result.timed_out) == (0, False)
         assert result.duration_ms < 1500
-        await eventually(lambda: not is_alive(int(result.stdout)), what="the background sleep's death")
+        gone = "the background sleep's death"
+        await eventually(lambda: not capsule_alive(capsule, int(result.stdout)), what=gone)
 
     async def test_output_past_the_cap_is_dropped(self, make_stub: Any) -> None:
         stub = await make_stub(exec_output_cap_bytes=1000)
-        await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+        await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
         result = await exec_sh(stub, "c1", "head -c 300000 /dev/zero; echo tail >&2; exit 4")
         assert result.stdout == b"\0" * 1000
         assert result.stderr == b"tail\n"
@@ -66,7 +68,7 @@ class TestExec:
 
     async def test_the_default_timeout(self, make_stub: Any) -> None:
         stub = await make_stub(exec_default_timeout_sec=0.3)
-        await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+        await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
         result = await exec_sh(stub, "c1", "sleep 1000")
         assert result.timed_out
 

@@ -20,12 +20,13 @@ from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.conftest import MakeStub, agent_settings
 from tests.agent.helpers import eventually, start_sh, wait_output
-from tests.system import free_port, is_alive
+from tests.system import free_port, is_alive, process_alive
 
 
 async def test_next_agent_kills_what_a_killed_agent_left(tmp_path: Path, make_stub: MakeStub) -> None:
+    # The plain runtime's own concern: a sandbox ends with its agent (--die-with-parent).
     address = f"127.0.0.1:{free_port()}"
-    env = os.environ | {"CAPSULE_DATA_DIR": str(tmp_path)}
+    env = os.environ | {"CAPSULE_DATA_DIR": str(tmp_path), "CAPSULE_RUNTIME": "plain"}
     agent = subprocess.Popen(
         [sys.executable, "-m", "app.cli.main", "agent", "--listen", address], env=env, start_new_session=True
     )
@@ -33,7 +34,7 @@ async def test_next_agent_kills_what_a_killed_agent_left(tmp_path: Path, make_st
         async with grpc.aio.insecure_channel(address) as channel:
             stub = agent_pb2_grpc.AgentStub(channel)
             await channel.channel_ready()
-            await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+            await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
             await start_sh(stub, "c1", "sleep 1000 & echo child $!; sleep 1000", tag="family")
             await wait_output(stub, "c1", "family", b"child ")
             listed = await stub.ListProcesses(pb.CapsuleRef(capsule_id="c1"))
@@ -43,7 +44,7 @@ async def test_next_agent_kills_what_a_killed_agent_left(tmp_path: Path, make_st
         agent.wait()
         assert len(family) >= 2 and all(is_alive(pid) for pid in family), "killed outright, it leaves them"
 
-        stub = await make_stub()  # a new agent on the same data directory
+        stub = await make_stub(runtime="plain")  # a new agent on the same data directory
         info = await stub.GetCapsule(pb.CapsuleRef(capsule_id="c1"))
         assert info.running_processes == 0
         await eventually(lambda: not any(is_alive(pid) for pid in family), what="leftovers killed")
@@ -55,18 +56,18 @@ async def test_next_agent_kills_what_a_killed_agent_left(tmp_path: Path, make_st
 
 async def test_an_agent_on_a_directory_in_use_kills_nothing(tmp_path: Path, make_stub: MakeStub) -> None:
     stub = await make_stub()
-    await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+    await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
     info = await start_sh(stub, "c1", "sleep 1000")
     with pytest.raises(DirectoryInUse) as refused:
         await start_agent("127.0.0.1:0", agent_settings(tmp_path))
     assert refused.value.pid == os.getpid()
-    assert is_alive(info.pid)
+    assert process_alive(info)
     assert (await stub.GetCapsule(pb.CapsuleRef(capsule_id="c1"))).running_processes == 1
 
 
 def test_loading_capsules_needs_the_directory_lock(tmp_path: Path) -> None:
     settings = agent_settings(tmp_path)
-    capsules = Capsules(settings, ProcessEvents())
+    capsules = Capsules(settings, ProcessEvents(), None)
     with pytest.raises(RuntimeError, match="lock"):
         capsules.load(DirectoryLock.acquire(tmp_path / "elsewhere", what="agent directory", holder="a test"))
     released = lock_agent_dir(settings)

@@ -12,6 +12,7 @@ import pytest
 
 from app import domain, wire
 from app.pb import agent_pb2 as pb
+from tests.agent.conftest import workspace_on_host
 from tests.agent.helpers import chunks, grpc_error, joined, read_output, ref, start_sh, wait_exited
 
 LINES = "for i in $(seq 1 300); do echo line-$i; echo err-$i >&2; done"
@@ -105,7 +106,7 @@ class TestGap:
     async def test_a_gap_comes_first_when_events_were_evicted(self, make_stub: Any) -> None:
         cap = 4096
         stub = await make_stub(output_cap_bytes=cap)
-        await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+        await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
         # More than the agent reads at once (1 MiB), so it comes in several chunks.
         info = await start_sh(stub, "c1", "seq 1 300000")
         await wait_exited(stub, "c1", info.pid)
@@ -129,7 +130,7 @@ class TestGap:
 
     async def test_a_gap_from_an_evicted_seq_counts_the_bytes_from_there(self, make_stub: Any) -> None:
         stub = await make_stub(output_cap_bytes=4096)
-        await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+        await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
         # One line per chunk: the writer waits for an answer to each, and lines differ in length.
         script = 'for i in $(seq 1 40); do printf "line-%0${i}d\\n" 0; read ack; done'
         info = await start_sh(stub, "c1", script, stdin=True)
@@ -152,8 +153,8 @@ class TestGap:
 
 
 class TestBytes:
-    async def test_binary_output_arrives_intact(self, stub: Any, capsule: str) -> None:
-        workspace = Path((await stub.GetCapsule(pb.CapsuleRef(capsule_id=capsule))).workspace)
+    async def test_binary_output_arrives_intact(self, stub: Any, capsule: str, tmp_path: Path) -> None:
+        workspace = workspace_on_host(tmp_path, capsule)
         data = bytes(range(256)) * 1000 + b"\xe2\x82"  # ends inside a character, like text would
         (workspace / "blob").write_bytes(data)
         info = await start_sh(stub, capsule, "cat blob")
@@ -189,7 +190,7 @@ def vm_rss() -> int:
 async def test_a_flood_nobody_reads_stays_within_the_cap(make_stub: Any) -> None:
     cap = 8 * 1024 * 1024
     stub = await make_stub(output_cap_bytes=cap)
-    await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+    await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
     baseline = peak = vm_rss()
     started = time.monotonic()
     info = await start_sh(stub, "c1", "head -c 200000000 /dev/zero")

@@ -16,13 +16,13 @@ import pytest
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.helpers import start_sh
-from tests.system import free_port, is_alive
+from tests.system import command_env, free_port, process_alive
 
 CAPSULE = Path(sys.executable).parent / "capsule"
 
 
 def _agent(data_dir: Path, address: str) -> subprocess.Popen[bytes]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
+    environment = command_env()
     return subprocess.Popen(
         [str(CAPSULE), "agent", "--listen", address],
         env=environment | {"CAPSULE_DATA_DIR": str(data_dir)},
@@ -56,7 +56,7 @@ async def test_a_second_agent_on_the_same_data_leaves_the_first_alone(tmp_path: 
             async with asyncio.timeout(20):
                 await channel.channel_ready()
             stub: Any = agent_pb2_grpc.AgentStub(channel)
-            await stub.CreateCapsule(pb.CapsuleRef(capsule_id="c1"))
+            await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="c1"))
             info = await start_sh(stub, "c1", "sleep 1000")
 
             second = _agent(data_dir, f"127.0.0.1:{free_port()}")
@@ -68,11 +68,11 @@ async def test_a_second_agent_on_the_same_data_leaves_the_first_alone(tmp_path: 
             assert str(data_dir.resolve()) in stderr and f"process {first.pid}" in stderr, stderr
             assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
-            assert is_alive(info.pid), "a refused start must not kill what the running agent supervises"
+            assert process_alive(info), "a refused start must not kill what the running agent supervises"
             assert (await stub.GetCapsule(pb.CapsuleRef(capsule_id="c1"))).running_processes == 1
         first.send_signal(signal.SIGTERM)
         code, stderr = await _ended(first, "the first agent after SIGTERM")
         assert code == 0, stderr
-        assert not is_alive(info.pid)
+        assert not process_alive(info)
     finally:
         _kill(first)

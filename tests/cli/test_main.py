@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +9,13 @@ from pathlib import Path
 from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.store.session import Database
+from tests.system import command_env
 
 CAPSULE = Path(sys.executable).parent / "capsule"
 
 
 def run(tmp_path: Path, database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
+    environment = command_env()
     environment |= {"CAPSULE_DATA_DIR": str(tmp_path / "data"), "CAPSULE_DATABASE_URL": database_url, **env}
     return subprocess.run(
         [str(CAPSULE), *args], env=environment, capture_output=True, text=True, timeout=60, check=False

@@ -15,6 +15,7 @@ from app.config import Settings
 from app.main import create_app
 from app.state import AppState
 from tests.e2e.client import HttpClient
+from tests.system import TEST_RUNTIME
 
 
 @dataclass
@@ -57,6 +58,7 @@ async def running_server(settings: Settings) -> AsyncIterator[Server]:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings(
+        runtime=TEST_RUNTIME,
         data_dir=tmp_path / "data",
         database_url=database_url,
         retention_sec=60.0,

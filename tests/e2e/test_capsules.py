@@ -109,8 +109,8 @@ class TestNetworkAndLimits:
         [
             ({"maxProcesses": 0}, "limits.maxProcesses is 0: pass 1 to 65536 processes"),
             ({"maxProcesses": 65537}, "limits.maxProcesses is 65537: pass 1 to 65536 processes"),
-            ({"memoryMiB": 15}, "limits.memoryMiB is 15: pass 16 to 1048576 MiB"),
-            ({"memoryMiB": -1}, "limits.memoryMiB is -1: pass 16 to 1048576 MiB"),
+            ({"memoryMiB": 63}, "limits.memoryMiB is 63: pass 64 to 1048576 MiB"),
+            ({"memoryMiB": -1}, "limits.memoryMiB is -1: pass 64 to 1048576 MiB"),
             ({"cpus": 0}, "limits.cpus is 0.0: pass 0.01 to 1024 cores"),
             ({"cpus": -2.5}, "limits.cpus is -2.5: pass 0.01 to 1024 cores"),
             ({"cpus": 1025}, "limits.cpus is 1025.0: pass 0.01 to 1024 cores"),

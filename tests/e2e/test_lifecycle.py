@@ -17,7 +17,7 @@ import pytest
 from app.config import Settings
 from tests.e2e.client import HttpClient
 from tests.e2e.conftest import running_server
-from tests.system import free_port, is_alive
+from tests.system import capsule_alive, command_env, free_port
 
 CAPSULE = Path(sys.executable).parent / "capsule"
 DEADLINE = 30
@@ -27,7 +27,7 @@ DEADLINE = 30
 def agent_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`capsule agent` in a process of its own, so it can be frozen and thawed."""
     address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
+    env = command_env()
     env["CAPSULE_DATA_DIR"] = str(tmp_path / "agent-data")
     agent = subprocess.Popen(
         [str(CAPSULE), "agent", "--listen", address],
@@ -110,11 +110,11 @@ async def test_the_idle_reaper_waits_for_a_frozen_host(
     capsule_id, pid = await sleeper(api, timeout_sec=2)
     agent.send_signal(signal.SIGSTOP)  # the host stops answering; its processes go on
     await until_status(api, capsule_id, "STOPPING")
-    assert is_alive(pid)
+    assert capsule_alive(capsule_id, pid)
     assert await process_status(api, capsule_id, pid) == "RUNNING"
     agent.send_signal(signal.SIGCONT)
     await until_status(api, capsule_id, "STOPPED")
-    assert not is_alive(pid)
+    assert not capsule_alive(capsule_id, pid)
     assert await process_status(api, capsule_id, pid) == "EXITED"
 
 
@@ -126,8 +126,8 @@ async def test_destroy_on_a_frozen_host_finishes_once_it_answers(
     agent.send_signal(signal.SIGSTOP)
     destroyed = await api.run("DestroyCapsule", id=capsule_id)
     assert destroyed.ok()["destroyCapsule"]["status"] == "STOPPING"
-    assert is_alive(pid)
+    assert capsule_alive(capsule_id, pid)
     agent.send_signal(signal.SIGCONT)
     await until_status(api, capsule_id, "STOPPED")
-    assert not is_alive(pid)
+    assert not capsule_alive(capsule_id, pid)
     assert await process_status(api, capsule_id, pid) == "EXITED"

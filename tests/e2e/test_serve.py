@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.client import HttpClient
-from tests.system import free_port, is_alive
+from tests.system import capsule_alive, command_env, free_port
 
 CAPSULE = Path(sys.executable).parent / "capsule"
 
 
 def _environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("CAPSULE_")}
+    return command_env()
 
 
 async def _start_serve(cwd: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -98,7 +98,7 @@ async def test_serve_embedded_default(tmp_path: Path) -> None:
         finally:
             await api.aclose()
         assert await _stop(server) == 0
-        assert not is_alive(pid), "Ctrl-C must kill the processes the server started"
+        assert not capsule_alive(capsule_id, pid), "Ctrl-C must kill the processes the server started"
     finally:
         _kill(server)
 
@@ -126,12 +126,14 @@ async def test_a_second_start_on_the_same_data_leaves_the_first_alone(tmp_path: 
             assert str(data_dir / "agent") in stderr and f"process {server.pid}" in stderr, stderr
             assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
-            assert is_alive(pid), "a refused start must not kill what the running server supervises"
+            assert capsule_alive(capsule_id, pid), (
+                "a refused start must not kill what the running server supervises"
+            )
             answer = (await api.run("Process", capsuleId=capsule_id, selector=str(pid))).ok()
             assert answer["process"]["status"] == "RUNNING"
         finally:
             await api.aclose()
         assert await _stop(server) == 0
-        assert not is_alive(pid)
+        assert not capsule_alive(capsule_id, pid)
     finally:
         _kill(server)

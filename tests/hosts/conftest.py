@@ -12,11 +12,13 @@ from app.agent.server import AgentHandle, start_agent
 from app.config import Settings
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
+from tests.system import TEST_RUNTIME
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(
+        runtime=TEST_RUNTIME,
         data_dir=tmp_path / "data",
         host_connect_timeout_sec=2.0,
         host_call_timeout_sec=10.0,

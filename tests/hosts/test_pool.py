@@ -22,6 +22,7 @@ from app.errors import HostUnavailable
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
 from tests.hosts.helpers import DEADLINE, collect_output, next_batch, sh, stdout_of
+from tests.system import TEST_RUNTIME
 
 MARGIN_SEC = 1.5
 
@@ -31,9 +32,10 @@ import asyncio, sys
 from pathlib import Path
 from app.agent.server import start_agent
 from app.config import Settings
+from tests.system import TEST_RUNTIME
 
 async def main() -> None:
-    handle = await start_agent("127.0.0.1:0", Settings(data_dir=Path(sys.argv[1])))
+    handle = await start_agent("127.0.0.1:0", Settings(data_dir=Path(sys.argv[1]), runtime=TEST_RUNTIME))
     print(handle.port, flush=True)
     await asyncio.Event().wait()
 
@@ -152,7 +154,7 @@ async def test_a_call_past_its_deadline_is_unavailable(settings: Settings) -> No
 
 
 async def test_set_hosts_follows_a_moved_host(settings: Settings, agent: AgentHandle, tmp_path: Path) -> None:
-    other = await start_agent("127.0.0.1:0", Settings(data_dir=tmp_path / "other"))
+    other = await start_agent("127.0.0.1:0", Settings(data_dir=tmp_path / "other", runtime=TEST_RUNTIME))
     pool = HostPool(settings)
     try:
         pool.set_hosts({"h1": f"127.0.0.1:{agent.port}"})

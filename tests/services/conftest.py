@@ -36,6 +36,7 @@ from app.store.repositories import CapsuleRepository, ProcessRecordRepository
 from tests import databases
 from tests.factories import make_capsule, make_team
 from tests.hosts import conftest as hosts
+from tests.system import TEST_RUNTIME
 
 # The hosts fixtures, for the tests here that build the services by hand (test_lifecycle).
 agent, capsule_id, client, pool, settings = (
@@ -263,6 +264,7 @@ def module_database_url(
 def service_settings(data_dir: Path, database_url: str) -> Settings:
     """Small limits, so tests reach them; no idle reaping or periodic reconciling in between."""
     return Settings(
+        runtime=TEST_RUNTIME,
         data_dir=data_dir,
         database_url=database_url,
         retention_sec=60.0,

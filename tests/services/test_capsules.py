@@ -24,7 +24,7 @@ from app.services.capsules import MAX_CAPSULE_TIMEOUT_SEC
 from app.state import EMBEDDED_HOST_ID
 from app.store.repositories import CapsuleRepository
 from tests.services.conftest import MAX_CAPSULES, MISSING, Teams, refused_as_missing, until, words
-from tests.system import is_alive
+from tests.system import process_alive
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -89,8 +89,8 @@ class TestCreate:
             (RequestedLimits(max_processes=0), "limits.maxProcesses is 0: pass 1 to 65536 processes"),
             (RequestedLimits(max_processes=-5), "limits.maxProcesses is -5: pass 1 to 65536 processes"),
             (RequestedLimits(max_processes=65537), "limits.maxProcesses is 65537: pass 1 to 65536 processes"),
-            (RequestedLimits(memory_mib=15), "limits.memoryMiB is 15: pass 16 to 1048576 MiB"),
-            (RequestedLimits(memory_mib=2**20 + 1), "limits.memoryMiB is 1048577: pass 16 to 1048576 MiB"),
+            (RequestedLimits(memory_mib=63), "limits.memoryMiB is 63: pass 64 to 1048576 MiB"),
+            (RequestedLimits(memory_mib=2**20 + 1), "limits.memoryMiB is 1048577: pass 64 to 1048576 MiB"),
             (RequestedLimits(cpus=0.0), "limits.cpus is 0.0: pass 0.01 to 1024 cores"),
             (RequestedLimits(cpus=0.001), "limits.cpus is 0.001: pass 0.01 to 1024 cores"),
             (RequestedLimits(cpus=-1.0), "limits.cpus is -1.0: pass 0.01 to 1024 cores"),
@@ -110,9 +110,9 @@ class TestCreate:
 
     async def test_the_limits_at_their_bounds_are_taken(self, teams: Teams) -> None:
         low = await teams.ours.capsules.create(
-            timeout_sec=300, limits=RequestedLimits(max_processes=1, memory_mib=16, cpus=0.01)
+            timeout_sec=300, limits=RequestedLimits(max_processes=1, memory_mib=64, cpus=0.01)
         )
-        assert low.limits == CapsuleLimits(max_processes=1, memory_mib=16, cpus=0.01)
+        assert low.limits == CapsuleLimits(max_processes=1, memory_mib=64, cpus=0.01)
         await teams.ours.capsules.destroy(low.id)  # within the team's limit of capsules
         high = await teams.ours.capsules.create(
             timeout_sec=300, limits=RequestedLimits(max_processes=65536, memory_mib=2**20, cpus=1024)
@@ -272,7 +272,7 @@ class TestDestroy:
         assert words(other.value, theirs.id) == words(missing.value, MISSING)
         assert (await teams.stored(theirs.id, teams.theirs)).status is CapsuleStatus.RUNNING
         assert theirs.id in await hosted(teams)
-        assert is_alive(process.pid)
+        assert process_alive(process)
 
     async def test_valid_ends_its_processes_and_leaves_the_host(self, teams: Teams) -> None:
         capsule = await teams.capsule()
@@ -282,7 +282,7 @@ class TestDestroy:
         destroyed = await teams.ours.capsules.destroy(capsule.id)
         assert destroyed.status is CapsuleStatus.STOPPED
         assert await teams.stored(capsule.id) == destroyed
-        assert not is_alive(process.pid)
+        assert not process_alive(process)
         assert capsule.id not in await hosted(teams)
         record = await teams.record(capsule.id, "sleeper")
         assert record is not None and record.status is ProcessStatus.EXITED

@@ -34,7 +34,7 @@ from app.store import models
 from app.store.repositories import CapsuleRepository, ProcessRecordRepository
 from app.store.session import Database
 from tests.factories import make_capsule, make_team
-from tests.system import free_port, is_alive
+from tests.system import free_port, process_alive
 
 DEADLINE = 20
 
@@ -134,7 +134,7 @@ class TestStop:
         process = await world.start(capsule)
         stopped = await world.lifecycle.stop(capsule)
         assert stopped.status is CapsuleStatus.STOPPED
-        assert not is_alive(process.pid)
+        assert not process_alive(process)
         record = await world.record(capsule.id, "sleeper")
         assert record.status is ProcessStatus.EXITED and record.ended_at is not None
         assert capsule.id not in {c.capsule_id for c in await world.client.list_capsules()}
@@ -152,12 +152,12 @@ class TestStop:
         pending = await world.lifecycle.stop(capsule)
         # Nothing is written that the host has not confirmed: the process still runs, and says so.
         assert pending.status is CapsuleStatus.STOPPING
-        assert is_alive(process.pid)
+        assert process_alive(process)
         assert (await world.record(capsule.id, "sleeper")).status is ProcessStatus.RUNNING
         world.reconnect()
         await world.lifecycle.reconcile_host("h1")
         assert (await world.capsule(capsule.id)).status is CapsuleStatus.STOPPED
-        assert not is_alive(process.pid)
+        assert not process_alive(process)
         assert (await world.record(capsule.id, "sleeper")).status is ProcessStatus.EXITED
 
 
@@ -169,14 +169,14 @@ class TestIdleReaper:
         world.cut_off()
         [claimed] = await reaper.reap_once()
         assert claimed.id == capsule.id and claimed.status is CapsuleStatus.STOPPING
-        assert is_alive(process.pid)
+        assert process_alive(process)
         assert (await world.record(capsule.id, "sleeper")).status is ProcessStatus.RUNNING
         assert await reaper.reap_once() == []  # claimed once; the reconciler retries the stop
         world.reconnect()
         hosts = HostService(world.db, {"h1": f"127.0.0.1:{world.agent.port}"})
         await Reconciler(hosts=hosts, lifecycle=world.lifecycle, interval_sec=60).reconcile_once()
         assert (await world.capsule(capsule.id)).status is CapsuleStatus.STOPPED
-        assert not is_alive(process.pid)
+        assert not process_alive(process)
 
     async def test_valid(self, world: World) -> None:
         idle = await world.place(timeout_sec=1, last_active_at=utcnow() - timedelta(minutes=1))
@@ -186,7 +186,7 @@ class TestIdleReaper:
         assert [c.id for c in await reaper.reap_once()] == [idle.id]
         assert (await world.capsule(idle.id)).status is CapsuleStatus.STOPPED
         assert (await world.capsule(busy.id)).status is CapsuleStatus.RUNNING
-        assert not is_alive(process.pid)
+        assert not process_alive(process)
 
 
 class TestReconcileHost:
@@ -198,7 +198,7 @@ class TestReconcileHost:
         async with world.db.transaction() as session:
             await CapsuleRepository(session, world.team.id).set_status(capsule.id, CapsuleStatus.STOPPED)
         await world.lifecycle.reconcile_host("h1")
-        assert not is_alive(process.pid)
+        assert not process_alive(process)
         assert capsule.id not in {c.capsule_id for c in await world.client.list_capsules()}
         record = await world.record(capsule.id, "sleeper")
         assert record.status is ProcessStatus.EXITED and record.signal == "SIGKILL"
@@ -212,7 +212,7 @@ class TestReconcileHost:
         assert capsule.id in {c.capsule_id for c in await world.client.list_capsules()}
         record = await world.record(capsule.id, "sleeper")
         assert record.status is ProcessStatus.EXITED and record.ended_at is not None
-        assert not is_alive(process.pid)
+        assert not process_alive(process)
 
     async def test_a_capsule_the_host_cannot_hold_again_is_error(
         self, world: World, settings: Settings
@@ -295,7 +295,7 @@ class TestExitRecorder:
             # The agent goes down with its processes and comes back on the same port and data.
             port = world.agent.port
             await world.agent.stop()
-            assert not is_alive(process.pid)
+            assert not process_alive(process)
             again = await start_agent(f"127.0.0.1:{port}", settings)
             try:
                 async with asyncio.timeout(DEADLINE):

@@ -31,7 +31,7 @@ from tests.services.conftest import (
     refused_when_not_running,
     until,
 )
-from tests.system import is_alive
+from tests.system import process_alive
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -131,7 +131,7 @@ class TestStart:
             ("1000",),
             ProcessStatus.RUNNING,
         )
-        assert is_alive(info.pid)
+        assert process_alive(info)
         assert started.process.pid == info.pid
         record = await teams.record(capsule.id, "sleeper")
         assert record is not None
@@ -245,7 +245,7 @@ class TestSignal:
         info = await teams.ours.processes.start(capsule.id, SLEEP)
         with pytest.raises(InvalidRequest, match="SIGSEGV cannot be sent"):
             await self.signal(teams, capsule.id, info.tag, signal.SIGSEGV)
-        assert is_alive(info.pid)
+        assert process_alive(info)
 
     async def test_an_exited_process_is_invalid_state(self, teams: Teams) -> None:
         capsule = await teams.capsule()
@@ -261,7 +261,7 @@ class TestSignal:
         assert (await self.signal(teams, capsule.id, str(info.pid), signal.SIGTERM)).pid == info.pid
         record = await teams.exited_record(capsule.id, info.tag)
         assert (record.signal, record.exit_code) == ("SIGTERM", None)
-        assert not is_alive(info.pid)
+        assert not process_alive(info)
 
 
 class TestStop:
@@ -285,7 +285,7 @@ class TestStop:
         info = await teams.ours.processes.start(capsule.id, SLEEP)
         with pytest.raises(InvalidRequest, match=f"graceSec must be between 0 and {MAX_GRACE_SEC}"):
             await teams.ours.processes.stop(capsule.id, info.tag, grace_sec=grace_sec)
-        assert is_alive(info.pid)
+        assert process_alive(info)
 
     async def test_valid_is_recorded_and_announced_once(self, teams: Teams) -> None:
         capsule = await teams.capsule()
@@ -297,7 +297,7 @@ class TestStop:
             await events.event(ProcessEventKind.EXITED, info.tag)
             seen = await events.settled()
         assert (stopped.status, stopped.signal) == (ProcessStatus.EXITED, signal.SIGTERM)
-        assert not is_alive(info.pid)
+        assert not process_alive(info)
         assert record is not None and (record.status, record.signal) == (ProcessStatus.EXITED, "SIGTERM")
         assert [(e.kind, e.process.tag) for e in seen] == [
             (ProcessEventKind.STARTED, info.tag),

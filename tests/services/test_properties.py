@@ -29,6 +29,7 @@ from app.domain import EnvVar, ExecSpec, ProcessSpec, ProcessStatus, SignalScope
 from app.errors import CapsuleError, ErrorCode, InvalidRequest, NotFound
 from app.services.team import TeamServices
 from app.state import AppState
+from tests.system import TEST_RUNTIME
 
 T = TypeVar("T")
 
@@ -198,6 +199,7 @@ def harness(tmp_path: Path, database_url: str) -> Iterator[Harness]:
     """A running capsule; destroyed afterwards, and no process of it may outlive the block."""
     data_dir = tmp_path / "data"
     config = Settings(
+        runtime=TEST_RUNTIME,
         data_dir=data_dir,
         database_url=database_url,
         retention_sec=60.0,

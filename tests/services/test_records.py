@@ -28,7 +28,7 @@ from app.domain import (
 from app.services.records import ProcessRecords
 from app.store import models
 from tests.services.conftest import Teams
-from tests.system import is_alive
+from tests.system import process_alive
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -224,7 +224,7 @@ class TestReconcile:
         live = await teams.host.list_processes(capsule.id)
         info = await teams.ours.processes.start(capsule.id, ProcessSpec(cmd="sleep", args=("1000",)))
         await records.reconcile(capsule, running=running_before, live=live)
-        assert is_alive(info.pid)
+        assert process_alive(info)
         assert (await stored(teams, info)).status is ProcessStatus.RUNNING
 
     async def test_a_list_racing_starts_ends_no_running_process(self, teams: Teams) -> None:

@@ -1,0 +1,178 @@
+"""A cgroup per capsule: its limits (processes, memory, CPU), its usage, and killing all it holds.
+
+The host's cgroup v1 controllers (pids, memory, cpu, cpuacct, each mounted apart) or the unified
+cgroup v2 hierarchy, whichever it has. Every process of a sandbox, from its launcher on, joins the
+capsule's cgroup before it can fork, so nothing in the capsule escapes its limits or its end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.domain import CapsuleLimits, ResourceUsage
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "capsule"  # every capsule's cgroup lives below <controller>/capsule/
+V1_CONTROLLERS = ("pids", "memory", "cpu", "cpuacct")
+CPU_PERIOD_US = 100_000
+KILL_ROUNDS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupHost:
+    """How this host offers cgroups: v1 (a directory per controller) or v2 (one unified tree)."""
+
+    version: int
+    root: Path = ROOT
+
+    @classmethod
+    def detect(cls, root: Path = ROOT) -> CgroupHost | None:
+        """The host's cgroups where this process may make them (as root), else None."""
+        if os.geteuid() != 0:
+            return None
+        if (root / "cgroup.controllers").exists():
+            wanted = {"pids", "memory", "cpu"}
+            if wanted <= set((root / "cgroup.controllers").read_text().split()):
+                return cls(version=2, root=root)
+            return None
+        if all((root / name / "cgroup.procs").exists() for name in V1_CONTROLLERS):
+            return cls(version=1, root=root)
+        return None
+
+    def missing(self) -> str:
+        """What a sandbox needs of cgroups, said for a warning."""
+        return "cgroups: run the agent as root on a host with the pids, memory and cpu controllers"
+
+    def capsule(self, capsule_id: str) -> CapsuleCgroup:
+        """The cgroup of one capsule (made by create())."""
+        if self.version == 2:
+            return CapsuleCgroup(self, (self.root / PARENT / capsule_id,))
+        return CapsuleCgroup(self, tuple(self.root / name / PARENT / capsule_id for name in V1_CONTROLLERS))
+
+    def prepare(self) -> None:
+        """Makes the parent cgroups; on v2, lets the controllers reach the capsules below."""
+        for path in self._parents():
+            path.mkdir(exist_ok=True)
+        if self.version == 2:
+            for parent in (self.root, self.root / PARENT):
+                with contextlib.suppress(OSError):  # already on, or not ours to turn on
+                    (parent / "cgroup.subtree_control").write_text("+pids +memory +cpu")
+
+    def _parents(self) -> list[Path]:
+        if self.version == 2:
+            return [self.root / PARENT]
+        return [self.root / name / PARENT for name in V1_CONTROLLERS]
+
+
+@dataclass(frozen=True, slots=True)
+class CapsuleCgroup:
+    """One capsule's cgroup: a directory per v1 controller, or one v2 directory."""
+
+    host: CgroupHost
+    paths: tuple[Path, ...]
+
+    @property
+    def procs_files(self) -> tuple[Path, ...]:
+        """The files a process writes its pid to in order to join."""
+        return tuple(path / "cgroup.procs" for path in self.paths)
+
+    def create(self, limits: CapsuleLimits) -> None:
+        """Makes the cgroup with its memory limit (the supervisor's few MiB are in it); processes and
+        CPU are left free until limit() runs, so the sandbox starts at full speed."""
+        for path in self.paths:
+            path.mkdir(exist_ok=True)
+        memory = None if limits.memory_mib is None else str(limits.memory_mib * 1024 * 1024)
+        if self.host.version == 2:
+            (self.paths[0] / "memory.max").write_text(memory or "max")
+            (self.paths[0] / "pids.max").write_text("max")
+            (self.paths[0] / "cpu.max").write_text(f"max {CPU_PERIOD_US}")
+            return
+        if memory is not None:
+            self._v1("memory", "memory.limit_in_bytes").write_text(memory)
+        self._v1("pids", "pids.max").write_text("max")
+        self._v1("cpu", "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        self._v1("cpu", "cpu.cfs_quota_us").write_text("-1")
+
+    def tasks(self) -> int:
+        """The processes and threads in the cgroup now: what pids.max counts."""
+        if self.host.version == 2:
+            return int((self.paths[0] / "pids.current").read_text())
+        return int(self._v1("pids", "pids.current").read_text())
+
+    def limit(self, limits: CapsuleLimits, *, own_tasks: int) -> None:
+        """Applies the process and CPU limits: maxProcesses beyond the own_tasks already there."""
+        pids = str(limits.max_processes + own_tasks)
+        quota = None if limits.cpus is None else str(max(1000, int(limits.cpus * CPU_PERIOD_US)))
+        if self.host.version == 2:
+            (self.paths[0] / "pids.max").write_text(pids)
+            (self.paths[0] / "cpu.max").write_text(f"{quota or 'max'} {CPU_PERIOD_US}")
+            return
+        self._v1("pids", "pids.max").write_text(pids)
+        self._v1("cpu", "cpu.cfs_quota_us").write_text(quota or "-1")
+
+    def _v1(self, controller: str, name: str) -> Path:
+        return self.host.root / controller / PARENT / self.paths[0].name / name
+
+    def pids(self) -> list[int]:
+        """The processes in the cgroup now."""
+        found: set[int] = set()
+        for procs in self.procs_files:
+            with contextlib.suppress(OSError):
+                found.update(int(line) for line in procs.read_text().split())
+        return sorted(found)
+
+    def usage(self, *, own: int = 0) -> ResourceUsage:
+        """CPU and memory so far, and the processes alive now less the sandbox's own."""
+        processes = max(0, len(self.pids()) - own)
+        if self.host.version == 2:
+            path = self.paths[0]
+            stat = dict(line.split() for line in (path / "cpu.stat").read_text().splitlines())
+            peak_file = path / "memory.peak"
+            current = int((path / "memory.current").read_text())
+            return ResourceUsage(
+                cpu_sec=int(stat["usage_usec"]) / 1e6,
+                memory_bytes=current,
+                memory_peak_bytes=int(peak_file.read_text()) if peak_file.exists() else current,
+                processes=processes,
+            )
+        return ResourceUsage(
+            cpu_sec=int(self._v1("cpuacct", "cpuacct.usage").read_text()) / 1e9,
+            memory_bytes=int(self._v1("memory", "memory.usage_in_bytes").read_text()),
+            memory_peak_bytes=int(self._v1("memory", "memory.max_usage_in_bytes").read_text()),
+            processes=processes,
+        )
+
+    def kill(self) -> None:
+        """SIGKILLs everything in the cgroup, forks under way included, until it is empty."""
+        if self.host.version == 2 and (self.paths[0] / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                (self.paths[0] / "cgroup.kill").write_text("1")
+        for _ in range(KILL_ROUNDS):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.002)  # a process forking as it is killed leaves a child to take next round
+        logger.warning(
+            "cgroup %s still holds processes after %d rounds of SIGKILL", self.paths[0], KILL_ROUNDS
+        )
+
+    def remove(self) -> None:
+        """Removes the (empty) cgroup; what cannot be removed yet is logged and left."""
+        for path in self.paths:
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                logger.warning("cgroup %s not removed: %s", path, exc)

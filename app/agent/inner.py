@@ -1,0 +1,137 @@
+"""A capsule's supervisor inside its sandbox: the agent's gRPC surface for this one capsule, on a Unix socket.
+
+`python -m app.agent.inner SETTINGS_JSON` runs as the sandbox's unprivileged user, in its namespaces,
+with the workspace at /workspace. It is the same supervisor as the plain runtime's; the host agent
+forwards each call for the capsule here and relays the lifecycle events it publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import signal
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from app.agent.events import ProcessEvents
+from app.agent.supervisor import Supervisor
+from app.config import Settings
+from app.domain import CapsuleSpec, HostCapsule
+from app.errors import NotFound
+from app.pb import agent_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+WORKSPACE = Path("/workspace")
+RUN_DIR = Path("/run/capsule")  # the capsule's own directory on the host, bound here
+SOCKET = RUN_DIR / "agent.sock"
+PR_SET_DUMPABLE = 4
+# What of the agent's settings the supervisor inside needs.
+PASSED_SETTINGS = (
+    "output_cap_bytes",
+    "retention_sec",
+    "exec_output_cap_bytes",
+    "exec_default_timeout_sec",
+    "input_timeout_sec",
+)
+
+
+def settings_argument(settings: Settings, capsule_id: str, spec: CapsuleSpec) -> str:
+    """The one argument the supervisor inside is started with."""
+    passed = {name: getattr(settings, name) for name in PASSED_SETTINGS}
+    return json.dumps({"capsule_id": capsule_id, "network": spec.network, "settings": passed})
+
+
+class OneCapsule:
+    """The Capsules of a sandbox: exactly its own capsule, at /workspace."""
+
+    def __init__(self, capsule_id: str, settings: Settings, events: ProcessEvents) -> None:
+        self._capsule_id = capsule_id
+        self._supervisor = Supervisor(
+            capsule_id, WORKSPACE, settings, events.publish, sessions_file=RUN_DIR / "sessions"
+        )
+
+    def supervisor(self, capsule_id: str) -> Supervisor:
+        """The capsule's supervisor; any other id is NotFound."""
+        if capsule_id != self._capsule_id:
+            raise NotFound(f"no capsule {capsule_id} in this sandbox")
+        return self._supervisor
+
+    def sandbox(self, capsule_id: str) -> None:
+        """Calls are served here, by the supervisor itself: there is no sandbox further in."""
+        self.supervisor(capsule_id)
+
+    def get(self, capsule_id: str) -> HostCapsule:
+        """The capsule as the supervisor inside sees it."""
+        supervisor = self.supervisor(capsule_id)
+        return HostCapsule(
+            capsule_id=capsule_id, workspace=str(WORKSPACE), running_processes=supervisor.running_count()
+        )
+
+    def list_capsules(self) -> list[HostCapsule]:
+        """The one capsule."""
+        return [self.get(self._capsule_id)]
+
+    async def create(self, capsule_id: str, spec: CapsuleSpec) -> HostCapsule:
+        """The capsule exists from the start: it is returned as it is."""
+        return self.get(capsule_id)
+
+    async def destroy(self, capsule_id: str) -> None:
+        """Kills every process of the capsule, each exit published; the sandbox ends next."""
+        await self.supervisor(capsule_id).close()
+
+    async def close(self) -> None:
+        """Kills every process of the capsule, each exit published."""
+        await self._supervisor.close()
+
+
+async def serve(argument: str) -> None:
+    """Serves the capsule on the socket until SIGTERM, or until the sandbox ends around it."""
+    from app.agent.server import SERVER_OPTIONS, AgentServicer
+
+    given: dict[str, Any] = json.loads(argument)
+    known = {f.name for f in fields(Settings)}
+    settings = Settings(**{k: v for k, v in given["settings"].items() if k in known})
+    events = ProcessEvents()
+    capsule = OneCapsule(given["capsule_id"], settings, events)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsule, events), server)  # type: ignore[arg-type]
+    with contextlib.suppress(FileNotFoundError):
+        SOCKET.unlink()
+    server.add_insecure_port(f"unix://{SOCKET}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await capsule.close()
+        events.end()
+        await server.stop(0.5)
+
+
+def _not_dumpable() -> None:
+    """The capsule's processes run as the supervisor's uid: they must not ptrace it, nor read its memory."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def main() -> None:
+    """Entry point inside the sandbox."""
+    _not_dumpable()
+    logging.basicConfig(level=logging.WARNING, format="capsule supervisor: %(levelname)s %(message)s")
+    asyncio.run(serve(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()

