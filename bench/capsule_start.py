@@ -92,7 +92,7 @@ async def serve(runtime: str, directory: Path) -> AsyncIterator[Served]:
         headers = {"Authorization": f"Bearer {key}"}
         async with (
             httpx.AsyncClient(headers=headers, timeout=30) as http,
-            grpc.aio.insecure_channel(f"127.0.0.1:{state.agent.port}") as channel,
+            grpc.aio.insecure_channel(state.agent.address) as channel,
         ):
             yield Served(runtime, http, f"http://127.0.0.1:{port}/graphql", agent_pb2_grpc.AgentStub(channel))
     finally:

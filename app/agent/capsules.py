@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from app.errors import NotFound, RateLimited
 logger = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.json"
+SPARE_PREFIX = "spare-"
 
 
 def check_capsule_id(capsule_id: str) -> str:
@@ -52,8 +54,13 @@ class Capsules:
         self._events = events
         self._runtime = runtime
         self._root = (settings.agent_dir / "capsules").resolve()
+        self._spares = (settings.agent_dir / "spares").resolve()
         self._capsules: dict[str, _Capsule] = {}
         self._lock = asyncio.Lock()  # create and destroy must not interleave on disk
+        # A sandbox started ahead, so that creating a capsule costs a rename, not a sandbox's start.
+        self._spare: asyncio.Task[_Spare] | None = None
+        self._spare_uid: int | None = None
+        self._adopting: set[int] = set()
 
     @property
     def runtime(self) -> CapsuleRuntime:
@@ -69,6 +76,7 @@ class Capsules:
         if not lock.is_held or lock.directory != self._settings.agent_dir.resolve():
             raise RuntimeError(f"loading capsules needs the lock on {self._settings.agent_dir}")
         self._root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self._spares, ignore_errors=True)  # a killed agent's spare ended with it
         waiting = []
         for path in sorted(self._root.iterdir()):
             if not (ID_RE.fullmatch(path.name) and (path / "workspace").is_dir()):
@@ -99,7 +107,7 @@ class Capsules:
         return Supervisor(capsule_id, workspace, self._settings, self._events.publish)
 
     def _free_uid(self) -> int:
-        used = {capsule.uid for capsule in self._capsules.values()}
+        used = {capsule.uid for capsule in self._capsules.values()} | {self._spare_uid} | self._adopting
         for uid in range(UID_BASE, UID_BASE + UID_COUNT - 1):
             if uid not in used:
                 return uid
@@ -145,18 +153,71 @@ class Capsules:
             capsule = self._capsules.get(capsule_id)
             if capsule is not None and capsule.is_alive:
                 return self._info(capsule)
-            if capsule is None:
-                spec = self._with_defaults(spec or CapsuleSpec())
-                uid = self._free_uid() if self._runtime is not None else 0
-                capsule = _Capsule(capsule_id, spec, uid)
-                await asyncio.to_thread(_write_spec, self._root / capsule_id, spec, uid)
-            if self._runtime is None:
+            if capsule is not None:  # its sandbox ended: a sandbox of its own again
+                capsule.sandbox = await self._launch(capsule)
+            elif self._runtime is None:
+                capsule = _Capsule(capsule_id, self._with_defaults(spec or CapsuleSpec()), 0)
+                await asyncio.to_thread(_write_spec, self._root / capsule_id, capsule.spec, 0)
                 capsule.supervisor = self._supervisor_for(capsule_id)
             else:
-                capsule.sandbox = await self._launch(capsule)  # a new one, or one whose sandbox ended
+                capsule = _Capsule(capsule_id, self._with_defaults(spec or CapsuleSpec()), 0)
+                capsule.sandbox = await self._take_spare(capsule)
+                if capsule.sandbox is None:
+                    capsule.uid = self._free_uid()
+                    await asyncio.to_thread(_write_spec, self._root / capsule_id, capsule.spec, capsule.uid)
+                    capsule.sandbox = await self._launch(capsule)
             self._capsules[capsule_id] = capsule
             logger.info("capsule %s: created (%s)", capsule_id, self.runtime.value.lower())
             return self._info(capsule)
+
+    def prepare_spare(self) -> None:
+        """Starts a spare sandbox in the background, where there is none (sandbox runtime only)."""
+        if self._runtime is None or self._spare is not None:
+            return
+        uid = self._free_uid()
+        self._spare_uid = uid
+        self._spare = asyncio.create_task(self._launch_spare(uid), name="spare-sandbox")
+
+    async def _launch_spare(self, uid: int) -> _Spare:
+        assert self._runtime is not None
+        name = f"{SPARE_PREFIX}{secrets.token_hex(6)}"
+        directory = self._spares / name
+        await asyncio.to_thread((directory / "workspace").mkdir, parents=True)
+        spec = self._with_defaults(CapsuleSpec())
+        sandbox = await self._runtime.launch(
+            capsule_id=name, capsule_dir=directory, uid=uid, spec=spec, publish=self._events.publish
+        )
+        return _Spare(directory=directory, uid=uid, sandbox=sandbox)
+
+    async def _take_spare(self, capsule: _Capsule) -> Sandbox | None:
+        """The spare sandbox, made the capsule's, where it fits (no network); else None."""
+        spare_task, self._spare = self._spare, None
+        if spare_task is None or capsule.spec.network:
+            self._spare = spare_task
+            self.prepare_spare()
+            return None
+        await asyncio.wait({spare_task})  # one under way is ready sooner than a sandbox started now
+        self._spare_uid = None
+        try:
+            spare = spare_task.result()
+        except Exception:
+            logger.exception("the spare sandbox did not start")
+            self.prepare_spare()
+            return None
+        capsule.uid = spare.uid
+        self._adopting.add(spare.uid)  # taken before the next spare's uid is chosen
+        self.prepare_spare()
+        try:
+            directory = self._root / capsule.capsule_id
+            await asyncio.to_thread(_adopt_dir, spare.directory, directory)
+            await spare.sandbox.adopt(capsule.capsule_id, capsule.spec, run_dir=directory / "run")
+            await asyncio.to_thread(_write_spec, directory, capsule.spec, spare.uid)
+        except BaseException:
+            await spare.sandbox.stop()
+            raise
+        finally:
+            self._adopting.discard(spare.uid)
+        return spare.sandbox
 
     def _with_defaults(self, spec: CapsuleSpec) -> CapsuleSpec:
         """The spec with this agent's default process limit where the caller gave none (0)."""
@@ -210,10 +271,35 @@ class Capsules:
         logger.info("capsule %s: destroyed", capsule_id)
 
     async def close(self) -> None:
-        """Ends everything in every capsule; their directories stay on disk."""
+        """Ends everything in every capsule; their directories stay on disk, the spare's goes."""
         capsules = list(self._capsules.values())
         self._capsules.clear()
-        await asyncio.gather(*(_end(capsule) for capsule in capsules))
+        await asyncio.gather(*(_end(capsule) for capsule in capsules), self._drop_spare())
+
+    async def _drop_spare(self) -> None:
+        spare_task, self._spare = self._spare, None
+        if spare_task is None:
+            return
+        spare_task.cancel()
+        done = await asyncio.gather(spare_task, return_exceptions=True)
+        if isinstance(done[0], _Spare):
+            await done[0].sandbox.stop()
+        await asyncio.to_thread(shutil.rmtree, self._spares, True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Spare:
+    """A sandbox started ahead of any capsule, in a directory of its own."""
+
+    directory: Path
+    uid: int
+    sandbox: Sandbox
+
+
+def _adopt_dir(spare: Path, directory: Path) -> None:
+    # The sandbox's binds follow the directory: they hold it, not its name.
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    spare.rename(directory)
 
 
 async def _end(capsule: _Capsule) -> None:

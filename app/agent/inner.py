@@ -33,6 +33,7 @@ WORKSPACE = Path("/workspace")
 RUN_DIR = Path("/run/capsule")  # the capsule's own directory on the host, bound here
 SOCKET = RUN_DIR / "agent.sock"
 PR_SET_DUMPABLE = 4
+SPARE_PREFIX = "spare-"  # a sandbox started ahead, for the next capsule
 # What of the agent's settings the supervisor inside needs.
 PASSED_SETTINGS = (
     "output_cap_bytes",
@@ -80,7 +81,9 @@ class OneCapsule:
         return [self.get(self._capsule_id)]
 
     async def create(self, capsule_id: str, spec: CapsuleSpec) -> HostCapsule:
-        """The capsule exists from the start: it is returned as it is."""
+        """The capsule exists from the start; a spare sandbox becomes the capsule it is created for."""
+        if self._capsule_id.startswith(SPARE_PREFIX) and not capsule_id.startswith(SPARE_PREFIX):
+            self._capsule_id = self._supervisor.capsule_id = capsule_id
         return self.get(capsule_id)
 
     async def destroy(self, capsule_id: str) -> None:

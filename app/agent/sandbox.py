@@ -192,13 +192,22 @@ class SandboxRuntime:
             await sandbox.connect(publish)
             # Only now: the supervisor starts unthrottled, and its own processes and threads, counted
             # once it is up, are not the capsule's to take.
-            own_tasks = await asyncio.to_thread(cgroup.tasks)
-            await asyncio.to_thread(cgroup.limit, spec.limits, own_tasks=own_tasks)
+            sandbox._own_tasks = await asyncio.to_thread(cgroup.tasks)
+            await asyncio.to_thread(cgroup.limit, spec.limits, own_tasks=sandbox._own_tasks)
         except BaseException:
             await sandbox.stop()
             raise
         logger.info("capsule %s: sandbox up (uid %d, network %s)", capsule_id, uid, spec.network)
         return sandbox
+
+
+def _rename_cgroup(old: CapsuleCgroup, new: CapsuleCgroup, spec: CapsuleSpec, own_tasks: int) -> None:
+    new.kill()  # what a killed agent's sandbox of this capsule left, if its cgroup outlived it
+    new.remove()
+    for before, after in zip(old.paths, new.paths, strict=True):
+        before.rename(after)
+    new.create(spec.limits)
+    new.limit(spec.limits, own_tasks=own_tasks)
 
 
 def _prepare(workspace: Path, run_dir: Path, uid: int, cgroup: CapsuleCgroup, spec: CapsuleSpec) -> None:
@@ -225,6 +234,7 @@ class Sandbox:
     # The background processes running inside, as the relayed events tell.
     running: set[tuple[int, str]] = field(default_factory=set)
     _baseline: int = OWN_PROCESSES
+    _own_tasks: int = 0
     _run_dir_fd: int | None = None
 
     @property
@@ -300,6 +310,15 @@ class Sandbox:
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
             return HostUnavailable(f"the supervisor of capsule {self.capsule_id} does not answer")
         return error_from_status(exc.code(), exc.details() or "")
+
+    async def adopt(self, capsule_id: str, spec: CapsuleSpec, *, run_dir: Path) -> None:
+        """Makes a spare sandbox the capsule's: its cgroup's name and limits, its supervisor's capsule."""
+        cgroup = self.cgroup.host.capsule(capsule_id)
+        await asyncio.to_thread(_rename_cgroup, self.cgroup, cgroup, spec, self._own_tasks)
+        self.cgroup, self.capsule_id, self.socket = cgroup, capsule_id, run_dir / self.socket.name
+        await self.unary(
+            "CreateCapsule", wire.create_capsule_request(capsule_id, spec), deadline_sec=CALL_MARGIN_SEC
+        )
 
     def usage_now(self) -> ResourceUsage | None:
         """What the capsule's processes use now, from its cgroup (a few small reads of the kernel's

@@ -349,6 +349,7 @@ async def start_agent(address: str, settings: Settings) -> AgentHandle:
         capsules = Capsules(settings, events, runtime)
         waiting = await asyncio.to_thread(capsules.load, lock)
         await capsules.resume(waiting)
+        capsules.prepare_spare()
         server = grpc.aio.server(options=SERVER_OPTIONS)
         agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsules, events), server)
         health_servicer = health.aio.HealthServicer()

@@ -1,0 +1,70 @@
+"""The sandbox runtime at the agent: sandboxes started ahead become capsules of their own, and an agent
+killed outright takes its sandboxes with it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from app.pb import agent_pb2 as pb
+from app.pb import agent_pb2_grpc
+from tests.agent.conftest import MakeStub, workspace_on_host
+from tests.agent.helpers import echoed_pid, eventually, start_sh
+from tests.system import capsule_alive, free_port
+
+CGROUPS = Path("/sys/fs/cgroup/pids/capsule")
+
+
+def cgroup_pids(capsule_id: str) -> list[int]:
+    procs = CGROUPS / capsule_id / "cgroup.procs"
+    return [int(line) for line in procs.read_text().split()] if procs.exists() else []
+
+
+async def test_capsules_made_one_after_another_are_each_their_own(
+    make_stub: MakeStub, tmp_path: Path
+) -> None:
+    stub = await make_stub(runtime="sandbox")
+    ids = [f"cap-{n}" for n in range(4)]
+    infos = [await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id=capsule_id)) for capsule_id in ids]
+    assert all(info.runtime == pb.RUNTIME_SANDBOX for info in infos)
+    owners = {workspace_on_host(tmp_path, capsule_id).stat().st_uid for capsule_id in ids}
+    assert len(owners) == len(ids)  # a host uid each, however the sandbox was started
+    for capsule_id in ids:
+        info = await start_sh(stub, capsule_id, "echo $$ > me; sleep 1000", tag="sleeper")
+        reply = await stub.Exec(pb.ExecRequest(capsule_id=capsule_id, cmd="cat", args=["me"]))
+        assert int(reply.stdout) == info.pid and info.capsule_id == capsule_id
+        assert capsule_alive(capsule_id, info.pid) and cgroup_pids(capsule_id)
+    listed = await stub.ListCapsules(pb.Empty())
+    assert [c.capsule_id for c in listed.capsules] == ids
+    assert all(c.running_processes == 1 for c in listed.capsules)
+
+
+async def test_an_agent_killed_outright_takes_its_sandboxes_with_it(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    env = os.environ | {"CAPSULE_DATA_DIR": str(tmp_path), "CAPSULE_RUNTIME": "sandbox"}
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "app.cli.main", "agent", "--listen", address], env=env, start_new_session=True
+    )
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub: Any = agent_pb2_grpc.AgentStub(channel)
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="doomed"))
+            info = await start_sh(stub, "doomed", "setsid sleep 1000 & echo $!; sleep 1000")
+            escaped = await echoed_pid(stub, "doomed", info.pid)
+        assert capsule_alive("doomed", escaped)
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()
+        await eventually(lambda: not cgroup_pids("doomed"), what="the sandbox's end with its agent")
+        assert not capsule_alive("doomed", info.pid) and not capsule_alive("doomed", escaped)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
