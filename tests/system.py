@@ -90,3 +90,17 @@ class _Process(Protocol):
 def process_alive(process: _Process) -> bool:
     """True while a process the API or the agent reported (its capsule and pid) is alive."""
     return capsule_alive(process.capsule_id, process.pid)
+
+
+def processes_under(directory: Path) -> list[int]:
+    """PIDs of the host's processes whose working directory lies under directory."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+            except OSError:  # gone meanwhile, or a kernel thread
+                continue
+            if cwd == str(directory) or cwd.startswith(f"{directory}/"):
+                found.append(int(entry.name))
+    return found

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import secrets
 import shutil
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -36,7 +35,7 @@ from app.store.repositories import CapsuleRepository, ProcessRecordRepository
 from tests import databases
 from tests.factories import make_capsule, make_team
 from tests.hosts import conftest as hosts
-from tests.system import TEST_RUNTIME
+from tests.system import TEST_RUNTIME, processes_under
 
 # The hosts fixtures, for the tests here that build the services by hand (test_lifecycle).
 agent, capsule_id, client, pool, settings = (
@@ -98,20 +97,6 @@ async def first(events: AsyncIterator[T]) -> T:
 def words(error: CapsuleError, capsule_id: str) -> str:
     """An error's message with the capsule id taken out, to compare what two errors say."""
     return str(error).replace(capsule_id, "<capsule>")
-
-
-def processes_under(directory: Path) -> list[int]:
-    """PIDs of the processes whose working directory lies under directory."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cwd = os.readlink(entry / "cwd")
-            except OSError:  # gone meanwhile, or a kernel thread
-                continue
-            if cwd == str(directory) or cwd.startswith(f"{directory}/"):
-                found.append(int(entry.name))
-    return found
 
 
 @dataclass

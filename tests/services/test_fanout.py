@@ -52,13 +52,13 @@ async def test_subscribers_share_one_agent_stream(
     pool: HostPool, client: HostClient, capsule_id: str
 ) -> None:
     fanout = OutputFanout(pool=pool, buffer_bytes=8 * 1024 * 1024)
-    key = await start(client, capsule_id, f"read go; {WRITER}", "shared", stdin=True)
+    key = await start(client, capsule_id, f"read go; {WRITER}", "one-stream", stdin=True)
     async with asyncio.timeout(20):
         readers = [asyncio.create_task(read_all(fanout, key)) for _ in range(3)]
         while fanout.upstreams != 1 or sum(u.subscribers for u in fanout._upstreams.values()) != 3:
             await asyncio.sleep(0.01)
         assert len(fanout._upstreams) == 1
-        await client.close_input(capsule_id, "shared")
+        await client.close_input(capsule_id, "one-stream")
         results = await asyncio.gather(*readers)
     assert results == [EXPECTED] * 3
     assert fanout._upstreams == {}

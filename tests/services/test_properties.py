@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 from collections.abc import AsyncGenerator, Coroutine, Iterator
@@ -29,7 +28,7 @@ from app.domain import EnvVar, ExecSpec, ProcessSpec, ProcessStatus, SignalScope
 from app.errors import CapsuleError, ErrorCode, InvalidRequest, NotFound
 from app.services.team import TeamServices
 from app.state import AppState
-from tests.system import TEST_RUNTIME
+from tests.system import TEST_RUNTIME, processes_under
 
 T = TypeVar("T")
 
@@ -170,28 +169,14 @@ class Harness:
         return info
 
 
-def _processes_in(directory: Path) -> list[int]:
-    """PIDs of the processes whose working directory lies under directory."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cwd = os.readlink(entry / "cwd")
-            except OSError:  # gone meanwhile, or a kernel thread
-                continue
-            if cwd == str(directory) or cwd.startswith(f"{directory}/"):
-                found.append(int(entry.name))
-    return found
-
-
 async def _until_gone(directory: Path) -> list[int]:
     try:
         async with asyncio.timeout(5):
-            while _processes_in(directory):
+            while processes_under(directory):
                 await asyncio.sleep(0.02)
     except TimeoutError:
         pass
-    return _processes_in(directory)
+    return processes_under(directory)
 
 
 @contextmanager
