@@ -86,7 +86,7 @@ def _dirs_for(path: str) -> list[str]:
     args: list[str] = []
     parent = Path(path).parent
     for ancestor in reversed([parent, *parent.parents]):
-        if str(ancestor) != "/":
+        if str(ancestor) not in ("/", "/tmp"):  # /tmp is the sandbox's own, world-writable
             args += ["--perms", "0755", "--dir", str(ancestor)]
     return args
 
@@ -157,11 +157,12 @@ class SandboxRuntime:
                 args += ["--symlink", os.readlink(directory), directory]
             elif os.path.isdir(directory):
                 args += ["--ro-bind", directory, directory]
+        # The private /tmp first: a Python that lies under the host's /tmp is bound over it, not hidden.
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
         for path in _python_paths():
             args += [*_dirs_for(path), "--ro-bind", path, path]
         args += ["--bind", str(workspace), str(inner.WORKSPACE)]
         args += [*_dirs_for(str(inner.RUN_DIR)), "--bind", str(run_dir), str(inner.RUN_DIR)]
-        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
         args += ["--chdir", str(inner.WORKSPACE), "--clearenv"]
         args += ["--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
         args += ["--setenv", "HOME", str(inner.WORKSPACE), "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
