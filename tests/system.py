@@ -59,9 +59,12 @@ def sandboxed() -> bool:
         return pool.submit(probe).result()
 
 
-def capsule_alive(capsule_id: str, pid: int) -> bool:
-    """True while pid, as the capsule's own processes see it, names a live process of that capsule."""
-    if not sandboxed():
+def capsule_alive(capsule_id: str, pid: int, *, sandbox: bool | None = None) -> bool:
+    """True while pid, as the capsule's own processes see it, names a live process of that capsule.
+
+    sandbox says whether the capsule is sandboxed; by default, whether the tests' agents sandbox.
+    """
+    if not (sandboxed() if sandbox is None else sandbox):
         return is_alive(pid)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -40,7 +40,7 @@ async def test_capsules_made_one_after_another_are_each_their_own(
         info = await start_sh(stub, capsule_id, "echo $$ > me; sleep 1000", tag="sleeper")
         reply = await stub.Exec(pb.ExecRequest(capsule_id=capsule_id, cmd="cat", args=["me"]))
         assert int(reply.stdout) == info.pid and info.capsule_id == capsule_id
-        assert capsule_alive(capsule_id, info.pid) and cgroup_pids(capsule_id)
+        assert capsule_alive(capsule_id, info.pid, sandbox=True) and cgroup_pids(capsule_id)
     listed = await stub.ListCapsules(pb.Empty())
     assert [c.capsule_id for c in listed.capsules] == ids
     assert all(c.running_processes == 1 for c in listed.capsules)
@@ -59,11 +59,13 @@ async def test_an_agent_killed_outright_takes_its_sandboxes_with_it(tmp_path: Pa
             await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="doomed"))
             info = await start_sh(stub, "doomed", "setsid sleep 1000 & echo $!; sleep 1000")
             escaped = await echoed_pid(stub, "doomed", info.pid)
-        assert capsule_alive("doomed", escaped)
+        assert capsule_alive("doomed", escaped, sandbox=True)
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
         await eventually(lambda: not cgroup_pids("doomed"), what="the sandbox's end with its agent")
-        assert not capsule_alive("doomed", info.pid) and not capsule_alive("doomed", escaped)
+        assert not capsule_alive("doomed", info.pid, sandbox=True) and not capsule_alive(
+            "doomed", escaped, sandbox=True
+        )
     finally:
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
