@@ -127,10 +127,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--subscribers", type=int, default=1)
+    parser.add_argument("--runtime", choices=("auto", "sandbox", "plain"), default="auto")
     args = parser.parse_args()
     size = args.mib * MiB
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp), output_cap_bytes=256 * MiB, exec_default_timeout_sec=600)
+        settings = Settings(
+            data_dir=Path(tmp), output_cap_bytes=256 * MiB, exec_default_timeout_sec=600, runtime=args.runtime
+        )
         await asyncio.to_thread(upgrade, settings.database_url)
         app = create_app(settings)
         server, task, port = await serve(app)
