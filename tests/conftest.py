@@ -49,11 +49,11 @@ def postgres_clones() -> Iterator[databases.Clones]:
         clones.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of a fresh, migrated, empty database of the parametrised kind."""
+def fresh_database(request: pytest.FixtureRequest, directory: Path) -> Iterator[str]:
+    """The URL of a fresh, migrated, empty database of request.param's kind (a SQLite file in
+    directory, or a PostgreSQL clone), for a fixture of any scope to yield from."""
     if request.param == "sqlite":
-        path = tmp_path / "capsule.db"
+        path = directory / "capsule.db"
         shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
         yield f"sqlite+aiosqlite:///{path}"
         return
@@ -63,6 +63,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield databases.database_url(name)
     finally:
         clones.give_back(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, migrated, empty database of the parametrised kind."""
+    yield from fresh_database(request, tmp_path)
 
 
 @pytest.fixture

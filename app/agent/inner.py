@@ -44,10 +44,10 @@ PASSED_SETTINGS = (
 )
 
 
-def settings_argument(settings: Settings, capsule_id: str, spec: CapsuleSpec) -> str:
+def settings_argument(settings: Settings, capsule_id: str) -> str:
     """The one argument the supervisor inside is started with."""
     passed = {name: getattr(settings, name) for name in PASSED_SETTINGS}
-    return json.dumps({"capsule_id": capsule_id, "network": spec.network, "settings": passed})
+    return json.dumps({"capsule_id": capsule_id, "settings": passed})
 
 
 class OneCapsule:

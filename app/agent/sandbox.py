@@ -179,7 +179,7 @@ class SandboxRuntime:
         workspace, run_dir = capsule_dir / "workspace", capsule_dir / "run"
         cgroup = self.cgroups.capsule(capsule_id)
         await asyncio.to_thread(_prepare, workspace, run_dir, uid, cgroup, spec)
-        command = ["-m", "app.agent.inner", inner.settings_argument(self.settings, capsule_id, spec)]
+        command = ["-m", "app.agent.inner", inner.settings_argument(self.settings, capsule_id)]
         argv = self.argv(workspace=workspace, run_dir=run_dir, uid=uid, network=spec.network, command=command)
         # The launcher joins the cgroup, then becomes bwrap: nothing of the sandbox forks outside it.
         joins = " && ".join(f"echo $$ > {shlex.quote(str(f))}" for f in cgroup.procs_files)

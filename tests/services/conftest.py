@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
-import shutil
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from app.services.team import TeamServices
 from app.state import EMBEDDED_HOST_ID, AppState
 from app.store import models
 from app.store.repositories import CapsuleRepository, ProcessRecordRepository
-from tests import databases
+from tests.conftest import fresh_database
 from tests.factories import make_capsule, make_team
 from tests.hosts import conftest as hosts
 from tests.system import TEST_RUNTIME, processes_under
@@ -233,17 +232,7 @@ def module_database_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """A fresh, migrated database of the parametrised kind, shared by one module's tests."""
-    if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("services") / "capsule.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        yield f"sqlite+aiosqlite:///{path}"
-        return
-    clones: databases.Clones = request.getfixturevalue("postgres_clones")
-    name = clones.take()
-    try:
-        yield databases.database_url(name)
-    finally:
-        clones.give_back(name)
+    yield from fresh_database(request, tmp_path_factory.mktemp("services"))
 
 
 def service_settings(data_dir: Path, database_url: str) -> Settings:
