@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import fields
@@ -44,10 +45,30 @@ PASSED_SETTINGS = (
 )
 
 
-def settings_argument(settings: Settings, capsule_id: str) -> str:
-    """The one argument the supervisor inside is started with."""
+def settings_argument(settings: Settings, capsule_id: str, *, lifeline: int | None = None) -> str:
+    """The one argument the supervisor inside is started with; lifeline, the descriptor it leaves on
+    once it reads end of file there (the agent's process is gone)."""
     passed = {name: getattr(settings, name) for name in PASSED_SETTINGS}
-    return json.dumps({"capsule_id": capsule_id, "settings": passed})
+    return json.dumps({"capsule_id": capsule_id, "settings": passed, "lifeline": lifeline})
+
+
+def _watch_lifeline(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Ends the supervisor, and with it the sandbox's PID namespace and all in it, once the agent is gone."""
+    os.set_inheritable(fd, False)  # no process of the capsule holds it
+
+    def readable() -> None:
+        try:
+            said = os.read(fd, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            said = b""
+        if not said:
+            logger.warning("the agent is gone: the sandbox ends")
+            os._exit(1)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
 
 
 class OneCapsule:
@@ -112,6 +133,8 @@ async def serve(argument: str) -> None:
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if given.get("lifeline") is not None:
+        _watch_lifeline(loop, int(given["lifeline"]))
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:

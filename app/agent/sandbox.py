@@ -10,13 +10,16 @@ is 1000: bwrap started by root with --unshare-user would map the capsule to root
 root-only file in any mount would be readable from inside.
 
 Every process of the sandbox joins the capsule's cgroup before it can fork, so killing the cgroup
-ends them all, setsid ones included; --die-with-parent ends the sandbox with an agent killed outright.
+ends them all, setsid ones included. An agent killed outright takes its sandboxes with it twice over:
+--die-with-parent, and a lifeline (a pipe whose only writer is the agent) that each supervisor
+watches and leaves on, which covers a sandbox launched in the instant the agent died.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -81,6 +84,14 @@ def _python_paths() -> list[str]:
     return [str(p) for p in kept]
 
 
+@functools.cache
+def _lifeline() -> int:
+    """The read end of this process's one lifeline. Neither end is inheritable: the read end is passed
+    to each launcher by number, and the write end, closed only when the process ends, reaches no child."""
+    read, _write = os.pipe()
+    return read
+
+
 def _dirs_for(path: str) -> list[str]:
     """bwrap arguments that make path's ancestors readable and traversable by anyone inside."""
     args: list[str] = []
@@ -98,6 +109,8 @@ class SandboxRuntime:
     settings: Settings
     bwrap: str
     cgroups: CgroupHost
+    # The read end of the lifeline, passed to every sandbox; the write end stays in the agent alone.
+    lifeline: int = field(default_factory=_lifeline)
 
     @classmethod
     async def probe(cls, settings: Settings) -> tuple[SandboxRuntime | None, str]:
@@ -179,12 +192,20 @@ class SandboxRuntime:
         workspace, run_dir = capsule_dir / "workspace", capsule_dir / "run"
         cgroup = self.cgroups.capsule(capsule_id)
         await asyncio.to_thread(_prepare, workspace, run_dir, uid, cgroup, spec)
-        command = ["-m", "app.agent.inner", inner.settings_argument(self.settings, capsule_id)]
+        argument = inner.settings_argument(self.settings, capsule_id, lifeline=self.lifeline)
+        command = ["-m", "app.agent.inner", argument]
         argv = self.argv(workspace=workspace, run_dir=run_dir, uid=uid, network=spec.network, command=command)
         # The launcher joins the cgroup, then becomes bwrap: nothing of the sandbox forks outside it.
         joins = " && ".join(f"echo $$ > {shlex.quote(str(f))}" for f in cgroup.procs_files)
         process = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", f'{joins} && exec "$@"', "sh", *argv, stdin=asyncio.subprocess.DEVNULL
+            "/bin/sh",
+            "-c",
+            f'{joins} && exec "$@"',
+            "sh",
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,  # the supervisor speaks on its socket; it logs to stderr
+            pass_fds=(self.lifeline,),
         )
         sandbox = Sandbox(
             capsule_id=capsule_id, process=process, cgroup=cgroup, socket=run_dir / "agent.sock"

@@ -4,6 +4,7 @@ killed outright takes its sandboxes with it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,9 +14,11 @@ from typing import Any
 
 import grpc
 
+from app.agent.sandbox import UID_BASE, SandboxRuntime
+from app.domain import CapsuleSpec
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
-from tests.agent.conftest import MakeStub, workspace_on_host
+from tests.agent.conftest import MakeStub, agent_settings, workspace_on_host
 from tests.agent.helpers import echoed_pid, eventually, start_sh
 from tests.system import capsule_alive, free_port
 
@@ -70,3 +73,28 @@ async def test_an_agent_killed_outright_takes_its_sandboxes_with_it(tmp_path: Pa
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
             agent.wait()
+
+
+async def test_a_sandbox_ends_once_its_lifeline_is_cut(tmp_path: Path) -> None:
+    # A sandbox launched in the instant its agent died has no parent left for --die-with-parent to
+    # watch: the lifeline alone must end it. Here the launcher's parent (this test) lives on.
+    runtime, problem = await SandboxRuntime.probe(agent_settings(tmp_path))
+    assert runtime is not None, problem
+    read, write = os.pipe()
+    runtime = dataclasses.replace(runtime, lifeline=read)
+    events: list[Any] = []
+    sandbox = await runtime.launch(
+        capsule_id="cut",
+        capsule_dir=tmp_path / "cut",
+        uid=UID_BASE + 7,
+        spec=CapsuleSpec(),
+        publish=events.append,
+    )
+    try:
+        assert cgroup_pids("cut")
+        os.close(write)
+        await eventually(lambda: sandbox.process.returncode is not None, what="the sandbox's end")
+        await eventually(lambda: not cgroup_pids("cut"), what="its cgroup emptied")
+    finally:
+        os.close(read)
+        await sandbox.stop()

@@ -22,7 +22,7 @@ from app.errors import HostUnavailable
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
 from tests.hosts.helpers import DEADLINE, collect_output, next_batch, sh, stdout_of
-from tests.system import TEST_RUNTIME
+from tests.system import TEST_RUNTIME, sandboxed
 
 MARGIN_SEC = 1.5
 
@@ -32,7 +32,7 @@ import asyncio, sys
 from pathlib import Path
 from app.agent.server import start_agent
 from app.config import Settings
-from tests.system import TEST_RUNTIME
+from tests.system import TEST_RUNTIME, sandboxed
 
 async def main() -> None:
     handle = await start_agent("127.0.0.1:0", Settings(data_dir=Path(sys.argv[1]), runtime=TEST_RUNTIME))
@@ -41,6 +41,14 @@ async def main() -> None:
 
 asyncio.run(main())
 """
+
+
+def kill_orphan(pid: int) -> None:
+    """Ends the process group a dead plain agent left; a sandbox's processes ended with it, and their
+    PIDs are the capsule's own, not the host's."""
+    if not sandboxed():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def closed_port() -> int:
@@ -203,8 +211,7 @@ async def test_an_agent_killed_mid_stream_is_unavailable(settings: Settings, tmp
         finally:
             await stream.aclose()
             await pool.close()
-            with contextlib.suppress(ProcessLookupError):  # the dead agent's orphan
-                os.killpg(info.pid, signal.SIGKILL)
+            kill_orphan(info.pid)
 
 
 async def test_a_quiet_stream_outlives_keepalive_pings(settings: Settings, agent: AgentHandle) -> None:
@@ -238,5 +245,4 @@ async def test_a_frozen_agent_is_noticed_on_a_quiet_stream(settings: Settings, t
             await stream.aclose()
             await pool.close()
             process.kill()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(info.pid, signal.SIGKILL)
+            kill_orphan(info.pid)
