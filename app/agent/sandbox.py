@@ -18,6 +18,7 @@ watches and leaves on, which covers a sandbox launched in the instant the agent 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -53,6 +54,8 @@ UID_COUNT = 100_000
 OWN_PROCESSES = 3
 READY_TIMEOUT_SEC = 15.0
 CALL_MARGIN_SEC = 5.0
+# How long a start's reply waits for its event to be relayed (it is there within a millisecond or so).
+RELAY_WAIT_SEC = 2.0
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
@@ -255,6 +258,11 @@ class Sandbox:
     relay: asyncio.Task[None] | None = None
     # The background processes running inside, as the relayed events tell.
     running: set[tuple[int, str]] = field(default_factory=set)
+    # The processes whose start the relay has passed on lately, and a signal that it passed one on.
+    _relayed: collections.deque[tuple[int, str]] = field(
+        default_factory=lambda: collections.deque(maxlen=1024)
+    )
+    _news: asyncio.Event = field(default_factory=asyncio.Event)
     _baseline: int = OWN_PROCESSES
     _own_tasks: int = 0
     _run_dir_fd: int | None = None
@@ -298,9 +306,12 @@ class Sandbox:
                 key = (event.process.pid, event.process.tag)
                 if event.kind is ProcessEventKind.STARTED:
                     self.running.add(key)
+                    self._relayed.append(key)
                 else:
                     self.running.discard(key)
                 publish(event)
+                news, self._news = self._news, asyncio.Event()
+                news.set()
         except grpc.aio.AioRpcError as exc:
             if self.is_alive:
                 logger.warning("capsule %s: lost the supervisor's events: %s", self.capsule_id, exc.code())
@@ -311,9 +322,20 @@ class Sandbox:
     async def unary(self, name: str, request: Any, deadline_sec: float | None) -> Any:
         """Forwards one call to the supervisor inside; its errors come back as they were raised."""
         try:
-            return await getattr(self.stub, name)(request, timeout=deadline_sec)
+            reply = await getattr(self.stub, name)(request, timeout=deadline_sec)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
+        if name == "StartProcess":
+            # The start is answered once its STARTED event is relayed too: whoever asks next (the
+            # capsule's count, a listener of lifecycle events) learns of the process from the reply on.
+            await self._relayed_start((reply.pid, reply.tag))
+        return reply
+
+    async def _relayed_start(self, key: tuple[int, str]) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RELAY_WAIT_SEC):
+                while key not in self._relayed and self.relay is not None and not self.relay.done():
+                    await self._news.wait()
 
     async def stream(self, name: str, request: Any) -> AsyncIterator[Any]:
         """Forwards one streaming call to the supervisor inside."""
