@@ -112,6 +112,8 @@ class Settings:
     capsule_max_processes: int = 256
     capsule_memory_mib: int | None = None
     capsule_cpus: float | None = None
+    # Sandboxes kept started ahead of the capsules that will take them.
+    sandbox_spares: int = 2
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -151,6 +153,7 @@ class Settings:
             "max_processes_per_capsule": int(_number(env, "CAPSULE_MAX_PROCESSES_PER_CAPSULE", 256)),
             "reconcile_interval_sec": _number(env, "CAPSULE_RECONCILE_INTERVAL_SEC", 30.0),
             "capsule_max_processes": _int(env, "CAPSULE_DEFAULT_MAX_PROCESSES", 256),
+            "sandbox_spares": _int(env, "CAPSULE_SANDBOX_SPARES", 2),
             "capsule_memory_mib": _optional_int(env, "CAPSULE_DEFAULT_MEMORY_MIB"),
             "capsule_cpus": _optional_number(env, "CAPSULE_DEFAULT_CPUS"),
         }

@@ -57,9 +57,10 @@ class Capsules:
         self._spares = (settings.agent_dir / "spares").resolve()
         self._capsules: dict[str, _Capsule] = {}
         self._lock = asyncio.Lock()  # create and destroy must not interleave on disk
-        # A sandbox started ahead, so that creating a capsule costs a rename, not a sandbox's start.
-        self._spare: asyncio.Task[_Spare] | None = None
-        self._spare_uid: int | None = None
+        # Sandboxes started ahead, oldest first, so that creating a capsule costs a rename, not a
+        # sandbox's start; one starts at a time, in the background, until there are enough.
+        self._pool: list[tuple[asyncio.Task[_Spare], int]] = []
+        self._closed = False
         self._adopting: set[int] = set()
 
     @property
@@ -107,7 +108,7 @@ class Capsules:
         return Supervisor(capsule_id, workspace, self._settings, self._events.publish)
 
     def _free_uid(self) -> int:
-        used = {capsule.uid for capsule in self._capsules.values()} | {self._spare_uid} | self._adopting
+        used = {c.uid for c in self._capsules.values()} | {uid for _, uid in self._pool} | self._adopting
         for uid in range(UID_BASE, UID_BASE + UID_COUNT - 1):
             if uid not in used:
                 return uid
@@ -171,12 +172,21 @@ class Capsules:
             return self._info(capsule)
 
     def prepare_spare(self) -> None:
-        """Starts a spare sandbox in the background, where there is none (sandbox runtime only)."""
-        if self._runtime is None or self._spare is not None:
+        """Starts a spare sandbox in the background, where fewer than CAPSULE_SANDBOX_SPARES are ready
+        or starting and none is starting (sandbox runtime only)."""
+        if self._runtime is None or self._closed or len(self._pool) >= self._settings.sandbox_spares:
+            return
+        if any(not task.done() for task, _ in self._pool):
             return
         uid = self._free_uid()
-        self._spare_uid = uid
-        self._spare = asyncio.create_task(self._launch_spare(uid), name="spare-sandbox")
+        task = asyncio.create_task(self._launch_spare(uid), name="spare-sandbox")
+        task.add_done_callback(self._spare_done)
+        self._pool.append((task, uid))
+
+    def _spare_done(self, task: asyncio.Task[_Spare]) -> None:
+        # The next one, unless this one failed: a failure is retried by the next create, not in a loop.
+        if not task.cancelled() and task.exception() is None:
+            self.prepare_spare()
 
     async def _launch_spare(self, uid: int) -> _Spare:
         assert self._runtime is not None
@@ -190,33 +200,34 @@ class Capsules:
         return _Spare(directory=directory, uid=uid, sandbox=sandbox)
 
     async def _take_spare(self, capsule: _Capsule) -> Sandbox | None:
-        """The spare sandbox, made the capsule's, where it fits (no network); else None."""
-        spare_task, self._spare = self._spare, None
-        if spare_task is None or capsule.spec.network:
-            self._spare = spare_task
+        """A spare sandbox, made the capsule's, where it fits (no network); else None."""
+        if capsule.spec.network or not self._pool:
             self.prepare_spare()
             return None
-        await asyncio.wait({spare_task})  # one under way is ready sooner than a sandbox started now
-        self._spare_uid = None
+        # A ready one, else the one starting: it is ready sooner than a sandbox started now.
+        index = next((i for i, (task, _) in enumerate(self._pool) if task.done()), 0)
+        spare_task, uid = self._pool.pop(index)
+        self._adopting.add(uid)  # taken before the next spare's uid is chosen
         try:
-            spare = spare_task.result()
-        except Exception:
-            logger.exception("the spare sandbox did not start")
-            self.prepare_spare()
-            return None
-        capsule.uid = spare.uid
-        self._adopting.add(spare.uid)  # taken before the next spare's uid is chosen
-        self.prepare_spare()
-        try:
-            directory = self._root / capsule.capsule_id
-            await asyncio.to_thread(_adopt_dir, spare.directory, directory)
-            await spare.sandbox.adopt(capsule.capsule_id, capsule.spec, run_dir=directory / "run")
-            await asyncio.to_thread(_write_spec, directory, capsule.spec, spare.uid)
-        except BaseException:
-            await spare.sandbox.stop()
-            raise
+            await asyncio.wait({spare_task})
+            try:
+                spare = spare_task.result()
+            except Exception:
+                logger.exception("a spare sandbox did not start")
+                return None
+            finally:
+                self.prepare_spare()
+            capsule.uid = spare.uid
+            try:
+                directory = self._root / capsule.capsule_id
+                await asyncio.to_thread(_adopt_dir, spare.directory, directory)
+                await spare.sandbox.adopt(capsule.capsule_id, capsule.spec, run_dir=directory / "run")
+                await asyncio.to_thread(_write_spec, directory, capsule.spec, spare.uid)
+            except BaseException:
+                await spare.sandbox.stop()
+                raise
         finally:
-            self._adopting.discard(spare.uid)
+            self._adopting.discard(uid)
         return spare.sandbox
 
     def _with_defaults(self, spec: CapsuleSpec) -> CapsuleSpec:
@@ -277,13 +288,14 @@ class Capsules:
         await asyncio.gather(*(_end(capsule) for capsule in capsules), self._drop_spare())
 
     async def _drop_spare(self) -> None:
-        spare_task, self._spare = self._spare, None
-        if spare_task is None:
+        self._closed = True
+        pool, self._pool = self._pool, []
+        if not pool:
             return
-        spare_task.cancel()
-        done = await asyncio.gather(spare_task, return_exceptions=True)
-        if isinstance(done[0], _Spare):
-            await done[0].sandbox.stop()
+        for task, _ in pool:
+            task.cancel()
+        done = await asyncio.gather(*(task for task, _ in pool), return_exceptions=True)
+        await asyncio.gather(*(spare.sandbox.stop() for spare in done if isinstance(spare, _Spare)))
         await asyncio.to_thread(shutil.rmtree, self._spares, True)
 
 

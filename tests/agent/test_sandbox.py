@@ -98,3 +98,20 @@ async def test_a_sandbox_ends_once_its_lifeline_is_cut(tmp_path: Path) -> None:
     finally:
         os.close(read)
         await sandbox.stop()
+
+
+async def test_spare_sandboxes_are_kept_ready_ahead(make_stub: MakeStub, tmp_path: Path) -> None:
+    spares = tmp_path / "agent" / "spares"
+
+    def ready_spares() -> int:
+        return (
+            sum(1 for d in spares.iterdir() if (d / "run" / "agent.sock").exists()) if spares.exists() else 0
+        )
+
+    stub = await make_stub(runtime="sandbox", sandbox_spares=2)
+    await eventually(lambda: ready_spares() == 2, within=30, what="two spares ready")
+    for capsule_id in ("first", "second"):
+        await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id=capsule_id))
+    await eventually(lambda: ready_spares() == 2, within=30, what="the spares made again")
+    owners = {workspace_on_host(tmp_path, c).stat().st_uid for c in ("first", "second")}
+    assert len(owners) == 2
