@@ -25,6 +25,8 @@ BUS_SCHEMES: Mapping[str, str] = {
 
 
 RUNTIMES = ("auto", "sandbox", "plain")
+# How a sandbox's limits are enforced: a cgroup per capsule, or rlimits where the host has no cgroups.
+SANDBOX_LIMITS = ("auto", "cgroup", "rlimit")
 
 
 class ConfigError(ValueError):
@@ -114,6 +116,7 @@ class Settings:
     capsule_cpus: float | None = None
     # Sandboxes kept started ahead of the capsules that will take them.
     sandbox_spares: int = 2
+    sandbox_limits: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -154,6 +157,7 @@ class Settings:
             "reconcile_interval_sec": _number(env, "CAPSULE_RECONCILE_INTERVAL_SEC", 30.0),
             "capsule_max_processes": _int(env, "CAPSULE_DEFAULT_MAX_PROCESSES", 256),
             "sandbox_spares": _int(env, "CAPSULE_SANDBOX_SPARES", 2),
+            "sandbox_limits": (env.get("CAPSULE_SANDBOX_LIMITS") or "auto").lower(),
             "capsule_memory_mib": _optional_int(env, "CAPSULE_DEFAULT_MEMORY_MIB"),
             "capsule_cpus": _optional_number(env, "CAPSULE_DEFAULT_CPUS"),
         }
@@ -162,6 +166,11 @@ class Settings:
         if settings.runtime not in RUNTIMES:
             raise ConfigError(
                 f"CAPSULE_RUNTIME={settings.runtime!r}: use sandbox or plain (unset: sandbox where it works)"
+            )
+        if settings.sandbox_limits not in SANDBOX_LIMITS:
+            raise ConfigError(
+                f"CAPSULE_SANDBOX_LIMITS={settings.sandbox_limits!r}: use cgroup or rlimit "
+                "(unset: cgroups where the host has them)"
             )
         if settings.reconcile_interval_sec <= 0:
             raise ConfigError("CAPSULE_RECONCILE_INTERVAL_SEC must be more than 0 seconds")

@@ -3,6 +3,11 @@
 The host's cgroup v1 controllers (pids, memory, cpu, cpuacct, each mounted apart) or the unified
 cgroup v2 hierarchy, whichever it has. Every process of a sandbox, from its launcher on, joins the
 capsule's cgroup before it can fork, so nothing in the capsule escapes its limits or its end.
+
+Where the host has no cgroups to give, the fallback is the capsule's own host uid: every process of
+the capsule runs as it and as nobody else, so RLIMIT_NPROC, which the supervisor sets on itself,
+bounds the capsule's processes and threads (the kernel counts them per uid and user namespace), and
+killing every process of that uid ends the capsule. Memory and CPU then go unlimited and unmeasured.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ class CgroupHost:
         """What a sandbox needs of cgroups, said for a warning."""
         return "cgroups: run the agent as root on a host with the pids, memory and cpu controllers"
 
-    def capsule(self, capsule_id: str) -> CapsuleCgroup:
-        """The cgroup of one capsule (made by create())."""
+    def capsule(self, capsule_id: str, uid: int) -> CapsuleCgroup:
+        """The cgroup of one capsule (made by create()); uid, the capsule's, plays no part in it."""
         if self.version == 2:
             return CapsuleCgroup(self, (self.root / PARENT / capsule_id,))
         return CapsuleCgroup(self, tuple(self.root / name / PARENT / capsule_id for name in V1_CONTROLLERS))
@@ -176,3 +181,82 @@ class CapsuleCgroup:
                 pass
             except OSError as exc:
                 logger.warning("cgroup %s not removed: %s", path, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class RlimitHost:
+    """A host without cgroups to make: a capsule's limits are rlimits on its own host uid."""
+
+    version: int = 0
+
+    def capsule(self, capsule_id: str, uid: int) -> UidGroup:
+        """The processes of one capsule: those of its uid."""
+        return UidGroup(self, uid)
+
+    def prepare(self) -> None:
+        """Nothing to make."""
+
+
+@dataclass(frozen=True, slots=True)
+class UidGroup:
+    """One capsule's processes as its host uid gathers them, with CapsuleCgroup's surface."""
+
+    host: RlimitHost
+    uid: int
+
+    @property
+    def procs_files(self) -> tuple[Path, ...]:
+        """Nothing to join: the uid the sandbox drops to is what gathers its processes."""
+        return ()
+
+    def create(self, limits: CapsuleLimits) -> None:
+        """Nothing to make."""
+
+    def pids(self) -> list[int]:
+        """The processes whose real uid is the capsule's."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                uid = os.stat(entry).st_uid
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if uid != self.uid:
+                continue
+            real = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), "")
+            if real == str(self.uid):
+                found.append(int(entry.name))
+        return sorted(found)
+
+    def tasks(self) -> int:
+        """The processes and threads of the uid now: what RLIMIT_NPROC counts."""
+        count = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                count += len(os.listdir(f"/proc/{pid}/task"))
+        return count
+
+    def limit(self, limits: CapsuleLimits, *, own_tasks: int) -> None:
+        """Nothing from outside: the supervisor lowers its own RLIMIT_NPROC, soft and hard, before
+        any process of the capsule runs (raising another uid's would take CAP_SYS_RESOURCE)."""
+
+    def usage(self, *, own: int = 0) -> ResourceUsage | None:
+        """Nothing measures a capsule without a cgroup."""
+        return None
+
+    def kill(self) -> None:
+        """SIGKILLs every process of the uid until there is none."""
+        for _ in range(KILL_ROUNDS):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.002)
+        logger.warning("uid %d still runs processes after %d rounds of SIGKILL", self.uid, KILL_ROUNDS)
+
+    def remove(self) -> None:
+        """Nothing to remove."""

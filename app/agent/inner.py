@@ -13,6 +13,7 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 from dataclasses import fields
@@ -45,11 +46,35 @@ PASSED_SETTINGS = (
 )
 
 
-def settings_argument(settings: Settings, capsule_id: str, *, lifeline: int | None = None) -> str:
+def settings_argument(
+    settings: Settings,
+    capsule_id: str,
+    *,
+    lifeline: int | None = None,
+    rlimit: bool = False,
+    max_processes: int | None = None,
+) -> str:
     """The one argument the supervisor inside is started with; lifeline, the descriptor it leaves on
-    once it reads end of file there (the agent's process is gone)."""
+    once it reads end of file there (the agent's process is gone); rlimit, that the host has no
+    cgroups, so the supervisor sets RLIMIT_NPROC on itself: max_processes at once, or a spare's
+    on the CreateCapsule that makes it a capsule's."""
     passed = {name: getattr(settings, name) for name in PASSED_SETTINGS}
-    return json.dumps({"capsule_id": capsule_id, "settings": passed, "lifeline": lifeline})
+    return json.dumps(
+        {
+            "capsule_id": capsule_id,
+            "settings": passed,
+            "lifeline": lifeline,
+            "rlimit": rlimit,
+            "max_processes": max_processes,
+        }
+    )
+
+
+def limit_own_processes(max_processes: int) -> None:
+    """RLIMIT_NPROC, soft and hard, of maxProcesses beyond the supervisor's own threads: every
+    process of the capsule inherits it, none can raise it, and the kernel counts the capsule's uid."""
+    allowed = max_processes + len(os.listdir("/proc/self/task"))
+    resource.setrlimit(resource.RLIMIT_NPROC, (allowed, allowed))
 
 
 def _watch_lifeline(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -74,8 +99,11 @@ def _watch_lifeline(loop: asyncio.AbstractEventLoop, fd: int) -> None:
 class OneCapsule:
     """The Capsules of a sandbox: exactly its own capsule, at /workspace."""
 
-    def __init__(self, capsule_id: str, settings: Settings, events: ProcessEvents) -> None:
+    def __init__(
+        self, capsule_id: str, settings: Settings, events: ProcessEvents, *, rlimit: bool = False
+    ) -> None:
         self._capsule_id = capsule_id
+        self._rlimit = rlimit
         self._supervisor = Supervisor(
             capsule_id, WORKSPACE, settings, events.publish, sessions_file=RUN_DIR / "sessions"
         )
@@ -104,6 +132,8 @@ class OneCapsule:
     async def create(self, capsule_id: str, spec: CapsuleSpec) -> HostCapsule:
         """The capsule exists from the start; a spare sandbox becomes the capsule it is created for."""
         if self._capsule_id.startswith(SPARE_PREFIX) and not capsule_id.startswith(SPARE_PREFIX):
+            if self._rlimit:
+                limit_own_processes(spec.limits.max_processes)
             self._capsule_id = self._supervisor.capsule_id = capsule_id
         return self.get(capsule_id)
 
@@ -124,7 +154,9 @@ async def serve(argument: str) -> None:
     known = {f.name for f in fields(Settings)}
     settings = Settings(**{k: v for k, v in given["settings"].items() if k in known})
     events = ProcessEvents()
-    capsule = OneCapsule(given["capsule_id"], settings, events)
+    if given.get("max_processes") is not None:
+        limit_own_processes(int(given["max_processes"]))
+    capsule = OneCapsule(given["capsule_id"], settings, events, rlimit=bool(given.get("rlimit")))
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsule, events), server)  # type: ignore[arg-type]
     with contextlib.suppress(FileNotFoundError):

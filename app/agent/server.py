@@ -319,6 +319,13 @@ async def choose_runtime(settings: Settings) -> SandboxRuntime | None:
         runtime, missing = await SandboxRuntime.probe(settings)
         if runtime is None and settings.runtime == "sandbox":
             raise ConfigError(f"CAPSULE_RUNTIME=sandbox, but a sandbox does not work here: {missing}")
+    if runtime is not None and runtime.cgroups.version == 0:
+        logger.warning(
+            "sandbox runtime with rlimits (no cgroups here): each capsule in namespaces, its processes "
+            "counted on a uid of its own; memory and CPU go unlimited and unmeasured (bwrap %s)",
+            runtime.bwrap,
+        )
+        return runtime
     if runtime is not None:
         logger.info(
             "sandbox runtime: each capsule in namespaces and a %s cgroup of its own (bwrap %s)",

@@ -14,12 +14,13 @@ from typing import Any
 
 import grpc
 
+from app.agent.cgroups import RlimitHost, UidGroup
 from app.agent.sandbox import UID_BASE, SandboxRuntime
 from app.domain import CapsuleSpec
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.conftest import MakeStub, agent_settings, workspace_on_host
-from tests.agent.helpers import echoed_pid, eventually, start_sh
+from tests.agent.helpers import echoed_pid, eventually, exec_sh, start_sh
 from tests.system import capsule_alive, free_port
 
 CGROUPS = Path("/sys/fs/cgroup/pids/capsule")
@@ -115,3 +116,30 @@ async def test_spare_sandboxes_are_kept_ready_ahead(make_stub: MakeStub, tmp_pat
     await eventually(lambda: ready_spares() == 2, within=30, what="the spares made again")
     owners = {workspace_on_host(tmp_path, c).stat().st_uid for c in ("first", "second")}
     assert len(owners) == 2
+
+
+def uid_processes(uid: int) -> list[int]:
+    return UidGroup(RlimitHost(), uid).pids()
+
+
+async def test_without_cgroups_rlimits_bound_a_capsule_and_its_uid_ends_it(
+    make_stub: MakeStub, tmp_path: Path
+) -> None:
+    stub = await make_stub(runtime="sandbox", sandbox_limits="rlimit", sandbox_spares=1)
+    limits = pb.CapsuleLimits(max_processes=20)
+    # The first takes the spare (started with the default limit), the second a sandbox of its own.
+    for capsule_id in ("bomb", "calm"):
+        info = await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id=capsule_id, limits=limits))
+        assert info.runtime == pb.RUNTIME_SANDBOX and not info.HasField("usage")
+    for capsule_id in ("bomb", "calm"):
+        # dash gives up at the first refused fork; forks counts those that were not refused.
+        script = "n=0; while :; do sleep 1000 & n=$((n+1)); echo $n > forks; done"
+        await exec_sh(stub, capsule_id, script, timeout_sec=20)
+        reply = await stub.Exec(pb.ExecRequest(capsule_id=capsule_id, cmd="cat", args=["forks"]))
+        assert 0 < int(reply.stdout) < 20
+    uid = workspace_on_host(tmp_path, "bomb").stat().st_uid
+    assert uid_processes(uid)
+    await stub.DestroyCapsule(pb.CapsuleRef(capsule_id="bomb"))
+    assert not uid_processes(uid)
+    reply = await stub.Exec(pb.ExecRequest(capsule_id="calm", cmd="true"))
+    assert reply.exit_code == 0
