@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
-from strawberry.http import GraphQLRequestData
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     ConnectionInitMessage as TransportConnectionInitMessage,
@@ -23,6 +23,7 @@ from strawberry.types.unset import UnsetType
 from app.api.auth import authenticate, bearer_key, websocket_refusal
 from app.api.context import Context
 from app.api.graphiql import graphiql_page
+from app.api.negotiation import GRAPHQL_RESPONSE_JSON, request_error_status, wants_graphql_response
 from app.api.schema import schema
 from app.errors import ErrorCode
 from app.services.team import Platform
@@ -119,10 +120,35 @@ class GraphQLView(GraphQL[Context, None]):
         # subscriptions belong on a WebSocket (multipart HTTP clients never reach this method).
         if _is_subscription(request_data.query, request_data.operation_name):
             error = GraphQLError(SUBSCRIPTION_OVER_HTTP, extensions={"code": ErrorCode.INVALID_REQUEST.value})
-            return ExecutionResult(data=None, errors=[error])
-        return await super().execute_single(
-            request, request_adapter, sub_response, context, root_value, request_data
-        )
+            result = ExecutionResult(data=None, errors=[error])
+        else:
+            result = await super().execute_single(
+                request, request_adapter, sub_response, context, root_value, request_data
+            )
+        if sub_response.media_type == GRAPHQL_RESPONSE_JSON:
+            sub_response.status_code = request_error_status(result) or sub_response.status_code
+        return result
+
+    async def get_sub_response(self, request: Request | WebSocket) -> Response:
+        # The media type the answer will have: application/graphql-response+json where Accept asks for it.
+        sub_response = await super().get_sub_response(request)
+        if isinstance(request, Request) and wants_graphql_response(request.headers.get("accept")):
+            sub_response.media_type = GRAPHQL_RESPONSE_JSON
+        return sub_response
+
+    def create_response(
+        self, response_data: GraphQLHTTPResponse | list[GraphQLHTTPResponse], sub_response: Response
+    ) -> Response:
+        graphql_response = sub_response.media_type == GRAPHQL_RESPONSE_JSON
+        if graphql_response and (sub_response.status_code or 200) >= 400 and isinstance(response_data, dict):
+            # A request error's answer has no data entry at all, not even null.
+            response_data = response_data.copy()
+            response_data.pop("data", None)
+        response = super().create_response(response_data, sub_response)
+        if graphql_response:
+            response.headers["content-type"] = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8"
+        response.headers.add_vary_header("Accept")
+        return response
 
     async def render_graphql_ide(self, request: Request) -> Response:
         return graphiql_page(request)  # strawberry's own page loads GraphiQL from a CDN
