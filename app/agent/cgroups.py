@@ -71,6 +71,26 @@ class CgroupHost:
                 with contextlib.suppress(OSError):  # already on, or not ours to turn on
                     (parent / "cgroup.subtree_control").write_text("+pids +memory +cpu")
 
+    def sweep(self, prefix: str, *, min_age_sec: float = 60.0) -> int:
+        """Removes the empty cgroups named prefix… older than min_age_sec: spares of agents killed
+        outright (their sandboxes ended with them; their names are never taken again). Younger ones
+        may be a live agent's, made a moment before its launcher joins. Returns how many went."""
+        removed = 0
+        now = time.time()
+        for parent in self._parents():
+            with contextlib.suppress(OSError):
+                for path in parent.iterdir():
+                    if not (path.is_dir() and path.name.startswith(prefix)):
+                        continue
+                    try:
+                        if now - path.stat().st_mtime < min_age_sec or (path / "cgroup.procs").read_text():
+                            continue
+                        path.rmdir()
+                        removed += 1
+                    except OSError:  # joined or removed meanwhile
+                        continue
+        return removed
+
     def _parents(self) -> list[Path]:
         if self.version == 2:
             return [self.root / PARENT]
@@ -195,6 +215,10 @@ class RlimitHost:
 
     def prepare(self) -> None:
         """Nothing to make."""
+
+    def sweep(self, prefix: str, *, min_age_sec: float = 60.0) -> int:
+        """Nothing is left behind."""
+        return 0
 
 
 @dataclass(frozen=True, slots=True)

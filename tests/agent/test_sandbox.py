@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from app.agent.cgroups import RlimitHost, UidGroup
+from app.agent.cgroups import CgroupHost, RlimitHost, UidGroup
 from app.agent.sandbox import UID_BASE, SandboxRuntime
 from app.domain import CapsuleSpec
 from app.pb import agent_pb2 as pb
@@ -143,3 +143,26 @@ async def test_without_cgroups_rlimits_bound_a_capsule_and_its_uid_ends_it(
     assert not uid_processes(uid)
     reply = await stub.Exec(pb.ExecRequest(capsule_id="calm", cmd="true"))
     assert reply.exit_code == 0
+
+
+async def test_empty_cgroups_of_spares_killed_agents_left_are_swept(tmp_path: Path) -> None:
+    host = CgroupHost.detect()
+    assert host is not None
+    host.prepare()
+    left, busy = host.capsule("spare-left0ver", 0), host.capsule("spare-busy0", 0)
+    left.create(CapsuleSpec().limits)
+    busy.create(CapsuleSpec().limits)
+    sleeper = subprocess.Popen(["sleep", "1000"])
+    try:
+        for procs in busy.procs_files:
+            procs.write_text(str(sleeper.pid))
+        assert host.sweep("spare-", min_age_sec=3600) == 0  # too young: a live agent's, maybe
+        host.sweep("spare-left0", min_age_sec=0)  # this test's alone, whatever else runs
+        assert not any(path.exists() for path in left.paths)
+        assert all(path.exists() for path in busy.paths)  # a process in it: not left behind
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        busy.kill()
+        busy.remove()
+        left.remove()
