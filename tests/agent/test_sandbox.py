@@ -149,15 +149,16 @@ async def test_empty_cgroups_of_spares_killed_agents_left_are_swept(tmp_path: Pa
     host = CgroupHost.detect()
     assert host is not None
     host.prepare()
-    left, busy = host.capsule("spare-left0ver", 0), host.capsule("spare-busy0", 0)
+    # Names of this test alone: whatever else runs here, and whatever earlier runs left, stays out of it.
+    left, busy = host.capsule("spare-t3st-left", 0), host.capsule("spare-t3st-busy", 0)
     left.create(CapsuleSpec().limits)
     busy.create(CapsuleSpec().limits)
     sleeper = subprocess.Popen(["sleep", "1000"])
     try:
         for procs in busy.procs_files:
             procs.write_text(str(sleeper.pid))
-        assert host.sweep("spare-", min_age_sec=3600) == 0  # too young: a live agent's, maybe
-        host.sweep("spare-left0", min_age_sec=0)  # this test's alone, whatever else runs
+        assert host.sweep("spare-t3st", min_age_sec=3600) == 0  # too young: a live agent's, maybe
+        assert host.sweep("spare-t3st", min_age_sec=0) == 1
         assert not any(path.exists() for path in left.paths)
         assert all(path.exists() for path in busy.paths)  # a process in it: not left behind
     finally:
