@@ -75,7 +75,7 @@ class CgroupHost:
         """Removes the empty cgroups named prefix… older than min_age_sec: spares of agents killed
         outright (their sandboxes ended with them; their names are never taken again). Younger ones
         may be a live agent's, made a moment before its launcher joins. Returns how many went."""
-        removed = 0
+        removed: set[str] = set()
         now = time.time()
         for parent in self._parents():
             with contextlib.suppress(OSError):
@@ -86,10 +86,10 @@ class CgroupHost:
                         if now - path.stat().st_mtime < min_age_sec or (path / "cgroup.procs").read_text():
                             continue
                         path.rmdir()
-                        removed += 1
+                        removed.add(path.name)
                     except OSError:  # joined or removed meanwhile
                         continue
-        return removed
+        return len(removed)
 
     def _parents(self) -> list[Path]:
         if self.version == 2:
