@@ -1,6 +1,6 @@
 """Bytes/s through the host agent's StreamOutput, beside a raw pipe read of the same writer.
 
-Run by hand: .venv/bin/python bench/agent_stream.py [--mib N] [--runs N] [--cap-mib N]
+Run by hand: .venv/bin/python -m bench.agent_stream [--mib N] [--runs N] [--cap-mib N]
 The agent runs in its own process (as `capsule agent` does), the client here, the writer in a third.
 By default the agent's output cap holds a whole run, so every byte is delivered; with --cap-mib 16
 (the agent's default) a stream slower than the writer skips what the cap cannot hold, and the

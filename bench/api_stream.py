@@ -1,6 +1,6 @@
 """Bytes/s of processOutput through the whole API, beside a raw pipe and a bare Strawberry subscription.
 
-Run by hand: .venv/bin/python bench/api_stream.py [--mib N] [--subscribers K]
+Run by hand: .venv/bin/python -m bench.api_stream [--mib N] [--subscribers K]
 One process holds the API server (uvicorn, SQLite, memory bus) and its embedded agent; the client
 speaks graphql-transport-ws over loopback with `websockets`, as a log viewer would. The peer is a
 bare Strawberry subscription that yields chunks of the same size from memory, served the same way.
@@ -27,11 +27,12 @@ from app.config import Settings
 from app.main import create_app
 from app.store.migrate import upgrade
 
+# The same writers and raw-pipe reader as bench/agent_stream.py.
+from bench.agent_stream import BLOCK_WRITER, LINE_WRITER, Case, raw_pipe
+
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = (ROOT / "graphql" / "ProcessOutput.graphql").read_text()
-# bench/ is on sys.path when this runs as a script: the same writers and raw-pipe reader as there.
-from agent_stream import BLOCK_WRITER, LINE_WRITER, Case, raw_pipe  # noqa: E402
 
 
 async def serve(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:

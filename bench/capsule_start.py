@@ -1,7 +1,7 @@
 """Milliseconds from createCapsule to a RUNNING capsule, and the `exec true` round trip, on the
 sandbox runtime beside the plain one, measured in the same run.
 
-Run by hand, as root where a sandbox works: .venv/bin/python bench/capsule_start.py [--runs N] [--execs N]
+Run by hand, as root where a sandbox works: .venv/bin/python -m bench.capsule_start [--runs N] [--execs N]
 Two API servers in this process, each with its embedded agent, one per runtime, each on a SQLite file
 of its own; every run does the same on both, one after the other, so both see the same machine.
 Two layers: the API (GraphQL over HTTP, as a client sees it) and the agent alone (its gRPC: what the

@@ -1,6 +1,6 @@
 """Seconds from `capsule serve` to its first answered request, beside a bare uvicorn app.
 
-Run by hand: .venv/bin/python bench/serve_start.py [--runs N]
+Run by hand: .venv/bin/python -m bench.serve_start [--runs N]
 First start: a fresh data directory (migrations, team and key created); restart: the same one again.
 """
 
