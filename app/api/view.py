@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cross_web import HTTPException
 from graphql import GraphQLError, OperationType, get_operation_ast, parse
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,6 +30,10 @@ from app.errors import ErrorCode
 from app.services.team import Platform
 
 FORBIDDEN = 4403
+NOT_AN_OBJECT = (
+    'expected a JSON object, got {kind}: a GraphQL request is {{"query": "...", "variables": {{...}}}}'
+)
+_JSON_KINDS: dict[type, str] = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
 SUBSCRIPTION_OVER_HTTP = (
     "subscriptions run over a WebSocket at this same address: use graphql-transport-ws or graphql-ws"
 )
@@ -149,6 +154,14 @@ class GraphQLView(GraphQL[Context, None]):
             response.headers["content-type"] = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8"
         response.headers.add_vary_header("Accept")
         return response
+
+    def parse_json(self, data: str | bytes) -> Any:
+        # Strawberry reads a request from any JSON value and fails with a 500 on a string, number or null.
+        value = super().parse_json(data)
+        if not isinstance(value, dict | list):
+            kind = _JSON_KINDS.get(type(value), "null")
+            raise HTTPException(400, NOT_AN_OBJECT.format(kind=kind))
+        return value
 
     async def render_graphql_ide(self, request: Request) -> Response:
         return graphiql_page(request)  # strawberry's own page loads GraphiQL from a CDN
