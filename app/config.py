@@ -107,6 +107,9 @@ class Settings:
     idle_check_interval_sec: float = 5.0
     # How often every host is compared with the store besides whenever a host (re)connects.
     reconcile_interval_sec: float = 30.0
+    # How often each replica re-checks the keys of its open WebSockets, should a revocation's bus
+    # message not reach it (the bus down, or the revoking CLI on the memory bus).
+    key_recheck_interval_sec: float = 5.0
     # What one team may hold at once; past these, RATE_LIMITED.
     max_capsules_per_team: int = 100
     max_processes_per_capsule: int = 256
@@ -155,6 +158,7 @@ class Settings:
             "max_capsules_per_team": int(_number(env, "CAPSULE_MAX_CAPSULES_PER_TEAM", 100)),
             "max_processes_per_capsule": int(_number(env, "CAPSULE_MAX_PROCESSES_PER_CAPSULE", 256)),
             "reconcile_interval_sec": _number(env, "CAPSULE_RECONCILE_INTERVAL_SEC", 30.0),
+            "key_recheck_interval_sec": _number(env, "CAPSULE_KEY_RECHECK_SEC", 5.0),
             "capsule_max_processes": _int(env, "CAPSULE_DEFAULT_MAX_PROCESSES", 256),
             "sandbox_spares": _int(env, "CAPSULE_SANDBOX_SPARES", 2),
             "sandbox_limits": (env.get("CAPSULE_SANDBOX_LIMITS") or "auto").lower(),
@@ -174,6 +178,8 @@ class Settings:
             )
         if settings.reconcile_interval_sec <= 0:
             raise ConfigError("CAPSULE_RECONCILE_INTERVAL_SEC must be more than 0 seconds")
+        if settings.key_recheck_interval_sec <= 0:
+            raise ConfigError("CAPSULE_KEY_RECHECK_SEC must be more than 0 seconds")
         try:
             check_limits(settings.capsule_limits)
         except InvalidRequest as exc:

@@ -17,6 +17,7 @@ from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.services.lifecycle import CapsuleLifecycle, ExitRecorder, IdleReaper, Reconciler
 from app.services.records import ProcessRecords
+from app.services.revocations import KeyRevocations
 from app.services.team import Platform
 from app.store.session import Database
 
@@ -59,13 +60,16 @@ class AppState:
             pool.set_hosts(await hosts.hosts())
             records = ProcessRecords(db=db, bus=bus)
             lifecycle = CapsuleLifecycle(db=db, pool=pool, records=records)
+            keys = KeyService(db, bus=bus)
+            revocations = KeyRevocations(keys=keys, bus=bus, interval_sec=settings.key_recheck_interval_sec)
             platform = Platform(
                 settings=settings,
                 db=db,
                 bus=bus,
                 pool=pool,
                 hosts=hosts,
-                keys=KeyService(db),
+                keys=keys,
+                revocations=revocations,
                 records=records,
                 lifecycle=lifecycle,
                 fanout=OutputFanout(pool=pool, buffer_bytes=settings.fanout_buffer_bytes),
@@ -78,6 +82,7 @@ class AppState:
                 ExitRecorder(pool=pool, hosts=hosts, records=records, lifecycle=lifecycle),
                 Reconciler(hosts=hosts, lifecycle=lifecycle, interval_sec=settings.reconcile_interval_sec),
                 IdleReaper(db=db, lifecycle=lifecycle, interval_sec=settings.idle_check_interval_sec),
+                revocations,
             )
             state.tasks = [asyncio.create_task(job.run(), name=type(job).__name__) for job in jobs]
             stack.push_async_callback(state.stop_jobs)

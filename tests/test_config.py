@@ -48,3 +48,13 @@ class TestDefaultCapsuleLimits:
             Settings.from_env(env)
         if "limits." in words:
             assert "CAPSULE_DEFAULT_" in str(caught.value)
+
+
+class TestKeyRecheck:
+    def test_every_5_seconds_unless_set(self) -> None:
+        assert Settings.from_env({}).key_recheck_interval_sec == 5.0
+        assert Settings.from_env({"CAPSULE_KEY_RECHECK_SEC": "0.5"}).key_recheck_interval_sec == 0.5
+
+    def test_zero_is_refused(self) -> None:
+        with pytest.raises(ConfigError, match="CAPSULE_KEY_RECHECK_SEC must be more than 0"):
+            Settings.from_env({"CAPSULE_KEY_RECHECK_SEC": "0"})

@@ -54,10 +54,12 @@ def _authorization(params: Mapping[str, object] | None) -> object | None:
 
 
 async def authenticate(context: Context, key: str | None) -> Team | None:
-    """Sets and returns the team a key belongs to; None for no key or a bad one."""
+    """Sets and returns the team a key belongs to (and the key's id); None for no key or a bad one."""
     if key is None:
         return None
-    context.team = await context.platform.keys.authenticate(key)
+    credential = await context.platform.keys.credential(key)
+    context.team = None if credential is None else credential.team
+    context.key_id = None if credential is None else credential.key_id
     return context.team
 
 

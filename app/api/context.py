@@ -25,6 +25,8 @@ class Context:
     response: Response | WebSocket | None
     platform: Platform
     team: Team | None = None
+    # The id of the key that authenticated the caller: a WebSocket ends when it is revoked.
+    key_id: int | None = None
     connection_params: dict[str, Any] | None = None
     _services: TeamServices | None = None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from cross_web import HTTPException
 from graphql import GraphQLError, OperationType, get_operation_ast, parse
@@ -12,11 +12,10 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
-from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
+from strawberry.schema import BaseSchema
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     ConnectionInitMessage as TransportConnectionInitMessage,
 )
-from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage
 from strawberry.types import ExecutionResult
 from strawberry.types.unset import UnsetType
@@ -25,11 +24,11 @@ from app.api.auth import authenticate, bearer_key, websocket_refusal
 from app.api.context import Context
 from app.api.graphiql import graphiql_page
 from app.api.negotiation import GRAPHQL_RESPONSE_JSON, request_error_status, wants_graphql_response
+from app.api.revocation import FORBIDDEN, RevocableGraphQLWS, RevocableTransportWS
 from app.api.schema import schema
 from app.errors import ErrorCode
 from app.services.team import Platform
 
-FORBIDDEN = 4403
 NOT_AN_OBJECT = (
     'expected a JSON object, got {kind}: a GraphQL request is {{"query": "...", "variables": {{...}}}}'
 )
@@ -51,8 +50,29 @@ def _is_subscription(query: str | None, operation_name: str | None) -> bool:
     return operation is not None and operation.operation is OperationType.SUBSCRIPTION
 
 
-class GraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
+class _EveryOperation:
+    """The schema as the graphql-ws handler calls it: its `subscribe` runs queries and mutations too.
+
+    subscriptions-transport-ws clients (gql among them) send every operation with `start`; strawberry's
+    handler would refuse a query there as "queries are not allowed", a bug's error to our mask.
+    """
+
+    def __init__(self, schema: BaseSchema) -> None:
+        self._schema = schema
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._schema, name)
+
+    async def subscribe(self, **kwargs: Any) -> Any:
+        return await self._schema.stream(**kwargs)
+
+
+class GraphQLWSHandler(RevocableGraphQLWS):
     """Legacy graphql-ws: a refused key closes with 4403 and says why, as graphql-transport-ws does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.schema = cast("BaseSchema", _EveryOperation(self.schema))
 
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         payload = message.get("payload")
@@ -65,7 +85,7 @@ class GraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
         await super().handle_connection_init(message)
 
 
-class GraphQLTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
+class GraphQLTransportWSHandler(RevocableTransportWS):
     """graphql-transport-ws: a refused key closes with 4403 and a reason that says which and where.
 
     Strawberry's own handler closes a rejected connection with the bare reason "Forbidden".

@@ -80,3 +80,23 @@ def process_event_from_json(text: str) -> domain.ProcessEvent:
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not a process event: {type(exc).__name__} {exc}") from exc
+
+
+# Every replica listens here, so a key revoked anywhere (even by the CLI) ends its open connections.
+KEY_REVOKED_CHANNEL = "key-revoked"
+
+
+def key_revoked_to_json(key_id: int) -> str:
+    """The message that says an API key was revoked, by the key's id."""
+    return json.dumps({"key_id": key_id}, separators=(",", ":"))
+
+
+def key_revoked_from_json(text: str) -> int:
+    """The key id in key_revoked_to_json's output; anything else raises ValueError."""
+    try:
+        key_id = json.loads(text)["key_id"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a key revocation: {type(exc).__name__} {exc}") from exc
+    if not isinstance(key_id, int) or isinstance(key_id, bool):
+        raise ValueError(f"not a key id: {key_id!r}")
+    return key_id

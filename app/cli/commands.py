@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from datetime import datetime
 
 import uvicorn
 
 from app.agent.server import run_agent
-from app.config import Settings
+from app.bus.broadcast import Bus
+from app.config import Settings, bus_backend_kind
 from app.datadir import lock_data_dir
+from app.errors import BusUnavailable
 from app.main import create_app
 from app.services.hosts import HostService
-from app.services.keys import KeyService
+from app.services.keys import KeyInfo, KeyService
 from app.store.migrate import upgrade
 from app.store.session import Database
 
@@ -34,6 +38,64 @@ async def create_key(settings: Settings, team: str) -> int:
         await db.dispose()
     print(key)
     return 0
+
+
+async def list_keys(settings: Settings, team: str) -> int:
+    """Prints a team's keys: id, prefix, when created, when revoked; never a key or its hash."""
+    await asyncio.to_thread(migrate_quietly, settings)
+    db = Database(settings.database_url)
+    try:
+        keys = await KeyService(db).list_keys(team)
+    finally:
+        await db.dispose()
+    rows = [("ID", "PREFIX", "CREATED", "REVOKED")]
+    rows += [(str(k.id), k.prefix, _moment(k.created_at), _moment(k.revoked_at)) for k in keys]
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+async def revoke_key(settings: Settings, key_id: int) -> int:
+    """Revokes a key by id and tells every API replica over the bus, so its open connections end now."""
+    await asyncio.to_thread(migrate_quietly, settings)
+    db = Database(settings.database_url)
+    bus = await _shared_bus(settings)
+    try:
+        info, changed = await KeyService(db, bus=bus).revoke_id(key_id)
+    finally:
+        if bus is not None:
+            await bus.disconnect()
+        await db.dispose()
+    if changed:
+        print(f"revoked API key {_described(info)}")
+    else:
+        print(f"API key {_described(info)} was revoked already, at {_moment(info.revoked_at)}")
+    return 0
+
+
+def _described(info: KeyInfo) -> str:
+    return f"{info.id} ({info.prefix}...) of team {info.team}"
+
+
+def _moment(value: datetime | None) -> str:
+    return "-" if value is None else value.isoformat(timespec="seconds")
+
+
+async def _shared_bus(settings: Settings) -> Bus | None:
+    """The replicas' bus, connected; None for the memory bus, which no server process shares."""
+    if bus_backend_kind(settings.bus_url) == "memory":
+        return None
+    bus = Bus(settings.bus_url)
+    try:
+        await bus.connect()
+    except BusUnavailable:
+        print(
+            "capsule: the bus is unreachable; servers notice the revocation at their next key check",
+            file=sys.stderr,
+        )
+        return None
+    return bus
 
 
 async def add_host(settings: Settings, host_id: str, address: str) -> int:

@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = keys.add_parser("create", help="create the team if needed and print a new key")
     create.add_argument("--team", required=True)
+    listing = keys.add_parser("list", help="list a team's keys: id, prefix, created, revoked (never the key)")
+    listing.add_argument("--team", required=True)
+    revoke = keys.add_parser("revoke", help="revoke a key by its id: its open connections end too")
+    revoke.add_argument("id", type=int, metavar="ID", help="the key's id, as `keys list` shows it")
     hosts = commands.add_parser("hosts", help="manage host agents").add_subparsers(
         dest="hosts_command", required=True
     )
@@ -61,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(commands.agent(settings, args.listen))
         if args.command == "migrate":
             return commands.migrate(settings)
+        if args.command == "keys" and args.keys_command == "list":
+            return asyncio.run(commands.list_keys(settings, args.team))
+        if args.command == "keys" and args.keys_command == "revoke":
+            return asyncio.run(commands.revoke_key(settings, args.id))
         if args.command == "keys":
             return asyncio.run(commands.create_key(settings, args.team))
         return asyncio.run(commands.add_host(settings, args.id, args.address))

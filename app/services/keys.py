@@ -1,18 +1,25 @@
-"""API keys: create (shown once), authenticate by hash, revoke, and the development key."""
+"""API keys: create (shown once), authenticate in constant time, list, revoke, and the development key."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import os
 import re
 import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
-from app.domain import Team, utcnow
+from app.bus.broadcast import Bus
+from app.bus.events import KEY_REVOKED_CHANNEL, key_revoked_to_json
+from app.domain import Team, as_utc, utcnow
+from app.errors import BusUnavailable, NotFound
 from app.store import models
 from app.store.repositories import ApiKeyRepository, TeamRepository
 from app.store.session import Database
@@ -43,40 +50,118 @@ def is_well_formed(key: str) -> bool:
     return KEY_RE.fullmatch(key) is not None
 
 
-class KeyService:
-    """Creates, checks and revokes API keys; built once per server."""
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What a valid key proves: which key it is, and whose."""
 
-    def __init__(self, db: Database) -> None:
-        self._db = db
+    key_id: int
+    team: Team
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """One key as a listing shows it: never the key, nor its hash."""
+
+    id: int
+    team: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class KeyService:
+    """Creates, checks, lists and revokes API keys; built once per server (or per CLI command)."""
+
+    def __init__(self, db: Database, *, bus: Bus | None = None) -> None:
+        # With a bus, a revocation is announced to every replica at once; without one, replicas
+        # still notice at their next periodic check (KeyRevocations).
+        self._db, self._bus = db, bus
 
     async def create_key(self, team_name: str) -> tuple[Team, str]:
         """Creates the team if needed and a key for it; the plaintext key is returned here only."""
         team = await self._team(team_name)
         key = new_key()
         async with self._db.transaction() as session:
-            await ApiKeyRepository(session).add(
+            row = await ApiKeyRepository(session).add(
                 models.ApiKey(team_id=team.id, key_hash=hash_key(key), prefix=key[:SHOWN_PREFIX_LEN])
             )
-        logger.info("created API key %s... for team %s", key[:SHOWN_PREFIX_LEN], team.name)
+        logger.info("created API key %s (%s...) for team %s", row.id, key[:SHOWN_PREFIX_LEN], team.name)
         return team, key
 
     async def authenticate(self, key: str) -> Team | None:
         """The team of an unrevoked key; None for an unknown, revoked or malformed one."""
+        credential = await self.credential(key)
+        return None if credential is None else credential.team
+
+    async def credential(self, key: str) -> Credential | None:
+        """The key's id and team when it is unrevoked; None for an unknown, revoked or malformed one.
+
+        The store is asked only for the prefix, which is not secret; the hash of the rest is compared
+        here in constant time, so no timing tells a caller how much of a guess was right.
+        """
         if not is_well_formed(key):
             return None
+        digest = hash_key(key)
         async with self._db.session() as session:
-            team = await ApiKeyRepository(session).team_of(hash_key(key))
-        return None if team is None else _team_of(team)
+            candidates = await ApiKeyRepository(session).unrevoked_by_prefix(key[:SHOWN_PREFIX_LEN])
+        found: Credential | None = None
+        for row, team in candidates:  # nearly always one; compare them all, whichever matches
+            if hmac.compare_digest(row.key_hash, digest) and row.id is not None:
+                found = Credential(key_id=row.id, team=_team_of(team))
+        return found
+
+    async def list_keys(self, team_name: str) -> list[KeyInfo]:
+        """The team's keys, revoked ones too, oldest first; NotFound when there is no such team."""
+        async with self._db.session() as session:
+            team = await TeamRepository(session).get_by_name(team_name)
+            if team is None or team.id is None:
+                raise NotFound(f"no team {team_name!r}: `capsule keys create --team {team_name}` makes it")
+            rows = await ApiKeyRepository(session).list_for_team(team.id)
+        return [_info(row, team.name) for row in rows]
+
+    async def revoke_id(self, key_id: int) -> tuple[KeyInfo, bool]:
+        """Revokes the key with this id; the key as it is now, and False when it was revoked already.
+
+        NotFound when there is no such key.
+        """
+        async with self._db.transaction() as session:
+            keys = ApiKeyRepository(session)
+            changed = await keys.revoke(key_id, utcnow())
+            row = await keys.get(key_id)
+            team = None if row is None else await TeamRepository(session).get(row.team_id)
+            if row is None or team is None:
+                raise NotFound(f"no API key {key_id}: `capsule keys list --team NAME` shows the ids")
+            info = _info(row, team.name)
+        if changed:
+            logger.info("revoked API key %s (%s...) of team %s", key_id, info.prefix, info.team)
+            await self._announce(key_id)
+        return info, changed
 
     async def revoke(self, key: str) -> bool:
-        """Revokes a key; False when it is unknown or was revoked already."""
-        if not is_well_formed(key):
+        """Revokes a key given in full; False when it is unknown or was revoked already."""
+        credential = await self.credential(key)
+        if credential is None:
             return False
-        async with self._db.transaction() as session:
-            revoked = await ApiKeyRepository(session).revoke(hash_key(key), utcnow())
-        if revoked:
-            logger.info("revoked API key %s...", key[:SHOWN_PREFIX_LEN])
-        return revoked
+        _, changed = await self.revoke_id(credential.key_id)
+        return changed
+
+    async def revoked_among(self, key_ids: Sequence[int]) -> set[int]:
+        """Which of these keys are revoked now (one query)."""
+        async with self._db.session() as session:
+            return await ApiKeyRepository(session).revoked_among(key_ids)
+
+    async def _announce(self, key_id: int) -> None:
+        if self._bus is None:
+            return
+        try:
+            await self._bus.publish(KEY_REVOKED_CHANNEL, key_revoked_to_json(key_id))
+        except BusUnavailable:
+            # The revocation is in the store; every replica's periodic check still finds it.
+            logger.warning("could not announce the revocation of API key %s on the bus", key_id)
 
     async def ensure_dev_key(self, data_dir: Path) -> tuple[str, bool]:
         """The `default` team's key kept in <data_dir>/dev-api-key; (key, True) when made just now."""
@@ -106,6 +191,17 @@ class KeyService:
         else:
             logger.info("created team %s", name)
         return _team_of(team)
+
+
+def _info(row: models.ApiKey, team: str) -> KeyInfo:
+    assert row.id is not None  # a stored key has its id
+    return KeyInfo(
+        id=row.id,
+        team=team,
+        prefix=row.prefix,
+        created_at=as_utc(row.created_at),
+        revoked_at=None if row.revoked_at is None else as_utc(row.revoked_at),
+    )
 
 
 def _team_of(row: models.Team) -> Team:

@@ -17,6 +17,7 @@ from app.services.lifecycle import CapsuleLifecycle
 from app.services.output import OutputService
 from app.services.processes import ProcessService
 from app.services.records import ProcessRecords
+from app.services.revocations import KeyRevocations
 from app.store.session import Database
 
 
@@ -30,6 +31,7 @@ class Platform:
     pool: HostPool
     hosts: HostService
     keys: KeyService
+    revocations: KeyRevocations
     records: ProcessRecords
     lifecycle: CapsuleLifecycle
     fanout: OutputFanout

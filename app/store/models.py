@@ -62,7 +62,9 @@ class ApiKey(SQLModel, table=True):
     team_id: int = Field(foreign_key="team.id", index=True)
     # sha256 of the whole key; the key itself is shown once and never stored.
     key_hash: str = Field(unique=True, index=True, max_length=64)
-    prefix: str = Field(max_length=16)
+    # The key's first characters, not secret: what a listing shows, and what authentication looks up
+    # before it compares the hash in constant time.
+    prefix: str = Field(max_length=16, index=True)
     created_at: datetime = _moment()
     revoked_at: datetime | None = _moment(nullable=True)
 

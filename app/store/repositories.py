@@ -190,35 +190,56 @@ class TeamRepository:
 
 
 class ApiKeyRepository:
-    """API keys by their hash (not team-scoped: the key is what finds the team)."""
+    """API keys by id, prefix or hash (not team-scoped: the key is what finds the team)."""
 
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
+
+    async def get(self, key_id: int) -> models.ApiKey | None:
+        """The key with this id, revoked or not, or None."""
+        return await self._session.get(models.ApiKey, key_id)
 
     async def get_by_hash(self, key_hash: str) -> models.ApiKey | None:
         """The key with this sha256 hex digest, revoked or not, or None."""
         statement = select(models.ApiKey).where(col(models.ApiKey.key_hash) == key_hash)
         return (await self._session.exec(statement)).one_or_none()
 
-    async def team_of(self, key_hash: str) -> models.Team | None:
-        """The team of an unrevoked key with this hash, in one query; None otherwise."""
+    async def unrevoked_by_prefix(self, prefix: str) -> Sequence[tuple[models.ApiKey, models.Team]]:
+        """The unrevoked keys with this prefix and their teams, in one indexed query.
+
+        The caller compares each hash itself, in constant time: the query never sees a secret.
+        """
         statement = (
-            select(models.Team)
-            .join(models.ApiKey, col(models.ApiKey.team_id) == col(models.Team.id))
-            .where(col(models.ApiKey.key_hash) == key_hash, col(models.ApiKey.revoked_at).is_(None))
+            select(models.ApiKey, models.Team)
+            .join(models.Team, col(models.ApiKey.team_id) == col(models.Team.id))
+            .where(col(models.ApiKey.prefix) == prefix, col(models.ApiKey.revoked_at).is_(None))
         )
-        return (await self._session.exec(statement)).one_or_none()
+        return (await self._session.exec(statement)).all()
+
+    async def list_for_team(self, team_id: int) -> Sequence[models.ApiKey]:
+        """The team's keys, revoked ones too, oldest first."""
+        statement = select(models.ApiKey).where(col(models.ApiKey.team_id) == team_id)
+        return (await self._session.exec(statement.order_by(col(models.ApiKey.id)))).all()
+
+    async def revoked_among(self, key_ids: Collection[int]) -> set[int]:
+        """Which of these key ids are revoked, in one query on the primary key."""
+        if not key_ids:
+            return set()
+        statement = select(models.ApiKey.id).where(
+            col(models.ApiKey.id).in_(list(key_ids)), col(models.ApiKey.revoked_at).is_not(None)
+        )
+        return {key_id for key_id in (await self._session.exec(statement)).all() if key_id is not None}
 
     async def add(self, key: models.ApiKey) -> models.ApiKey:
         """Adds a key and flushes."""
         added: models.ApiKey = await _add(self._session, key)
         return added
 
-    async def revoke(self, key_hash: str, now: datetime) -> bool:
-        """Revokes the key with this hash; False when there is none or it was revoked already."""
+    async def revoke(self, key_id: int, now: datetime) -> bool:
+        """Revokes the key with this id; False when there is none or it was revoked already."""
         statement = (
             update(models.ApiKey)
-            .where(col(models.ApiKey.key_hash) == key_hash, col(models.ApiKey.revoked_at).is_(None))
+            .where(col(models.ApiKey.id) == key_id, col(models.ApiKey.revoked_at).is_(None))
             .values(revoked_at=now)
         )
         return bool((await self._session.exec(statement)).rowcount)

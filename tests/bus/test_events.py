@@ -10,7 +10,13 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from app import domain
-from app.bus.events import capsule_events_channel, process_event_from_json, process_event_to_json
+from app.bus.events import (
+    capsule_events_channel,
+    key_revoked_from_json,
+    key_revoked_to_json,
+    process_event_from_json,
+    process_event_to_json,
+)
 
 STARTED_AT = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
 
@@ -94,3 +100,13 @@ def test_anything_else_is_a_value_error(text: str) -> None:
 def test_channel_names_are_per_capsule() -> None:
     assert capsule_events_channel("a") != capsule_events_channel("b")
     assert "cap-1" in capsule_events_channel("cap-1")
+
+
+def test_key_revocations_carry_the_key_id() -> None:
+    assert key_revoked_from_json(key_revoked_to_json(42)) == 42
+
+
+@pytest.mark.parametrize("text", ["{}", "[]", "not json", '{"key_id": "42"}', '{"key_id": true}', "null"])
+def test_anything_else_is_no_key_revocation(text: str) -> None:
+    with pytest.raises(ValueError):
+        key_revoked_from_json(text)

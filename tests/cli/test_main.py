@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.services.hosts import HostService
-from app.services.keys import KeyService
+from app.services.keys import SHOWN_PREFIX_LEN, KeyService, hash_key
 from app.store.session import Database
 from tests.system import command_env
 
@@ -38,6 +40,43 @@ async def test_migrate_keys_and_hosts(tmp_path: Path, database_url: str) -> None
         assert await HostService(db, {}).hosts() == {"h7": "agent-7.internal:7070"}
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the service tests cover both stores
+async def test_keys_list_and_revoke(tmp_path: Path, database_url: str) -> None:
+    keys = [run(tmp_path, database_url, "keys", "create", "--team", "ops") for _ in range(2)]
+    assert all(k.returncode == 0 for k in keys), [k.stderr for k in keys]
+    first, second = (k.stdout.strip() for k in keys)
+    assert first not in keys[0].stderr  # the log says which key, never the key
+
+    listed = run(tmp_path, database_url, "keys", "list", "--team", "ops")
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = (line.split() for line in listed.stdout.splitlines())
+    assert header == ["ID", "PREFIX", "CREATED", "REVOKED"]
+    assert [row[1] for row in rows] == [first[:SHOWN_PREFIX_LEN], second[:SHOWN_PREFIX_LEN]]
+    assert [row[3] for row in rows] == ["-", "-"]
+    for secret in (first, second, hash_key(first), hash_key(second)):
+        assert secret not in listed.stdout + listed.stderr
+
+    key_id = rows[0][0]
+    revoked = run(tmp_path, database_url, "keys", "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.strip() == f"revoked API key {key_id} ({first[:SHOWN_PREFIX_LEN]}...) of team ops"
+    relisted = run(tmp_path, database_url, "keys", "list", "--team", "ops")
+    revoked_column = [line.split()[3] for line in relisted.stdout.splitlines()[1:]]
+    assert revoked_column[0] != "-" and revoked_column[1] == "-"
+
+    db = Database(database_url)
+    try:
+        keys_service = KeyService(db)
+        assert await keys_service.authenticate(first) is None
+        assert await keys_service.authenticate(second) is not None
+    finally:
+        await db.dispose()
+
+    unknown = run(tmp_path, database_url, "keys", "revoke", "999")
+    assert unknown.returncode == 1 and "no API key 999" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
 
 
 def test_bad_input_is_a_line_not_a_traceback(tmp_path: Path, database_url: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,15 @@ from app.agent.server import AgentHandle, start_agent
 from app.config import Settings
 from tests.e2e.client import HttpClient, live_events
 from tests.e2e.conftest import running_server
+from tests.e2e.test_keys import (
+    DEADLINE_SEC,
+    TICKER,
+    assert_unauthenticated,
+    followed,
+    key_id,
+    revoke_with_the_cli,
+    until_live,
+)
 from tests.e2e.test_processes import start, wait_for_status
 
 
@@ -70,3 +80,42 @@ async def test_a_host_registered_while_serving_takes_capsules(
                 await api.aclose()
     finally:
         await second_agent.stop()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_revocation_reaches_every_replicas_sockets(
+    settings: Settings, agent: AgentHandle, tmp_path: Path
+) -> None:
+    # A re-check once an hour: only the bus message from the CLI can end these subscriptions in time.
+    shared = replace(
+        settings,
+        hosts={"h1": f"127.0.0.1:{agent.port}"},
+        bus_url="redis://127.0.0.1:6379",
+        key_recheck_interval_sec=3600,
+    )
+    async with running_server(shared) as first, running_server(shared) as second, AsyncExitStack() as stack:
+        key, other = await first.new_key("team-a"), await first.new_key("team-a")
+        api, other_api = HttpClient(first.url, key), HttpClient(second.url, other)
+        stack.push_async_callback(api.aclose)
+        stack.push_async_callback(other_api.aclose)
+        capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
+        ticker = (await start(api, capsule_id, "sh", "-c", TICKER, tag="ticker"))["pid"]
+        followers = []
+        for server in (first, second):
+            followers += await stack.enter_async_context(
+                followed(stack, server.ws_url, key, capsule_id, ticker)
+            )
+        kept = await stack.enter_async_context(followed(stack, second.ws_url, other, capsule_id, ticker))
+        await until_live(api, capsule_id, followers + kept)
+
+        await revoke_with_the_cli(shared, tmp_path, await key_id(first, key))
+
+        async with asyncio.timeout(DEADLINE_SEC):
+            for follower in followers:
+                assert_unauthenticated(await follower.ended())
+        revoked = HttpClient(second.url, key)
+        stack.push_async_callback(revoked.aclose)
+        assert (await revoked.run("Capsules")).codes == ["UNAUTHENTICATED"]
+        for follower in kept:
+            assert not follower.task.done()
+        assert (await other_api.run("Capsule", id=capsule_id)).ok()["capsule"]["id"] == capsule_id

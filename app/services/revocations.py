@@ -1,0 +1,99 @@
+"""KeyRevocations: tells each open connection when its API key is revoked, on every replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from app.bus.broadcast import Bus
+from app.bus.events import KEY_REVOKED_CHANNEL, key_revoked_from_json
+from app.errors import BusUnavailable
+from app.services.keys import KeyService
+
+logger = logging.getLogger(__name__)
+
+
+class KeyRevocations:
+    """Wakes the watchers of a revoked key: at once when the revocation comes over the bus, and
+    within one interval when it does not (the bus was down, or the revoking CLI had the memory bus).
+
+    The periodic check is one query on the primary key for all the keys watched on this replica.
+    """
+
+    def __init__(self, *, keys: KeyService, bus: Bus, interval_sec: float) -> None:
+        self._keys, self._bus, self._interval = keys, bus, interval_sec
+        self._watchers: dict[int, set[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, key_id: int) -> Iterator[asyncio.Event]:
+        """An event that is set once the key is revoked, for as long as the block runs."""
+        revoked = asyncio.Event()
+        self._watchers.setdefault(key_id, set()).add(revoked)
+        try:
+            yield revoked
+        finally:
+            watchers = self._watchers.get(key_id)
+            if watchers is not None:
+                watchers.discard(revoked)
+                if not watchers:
+                    del self._watchers[key_id]
+
+    @property
+    def watched(self) -> frozenset[int]:
+        """The ids of the keys some connection on this replica is watching."""
+        return frozenset(self._watchers)
+
+    async def run(self) -> None:
+        """Follows the bus and checks the store every interval, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow_bus(), name="key-revocations-bus")
+            group.create_task(self._check_every_interval(), name="key-revocations-check")
+
+    async def check_once(self) -> set[int]:
+        """Wakes the watchers of every watched key the store has as revoked; returns those keys."""
+        key_ids = sorted(self._watchers)
+        if not key_ids:
+            return set()
+        revoked = await self._keys.revoked_among(key_ids)
+        for key_id in revoked:
+            self._wake(key_id)
+        return revoked
+
+    def _wake(self, key_id: int) -> None:
+        watchers = self._watchers.get(key_id, set())
+        if watchers:
+            logger.info("API key %s is revoked: ending its %d open connection(s)", key_id, len(watchers))
+        for revoked in watchers:
+            revoked.set()
+
+    async def _check_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check_once()
+            except Exception:
+                logger.exception("checking open connections' API keys failed")
+
+    async def _follow_bus(self) -> None:
+        while True:
+            try:
+                async with self._bus.subscribe(KEY_REVOKED_CHANNEL) as messages:
+                    # Whatever was revoked while this replica was not listening.
+                    await self.check_once()
+                    async for message in messages:
+                        self._on_message(message)
+            except BusUnavailable:
+                logger.warning("key revocations: the bus is unreachable; the periodic check goes on")
+            except Exception:
+                logger.exception("key revocations: following the bus failed")
+            await asyncio.sleep(self._interval)
+
+    def _on_message(self, message: str) -> None:
+        try:
+            key_id = key_revoked_from_json(message)
+        except ValueError as exc:
+            logger.warning("key revocations: ignored a malformed message: %s", exc)
+            return
+        self._wake(key_id)
