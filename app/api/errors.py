@@ -1,8 +1,9 @@
-"""ErrorCodes: extensions.code on every error a client sees; bugs masked as INTERNAL."""
+"""ErrorCodes: extensions.code on every error a client sees; bugs masked as INTERNAL with an errorId."""
 
 from __future__ import annotations
 
 import logging
+import secrets
 
 from graphql.error import GraphQLError
 from strawberry.extensions import MaskErrors
@@ -39,22 +40,36 @@ def _is_request_error(error: GraphQLError) -> bool:
     return original is None or isinstance(original, GraphQLError)
 
 
+def is_bug(error: GraphQLError) -> bool:
+    """True for an error no rule foresaw (an exception of ours or a library's), to be masked as INTERNAL."""
+    if isinstance(error.original_error, CapsuleError) or _code_of(error) is not None:
+        return False
+    return not _is_request_error(error) and not is_not_unicode(error)
+
+
+def internal_error(error: GraphQLError) -> GraphQLError:
+    """What a client sees of a bug: INTERNAL and an opaque errorId, which the log has beside the traceback."""
+    error_id = secrets.token_hex(8)
+    path = ".".join(map(str, error.path or ())) or "-"
+    logger.error("internal error %s at %s", error_id, path, exc_info=error.original_error)
+    return GraphQLError(
+        INTERNAL_MESSAGE,
+        nodes=error.nodes,
+        source=error.source,
+        positions=error.positions,
+        path=error.path,
+        extensions={"code": ErrorCode.INTERNAL.value, "errorId": error_id},
+    )
+
+
 class ErrorCodes(MaskErrors):
     """Passes coded errors, marks request errors INVALID_REQUEST and masks everything else."""
 
     def __init__(self) -> None:
-        super().__init__(should_mask_error=self._should_mask, error_message=INTERNAL_MESSAGE)
-
-    @staticmethod
-    def _should_mask(error: GraphQLError) -> bool:
-        if isinstance(error.original_error, CapsuleError) or _code_of(error) is not None:
-            return False
-        return not _is_request_error(error)
+        super().__init__(should_mask_error=is_bug, error_message=INTERNAL_MESSAGE)
 
     def anonymise_error(self, error: GraphQLError) -> GraphQLError:
-        masked = super().anonymise_error(error)
-        masked.extensions = {"code": ErrorCode.INTERNAL.value}
-        return masked
+        return internal_error(error)
 
     def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
         errors = [

@@ -6,16 +6,16 @@ import logging
 
 import strawberry
 from graphql.error import GraphQLError
-from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.extensions import MaxTokensLimiter
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
 
 from app.api.capsules import CapsuleMutation, CapsuleQuery
-from app.api.errors import ErrorCodes, is_not_unicode
+from app.api.errors import ErrorCodes, internal_error, is_bug
 from app.api.exec import ExecMutation
 from app.api.output import OutputSubscription
 from app.api.processes import ProcessMutation, ProcessQuery, ProcessSubscription
-from app.errors import CapsuleError
+from app.api.shape import DocumentShape
 
 logger = logging.getLogger(__name__)
 
@@ -25,30 +25,35 @@ Subscription = merge_types("Subscription", (OutputSubscription, ProcessSubscript
 
 
 class Schema(strawberry.Schema):
-    """Logs expected errors quietly and bugs once, with their traceback."""
+    """Logs expected errors quietly and bugs once, with their traceback and errorId."""
 
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
-        for error in errors:
-            original = error.original_error
-            if original is None or isinstance(original, CapsuleError | GraphQLError) or is_not_unicode(error):
-                logger.debug("request error: %s", error.message)
+        # Bugs are masked here, where strawberry hands over every error first, in the very list it
+        # answers with: its MaskErrors never sees an exception raised while a document is validated.
+        for index, error in enumerate(errors):
+            if is_bug(error):
+                errors[index] = internal_error(error)  # logs it, with the id the client gets
             else:
-                logger.error("unexpected error in %s", error.path, exc_info=original)
+                logger.debug("request error: %s", error.message)
 
 
-# Bounds on a document's shape, far above what the contract's operations need, so that a hostile
-# query costs little to refuse; GraphiQL's introspection passes them.
+# Bounds on a document's shape, far above what the contract's operations need (3 fields deep at
+# most), so that a hostile query costs little to refuse. The introspection query of GraphiQL and of
+# graphql-core (9 levels of ofType) is 15 fields deep: it passes, and nothing deeper does.
+MAX_DEPTH = 15
+MAX_ALIASES = 50
+MAX_TOKENS = 5000
+
 schema = Schema(
     query=Query,
     mutation=Mutation,
     subscription=Subscription,
     extensions=[
         ErrorCodes,
-        lambda: QueryDepthLimiter(max_depth=8),
-        lambda: MaxTokensLimiter(max_token_count=5000),
-        lambda: MaxAliasesLimiter(max_alias_count=50),
+        lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+        lambda: DocumentShape(max_depth=MAX_DEPTH, max_aliases=MAX_ALIASES),
     ],
 )
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
+import pytest
 import strawberry
 
 from app.api.errors import INTERNAL_MESSAGE, ErrorCodes
@@ -26,12 +30,20 @@ class Query:
 schema = strawberry.Schema(query=Query, extensions=[ErrorCodes])
 
 
-async def test_a_bug_is_masked_as_internal() -> None:
-    result = await schema.execute("{ bug }")
+async def test_a_bug_is_masked_as_internal_with_the_error_id_of_its_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="app.api.errors"):
+        result = await schema.execute("{ bug }")
     assert result.errors is not None
     [error] = result.errors
     assert error.message == INTERNAL_MESSAGE and "secret" not in error.message
-    assert error.extensions == {"code": "INTERNAL"}
+    assert error.extensions is not None and error.extensions.keys() == {"code", "errorId"}
+    assert error.extensions["code"] == "INTERNAL" and re.fullmatch(
+        r"[0-9a-f]{16}", error.extensions["errorId"]
+    )
+    [record] = [r for r in caplog.records if error.extensions["errorId"] in r.getMessage()]
+    assert record.exc_info is not None and "secret table name" in str(record.exc_info[1])
 
 
 async def test_a_coded_error_passes_with_its_code() -> None:
