@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,8 @@ from typing import Protocol
 # The runtime the tests' agents use: auto (sandbox where it works) unless CAPSULE_TEST_RUNTIME says
 # sandbox or plain; .ci/run runs the suite once more on plain.
 TEST_RUNTIME = os.environ.get("CAPSULE_TEST_RUNTIME", "auto")
+# A capsule's cgroup as /proc/PID/cgroup names it: below capsule/, in its agent's part.
+CAPSULE_CGROUP = re.compile(r":/capsule/[0-9a-f]{12}/[^/]+$")
 
 
 def free_port() -> int:
@@ -74,7 +77,9 @@ def capsule_alive(capsule_id: str, pid: int, *, sandbox: bool | None = None) -> 
             status = (entry / "status").read_text()
         except OSError:
             continue
-        if not any(line.endswith(f":/capsule/{capsule_id}") for line in cgroup.splitlines()):
+        if not any(
+            CAPSULE_CGROUP.search(line) and line.endswith(f"/{capsule_id}") for line in cgroup.splitlines()
+        ):
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         if fields.get("NSpid", "").split()[-1:] == [str(pid)] and not fields["State"].strip().startswith("Z"):

@@ -78,8 +78,8 @@ class Capsules:
             raise RuntimeError(f"loading capsules needs the lock on {self._settings.agent_dir}")
         self._root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._spares, ignore_errors=True)  # a killed agent's spare ended with it
-        if self._runtime is not None and (swept := self._runtime.cgroups.sweep(SPARE_PREFIX)):
-            logger.info("removed %d empty cgroups of spare sandboxes that killed agents left", swept)
+        if self._runtime is not None and (cleared := self._runtime.cgroups.clear()):
+            logger.info("removed %d cgroups that an agent killed on this data directory left", cleared)
         waiting = []
         for path in sorted(self._root.iterdir()):
             if not (ID_RE.fullmatch(path.name) and (path / "workspace").is_dir()):

@@ -13,6 +13,7 @@ killing every process of that uid ends the capsule. Memory and CPU then go unlim
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -25,76 +26,84 @@ from app.domain import CapsuleLimits, ResourceUsage
 logger = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
-PARENT = "capsule"  # every capsule's cgroup lives below <controller>/capsule/
+PARENT = "capsule"  # every capsule's cgroup lives below <controller>/capsule/<agent scope>/
 V1_CONTROLLERS = ("pids", "memory", "cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
 KILL_ROUNDS = 50
 
 
+def scope_of(agent_dir: Path) -> str:
+    """The name of an agent's own cgroup below capsule/, from its data directory: two agents on one
+    host never share a capsule's cgroup, whatever their capsules are called."""
+    return hashlib.sha256(str(agent_dir.resolve()).encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True, slots=True)
 class CgroupHost:
-    """How this host offers cgroups: v1 (a directory per controller) or v2 (one unified tree)."""
+    """How this host offers cgroups: v1 (a directory per controller) or v2 (one unified tree), and
+    the agent's own part of it: <controller>/capsule/<scope>/<capsule id>."""
 
     version: int
+    scope: str
     root: Path = ROOT
 
     @classmethod
-    def detect(cls, root: Path = ROOT) -> CgroupHost | None:
+    def detect(cls, scope: str, root: Path = ROOT) -> CgroupHost | None:
         """The host's cgroups where this process may make them (as root), else None."""
         if os.geteuid() != 0:
             return None
         if (root / "cgroup.controllers").exists():
             wanted = {"pids", "memory", "cpu"}
             if wanted <= set((root / "cgroup.controllers").read_text().split()):
-                return cls(version=2, root=root)
+                return cls(version=2, scope=scope, root=root)
             return None
         if all((root / name / "cgroup.procs").exists() for name in V1_CONTROLLERS):
-            return cls(version=1, root=root)
+            return cls(version=1, scope=scope, root=root)
         return None
 
     def missing(self) -> str:
         """What a sandbox needs of cgroups, said for a warning."""
         return "cgroups: run the agent as root on a host with the pids, memory and cpu controllers"
 
+    def base(self, controller: str) -> Path:
+        """The agent's own cgroup, where its capsules' are made (controller is ignored on v2)."""
+        if self.version == 2:
+            return self.root / PARENT / self.scope
+        return self.root / controller / PARENT / self.scope
+
     def capsule(self, capsule_id: str, uid: int) -> CapsuleCgroup:
         """The cgroup of one capsule (made by create()); uid, the capsule's, plays no part in it."""
         if self.version == 2:
-            return CapsuleCgroup(self, (self.root / PARENT / capsule_id,))
-        return CapsuleCgroup(self, tuple(self.root / name / PARENT / capsule_id for name in V1_CONTROLLERS))
+            return CapsuleCgroup(self, (self.base("") / capsule_id,))
+        return CapsuleCgroup(self, tuple(self.base(name) / capsule_id for name in V1_CONTROLLERS))
 
     def prepare(self) -> None:
         """Makes the parent cgroups; on v2, lets the controllers reach the capsules below."""
         for path in self._parents():
-            path.mkdir(exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True)
         if self.version == 2:
-            for parent in (self.root, self.root / PARENT):
+            for parent in (self.root, self.root / PARENT, self.base("")):
                 with contextlib.suppress(OSError):  # already on, or not ours to turn on
                     (parent / "cgroup.subtree_control").write_text("+pids +memory +cpu")
 
-    def sweep(self, prefix: str, *, min_age_sec: float = 60.0) -> int:
-        """Removes the empty cgroups named prefix… older than min_age_sec: spares of agents killed
-        outright (their sandboxes ended with them; their names are never taken again). Younger ones
-        may be a live agent's, made a moment before its launcher joins. Returns how many went."""
-        removed: set[str] = set()
-        now = time.time()
+    def clear(self) -> int:
+        """Ends and removes every cgroup of this agent's part: what an agent killed outright on the
+        same data directory left (spares' included, whose names are never taken again). Only once
+        the data directory is locked: no other agent has this part. Returns how many there were."""
+        names: set[str] = set()
         for parent in self._parents():
             with contextlib.suppress(OSError):
-                for path in parent.iterdir():
-                    if not (path.is_dir() and path.name.startswith(prefix)):
-                        continue
-                    try:
-                        if now - path.stat().st_mtime < min_age_sec or (path / "cgroup.procs").read_text():
-                            continue
-                        path.rmdir()
-                        removed.add(path.name)
-                    except OSError:  # joined or removed meanwhile
-                        continue
-        return len(removed)
+                names.update(path.name for path in parent.iterdir() if path.is_dir())
+        for name in names:
+            cgroup = self.capsule(name, 0)
+            cgroup.kill()
+            cgroup.remove()
+        return len(names)
 
     def _parents(self) -> list[Path]:
         if self.version == 2:
-            return [self.root / PARENT]
-        return [self.root / name / PARENT for name in V1_CONTROLLERS]
+            return [self.base("")]
+        return [self.base(name) for name in V1_CONTROLLERS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +153,7 @@ class CapsuleCgroup:
         self._v1("cpu", "cpu.cfs_quota_us").write_text(quota or "-1")
 
     def _v1(self, controller: str, name: str) -> Path:
-        return self.host.root / controller / PARENT / self.paths[0].name / name
+        return self.host.base(controller) / self.paths[0].name / name
 
     def pids(self) -> list[int]:
         """The processes in the cgroup now."""
@@ -216,8 +225,8 @@ class RlimitHost:
     def prepare(self) -> None:
         """Nothing to make."""
 
-    def sweep(self, prefix: str, *, min_age_sec: float = 60.0) -> int:
-        """Nothing is left behind."""
+    def clear(self) -> int:
+        """Nothing is left behind that the uids' own kill does not end."""
         return 0
 
 

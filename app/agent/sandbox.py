@@ -36,7 +36,7 @@ import grpc
 import app
 from app import wire
 from app.agent import inner
-from app.agent.cgroups import CapsuleCgroup, CgroupHost, RlimitHost, UidGroup
+from app.agent.cgroups import CapsuleCgroup, CgroupHost, RlimitHost, UidGroup, scope_of
 from app.agent.events import Publish
 from app.config import Settings
 from app.domain import CapsuleSpec, ProcessEventKind, ResourceUsage
@@ -127,7 +127,7 @@ class SandboxRuntime:
             return None, "root: the agent makes a cgroup per capsule and starts each sandbox as root"
         cgroups: CgroupHost | RlimitHost | None = None
         if settings.sandbox_limits != "rlimit":
-            cgroups = CgroupHost.detect()
+            cgroups = CgroupHost.detect(scope_of(settings.agent_dir))
         if cgroups is None and settings.sandbox_limits == "cgroup":
             return None, "cgroups: the pids, memory and cpu controllers (v1 or v2)"
         if cgroups is None:

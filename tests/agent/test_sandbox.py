@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from app.agent.cgroups import CgroupHost, RlimitHost, UidGroup
+from app.agent.cgroups import CgroupHost, RlimitHost, UidGroup, scope_of
 from app.agent.sandbox import UID_BASE, SandboxRuntime
 from app.domain import CapsuleSpec
 from app.pb import agent_pb2 as pb
@@ -26,8 +26,9 @@ from tests.system import capsule_alive, free_port
 CGROUPS = Path("/sys/fs/cgroup/pids/capsule")
 
 
-def cgroup_pids(capsule_id: str) -> list[int]:
-    procs = CGROUPS / capsule_id / "cgroup.procs"
+def cgroup_pids(data_dir: Path, capsule_id: str) -> list[int]:
+    """The processes in the pids cgroup of a capsule of the agent on data_dir."""
+    procs = CGROUPS / scope_of(data_dir / "agent") / capsule_id / "cgroup.procs"
     return [int(line) for line in procs.read_text().split()] if procs.exists() else []
 
 
@@ -44,7 +45,7 @@ async def test_capsules_made_one_after_another_are_each_their_own(
         info = await start_sh(stub, capsule_id, "echo $$ > me; sleep 1000", tag="sleeper")
         reply = await stub.Exec(pb.ExecRequest(capsule_id=capsule_id, cmd="cat", args=["me"]))
         assert int(reply.stdout) == info.pid and info.capsule_id == capsule_id
-        assert capsule_alive(capsule_id, info.pid, sandbox=True) and cgroup_pids(capsule_id)
+        assert capsule_alive(capsule_id, info.pid, sandbox=True) and cgroup_pids(tmp_path, capsule_id)
     listed = await stub.ListCapsules(pb.Empty())
     assert [c.capsule_id for c in listed.capsules] == ids
     assert all(c.running_processes == 1 for c in listed.capsules)
@@ -66,7 +67,7 @@ async def test_an_agent_killed_outright_takes_its_sandboxes_with_it(tmp_path: Pa
         assert capsule_alive("doomed", escaped, sandbox=True)
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
-        await eventually(lambda: not cgroup_pids("doomed"), what="the sandbox's end with its agent")
+        await eventually(lambda: not cgroup_pids(tmp_path, "doomed"), what="the sandbox's end with its agent")
         assert not capsule_alive("doomed", info.pid, sandbox=True) and not capsule_alive(
             "doomed", escaped, sandbox=True
         )
@@ -92,10 +93,10 @@ async def test_a_sandbox_ends_once_its_lifeline_is_cut(tmp_path: Path) -> None:
         publish=events.append,
     )
     try:
-        assert cgroup_pids("cut")
+        assert cgroup_pids(tmp_path, "cut")
         os.close(write)
         await eventually(lambda: sandbox.process.returncode is not None, what="the sandbox's end")
-        await eventually(lambda: not cgroup_pids("cut"), what="its cgroup emptied")
+        await eventually(lambda: not cgroup_pids(tmp_path, "cut"), what="its cgroup emptied")
     finally:
         os.close(read)
         await sandbox.stop()
@@ -145,22 +146,23 @@ async def test_without_cgroups_rlimits_bound_a_capsule_and_its_uid_ends_it(
     assert reply.exit_code == 0
 
 
-async def test_empty_cgroups_of_spares_killed_agents_left_are_swept(tmp_path: Path) -> None:
-    host = CgroupHost.detect()
+async def test_an_agent_clears_what_a_killed_agent_on_its_directory_left_of_cgroups(tmp_path: Path) -> None:
+    host = CgroupHost.detect(scope_of(tmp_path / "agent"))
     assert host is not None
     host.prepare()
-    # Names of this test alone: whatever else runs here, and whatever earlier runs left, stays out of it.
-    left, busy = host.capsule("spare-t3st-left", 0), host.capsule("spare-t3st-busy", 0)
+    # A spare's, empty (its sandbox ended with its agent), and a capsule's that still holds a process.
+    left, busy = host.capsule("spare-0123456789ab", 0), host.capsule("held", 0)
     left.create(CapsuleSpec().limits)
     busy.create(CapsuleSpec().limits)
     sleeper = subprocess.Popen(["sleep", "1000"])
     try:
         for procs in busy.procs_files:
             procs.write_text(str(sleeper.pid))
-        assert host.sweep("spare-t3st", min_age_sec=3600) == 0  # too young: a live agent's, maybe
-        assert host.sweep("spare-t3st", min_age_sec=0) == 1
-        assert not any(path.exists() for path in left.paths)
-        assert all(path.exists() for path in busy.paths)  # a process in it: not left behind
+        other = CgroupHost.detect(scope_of(tmp_path / "elsewhere"))
+        assert other is not None and other.clear() == 0  # another agent's part holds none of them
+        assert host.clear() == 2
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        assert not any(path.exists() for path in (*left.paths, *busy.paths))
     finally:
         sleeper.kill()
         sleeper.wait()
