@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ ROOT = Path("/sys/fs/cgroup")
 PARENT = "capsule"  # every capsule's cgroup lives below <controller>/capsule/<agent scope>/
 V1_CONTROLLERS = ("pids", "memory", "cpu", "cpuacct")
 CPU_PERIOD_US = 100_000
-KILL_ROUNDS = 50
+# How long a kill goes on: a loaded host takes a while to end a few hundred processes.
+KILL_DEADLINE_SEC = 10.0
 
 
 def scope_of(agent_dir: Path) -> str:
@@ -189,17 +191,7 @@ class CapsuleCgroup:
         if self.host.version == 2 and (self.paths[0] / "cgroup.kill").exists():
             with contextlib.suppress(OSError):
                 (self.paths[0] / "cgroup.kill").write_text("1")
-        for _ in range(KILL_ROUNDS):
-            pids = self.pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.002)  # a process forking as it is killed leaves a child to take next round
-        logger.warning(
-            "cgroup %s still holds processes after %d rounds of SIGKILL", self.paths[0], KILL_ROUNDS
-        )
+        _kill_until_gone(self.pids, f"cgroup {self.paths[0]}")
 
     def remove(self) -> None:
         """Removes the (empty) cgroup; what cannot be removed yet is logged and left."""
@@ -281,15 +273,25 @@ class UidGroup:
 
     def kill(self) -> None:
         """SIGKILLs every process of the uid until there is none."""
-        for _ in range(KILL_ROUNDS):
-            pids = self.pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.002)
-        logger.warning("uid %d still runs processes after %d rounds of SIGKILL", self.uid, KILL_ROUNDS)
+        _kill_until_gone(self.pids, f"uid {self.uid}")
 
     def remove(self) -> None:
         """Nothing to remove."""
+
+
+def _kill_until_gone(pids: Callable[[], list[int]], what: str) -> None:
+    """SIGKILLs what pids() lists, round after round (a process forking as it is killed leaves a
+    child for the next), until it lists nothing or the deadline passes."""
+    deadline = time.monotonic() + KILL_DEADLINE_SEC
+    pause = 0.001
+    while found := pids():
+        if time.monotonic() > deadline:
+            logger.warning(
+                "%s still holds %d processes after %.0f s of SIGKILL", what, len(found), KILL_DEADLINE_SEC
+            )
+            return
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
