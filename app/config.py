@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from app.domain import CapsuleLimits, check_limits
+from app.domain import CapsuleLimits, InputLimits, check_limits
 from app.errors import InvalidRequest
 
 MiB = 1024 * 1024
@@ -81,6 +81,30 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return default if value is None else value
 
 
+# Each InputLimits field and the variable that sets it.
+INPUT_LIMIT_VARIABLES: Mapping[str, str] = {
+    "cmd_bytes": "CAPSULE_MAX_CMD_BYTES",
+    "args": "CAPSULE_MAX_ARGS",
+    "arg_bytes": "CAPSULE_MAX_ARG_BYTES",
+    "envs": "CAPSULE_MAX_ENVS",
+    "env_name_bytes": "CAPSULE_MAX_ENV_NAME_BYTES",
+    "env_value_bytes": "CAPSULE_MAX_ENV_VALUE_BYTES",
+    "cwd_bytes": "CAPSULE_MAX_CWD_BYTES",
+    "input_bytes": "CAPSULE_MAX_INPUT_BYTES",
+}
+# Bounds of the request size limits: past 32 MiB, what one request carries might not fit the 64 MiB
+# gRPC messages between a server and its agents.
+MIN_REQUEST_BYTES = 1024
+MAX_REQUEST_BYTES = 32 * MiB
+
+
+def _input_limits(env: Mapping[str, str]) -> InputLimits:
+    defaults = InputLimits()
+    return InputLimits(
+        **{field: _int(env, name, getattr(defaults, field)) for field, name in INPUT_LIMIT_VARIABLES.items()}
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable, read once at startup and passed down."""
@@ -101,7 +125,11 @@ class Settings:
     # The API server's limits.
     host_connect_timeout_sec: float = 2.0
     host_call_timeout_sec: float = 30.0
-    max_input_bytes: int = 1 * MiB
+    # What one request may carry: an HTTP body (past it, 413) and a WebSocket message (past it, close 1009).
+    max_body_bytes: int = 1 * MiB
+    max_ws_message_bytes: int = 1 * MiB
+    # What one command, its environment and its input may hold; past these, INVALID_REQUEST.
+    input_limits: InputLimits = field(default_factory=InputLimits)
     # Output an API replica keeps per followed process, so its subscribers share one agent stream.
     fanout_buffer_bytes: int = 8 * MiB
     idle_check_interval_sec: float = 5.0
@@ -164,6 +192,9 @@ class Settings:
             "sandbox_limits": (env.get("CAPSULE_SANDBOX_LIMITS") or "auto").lower(),
             "capsule_memory_mib": _optional_int(env, "CAPSULE_DEFAULT_MEMORY_MIB"),
             "capsule_cpus": _optional_number(env, "CAPSULE_DEFAULT_CPUS"),
+            "max_body_bytes": _int(env, "CAPSULE_MAX_BODY_BYTES", 1 * MiB),
+            "max_ws_message_bytes": _int(env, "CAPSULE_MAX_WS_MESSAGE_BYTES", 1 * MiB),
+            "input_limits": _input_limits(env),
         }
         settings = cls(**(values | overrides))
         bus_backend_kind(settings.bus_url)
@@ -180,6 +211,12 @@ class Settings:
             raise ConfigError("CAPSULE_RECONCILE_INTERVAL_SEC must be more than 0 seconds")
         if settings.key_recheck_interval_sec <= 0:
             raise ConfigError("CAPSULE_KEY_RECHECK_SEC must be more than 0 seconds")
+        for name, size in (
+            ("CAPSULE_MAX_BODY_BYTES", settings.max_body_bytes),
+            ("CAPSULE_MAX_WS_MESSAGE_BYTES", settings.max_ws_message_bytes),
+        ):
+            if not MIN_REQUEST_BYTES <= size <= MAX_REQUEST_BYTES:
+                raise ConfigError(f"{name}={size}: pass {MIN_REQUEST_BYTES} to {MAX_REQUEST_BYTES} bytes")
         try:
             check_limits(settings.capsule_limits)
         except InvalidRequest as exc:

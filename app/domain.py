@@ -17,6 +17,9 @@ from app.errors import InvalidRequest, NotFound
 # Tags, capsule ids and host ids: no slash and no leading dot, so an id never names a path elsewhere.
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ID_RULE = "use 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+MAX_ID_CHARS = 64
+# An environment variable's name; its length is bounded by InputLimits.env_name_bytes.
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_TIMEOUT_SEC = 7 * 24 * 3600
 
 # The signals a caller may send (the contract's Signal enum).
@@ -109,6 +112,7 @@ def check_id(value: str, *, what: str) -> str:
     """Returns an id (tag, capsule id, host id) when it keeps ID_RE, else raises InvalidRequest."""
     if not value:
         raise InvalidRequest(f"{what} is empty: {ID_RULE}")
+    check_size(what, len(value), MAX_ID_CHARS, "characters")
     if not ID_RE.fullmatch(value):
         raise InvalidRequest(f"{what} {value[:80]!r} is malformed: {ID_RULE}")
     return value
@@ -137,6 +141,82 @@ def check_timeout(timeout_sec: float | None, *, name: str = "timeoutSec") -> flo
     if timeout_sec > MAX_TIMEOUT_SEC:
         raise InvalidRequest(f"{name} is over {MAX_TIMEOUT_SEC} seconds")
     return timeout_sec
+
+
+def check_size(name: str, size: int, limit: int, unit: str = "bytes") -> None:
+    """Raises InvalidRequest naming the value, its size and the limit when size is over the limit."""
+    if size > limit:
+        raise InvalidRequest(f"{name} has {size} {unit}; at most {limit} are allowed")
+
+
+def _utf8_size(text: str) -> int:
+    # A lone surrogate counts as the 3 bytes it would take; a later encode refuses it with its own error.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """The most one request may pass in a command, its environment and its input; INVALID_REQUEST past it.
+
+    The defaults are Linux's own where it has one: a path holds at most 4096 bytes (PATH_MAX), an
+    argument or NAME=value at most 131071 and its NUL (MAX_ARG_STRLEN, 128 KiB). A start past the
+    kernel's limit on them all together (ARG_MAX) fails as INVALID_REQUEST "Argument list too long".
+    """
+
+    cmd_bytes: int = 4096
+    args: int = 4096
+    arg_bytes: int = 128 * 1024 - 1
+    envs: int = 1024
+    env_name_bytes: int = 256
+    env_value_bytes: int = 128 * 1024 - 1
+    cwd_bytes: int = 4096
+    input_bytes: int = 1024 * 1024  # exec's stdin, and sendInput's data per call
+
+
+def check_command(
+    *, cmd: str, args: Sequence[str], envs: Sequence[EnvVar], cwd: str | None, limits: InputLimits
+) -> None:
+    """Refuses a command, its arguments, environment or cwd past the limits or of the wrong shape."""
+    check_size("cmd", _utf8_size(cmd), limits.cmd_bytes)
+    check_cmd(cmd)
+    check_size("args", len(args), limits.args, "items")
+    for index, arg in enumerate(args):
+        check_size(f"args[{index}]", _utf8_size(arg), limits.arg_bytes)
+    check_size("envs", len(envs), limits.envs, "items")
+    for index, var in enumerate(envs):
+        check_size(f"envs[{index}].name", _utf8_size(var.name), limits.env_name_bytes)
+        check_env_name(var.name)
+        # The name, never the value, goes into the message: values hold secrets.
+        check_size(f"envs[{index}].value (of {var.name})", _utf8_size(var.value), limits.env_value_bytes)
+    if cwd is not None:
+        check_size("cwd", _utf8_size(cwd), limits.cwd_bytes)
+
+
+def check_env_name(name: str) -> str:
+    """Returns an environment variable's name when it keeps ENV_NAME_RE, else raises InvalidRequest."""
+    if not ENV_NAME_RE.fullmatch(name):
+        raise InvalidRequest(
+            f"env name {name[:80]!r} is malformed: use letters, digits and _, not starting with a digit"
+        )
+    return name
+
+
+def check_exec_spec(spec: ExecSpec, limits: InputLimits) -> ExecSpec:
+    """Rejects a bad exec request before it reaches a host."""
+    check_command(cmd=spec.cmd, args=spec.args, envs=spec.envs, cwd=spec.cwd, limits=limits)
+    check_timeout(spec.timeout_sec)
+    if spec.stdin is not None:
+        check_size("stdin", len(spec.stdin), limits.input_bytes)
+    return spec
+
+
+def check_process_spec(spec: ProcessSpec, limits: InputLimits) -> ProcessSpec:
+    """Rejects a bad start request before it reaches a host."""
+    check_command(cmd=spec.cmd, args=spec.args, envs=spec.envs, cwd=spec.cwd, limits=limits)
+    if spec.tag is not None:
+        check_tag(spec.tag)
+    check_timeout(spec.timeout_sec)
+    return spec
 
 
 def check_cmd(cmd: str) -> str:

@@ -6,11 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from app.api.graphiql import static_route
+from app.api.size_limits import SizeLimits
 from app.api.view import GraphQLView
 from app.config import Settings
 from app.state import AppState
@@ -43,6 +45,13 @@ def create_app(settings: Settings) -> Starlette:
             Route("/graphql", view, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),
             static_route(),
+        ],
+        middleware=[
+            Middleware(
+                SizeLimits,
+                max_body_bytes=settings.max_body_bytes,
+                max_message_bytes=settings.max_ws_message_bytes,
+            )
         ],
         lifespan=lifespan,
     )

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from app.config import ConfigError, Settings
-from app.domain import CapsuleLimits
+from app.domain import CapsuleLimits, InputLimits
 
 
 class TestDefaultCapsuleLimits:
@@ -58,3 +58,40 @@ class TestKeyRecheck:
     def test_zero_is_refused(self) -> None:
         with pytest.raises(ConfigError, match="CAPSULE_KEY_RECHECK_SEC must be more than 0"):
             Settings.from_env({"CAPSULE_KEY_RECHECK_SEC": "0"})
+
+
+class TestRequestLimits:
+    def test_defaults(self) -> None:
+        settings = Settings.from_env({})
+        assert (settings.max_body_bytes, settings.max_ws_message_bytes) == (1024 * 1024, 1024 * 1024)
+        assert settings.input_limits == InputLimits()
+
+    def test_read_from_the_environment(self) -> None:
+        env = {
+            "CAPSULE_MAX_BODY_BYTES": "4096",
+            "CAPSULE_MAX_WS_MESSAGE_BYTES": "8192",
+            "CAPSULE_MAX_CMD_BYTES": "1",
+            "CAPSULE_MAX_ARGS": "2",
+            "CAPSULE_MAX_ARG_BYTES": "3",
+            "CAPSULE_MAX_ENVS": "4",
+            "CAPSULE_MAX_ENV_NAME_BYTES": "5",
+            "CAPSULE_MAX_ENV_VALUE_BYTES": "6",
+            "CAPSULE_MAX_CWD_BYTES": "7",
+            "CAPSULE_MAX_INPUT_BYTES": "8",
+        }
+        settings = Settings.from_env(env)
+        assert (settings.max_body_bytes, settings.max_ws_message_bytes) == (4096, 8192)
+        assert settings.input_limits == InputLimits(1, 2, 3, 4, 5, 6, 7, 8)
+
+    @pytest.mark.parametrize(
+        ("env", "words"),
+        [
+            ({"CAPSULE_MAX_BODY_BYTES": "10"}, "CAPSULE_MAX_BODY_BYTES=10: pass 1024 to 33554432 bytes"),
+            ({"CAPSULE_MAX_WS_MESSAGE_BYTES": str(64 * 1024 * 1024)}, "pass 1024 to 33554432 bytes"),
+            ({"CAPSULE_MAX_ARGS": "-1"}, "CAPSULE_MAX_ARGS='-1' is negative"),
+            ({"CAPSULE_MAX_INPUT_BYTES": "1.5"}, "CAPSULE_MAX_INPUT_BYTES='1.5' is not a whole number"),
+        ],
+    )
+    def test_bad_values_stop_the_start(self, env: dict[str, str], words: str) -> None:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            Settings.from_env(env)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from app.domain import EnvVar, check_cmd
+from app.domain import EnvVar, check_cmd, check_env_name
 from app.errors import InvalidRequest
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 
 
 def argv(cmd: str, args: Sequence[str]) -> list[str]:
@@ -29,11 +27,7 @@ def environment(workspace: Path, envs: Sequence[EnvVar]) -> Mapping[str, str]:
     """A clean base (never the agent's own environment, which holds secrets) plus the caller's envs."""
     env = {"PATH": BASE_PATH, "HOME": str(workspace), "LANG": "C.UTF-8"}
     for var in envs:
-        if not ENV_NAME_RE.fullmatch(var.name):
-            raise InvalidRequest(
-                f"env name {var.name[:80]!r} is malformed: use letters, digits and _, "
-                "not starting with a digit"
-            )
+        check_env_name(var.name)
         if "\0" in var.value:
             raise InvalidRequest(f"env {var.name} contains a NUL byte")
         env[var.name] = var.value

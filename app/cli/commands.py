@@ -138,7 +138,15 @@ def _serve(settings: Settings, *, host: str, port: int) -> int:
         print(f"API key of team 'default' ({'written to' if created else 'read from'} {where}):", flush=True)
         print(f"  Authorization: Bearer {key}", flush=True)
         print('  (in GraphiQL, add it under Headers: {"Authorization": "Bearer <key>"})', flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", lifespan="on")
+    # uvicorn stops reading a frame past the message limit; the app refuses such a message on its own too.
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        lifespan="on",
+        ws_max_size=settings.max_ws_message_bytes,
+    )
     return 0
 
 

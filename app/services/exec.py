@@ -6,8 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from app import domain
-from app.domain import Encoding, ExecSpec
-from app.errors import InvalidRequest
+from app.domain import Encoding, ExecSpec, InputLimits
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
 
@@ -38,15 +37,12 @@ def _texts(stdout: bytes, stderr: bytes) -> tuple[str, str, Encoding]:
 class ExecService:
     """Exec use case for one team; built per request."""
 
-    def __init__(self, *, pool: HostPool, capsules: CapsuleService, max_input_bytes: int) -> None:
-        self._pool, self._capsules, self._max_input_bytes = pool, capsules, max_input_bytes
+    def __init__(self, *, pool: HostPool, capsules: CapsuleService, input_limits: InputLimits) -> None:
+        self._pool, self._capsules, self._input_limits = pool, capsules, input_limits
 
     async def run(self, capsule_id: str, spec: ExecSpec) -> ExecOutcome:
         """Runs to completion or timeout and returns the output."""
-        domain.check_cmd(spec.cmd)
-        domain.check_timeout(spec.timeout_sec)
-        if spec.stdin is not None and len(spec.stdin) > self._max_input_bytes:
-            raise InvalidRequest(f"stdin is over {self._max_input_bytes} bytes")
+        domain.check_exec_spec(spec, self._input_limits)
         capsule = await self._capsules.require_running(capsule_id)
         async with self._capsules.in_use(capsule):
             result = await self._pool.client(capsule.host_id).exec(capsule_id, spec)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from app import domain
 from app.bus.broadcast import Bus
 from app.bus.events import capsule_events_channel, process_event_from_json
-from app.domain import ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
+from app.domain import InputLimits, ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
 from app.errors import InvalidRequest, NotFound
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
@@ -22,15 +22,6 @@ from app.store.session import Database
 logger = logging.getLogger(__name__)
 
 MAX_GRACE_SEC = 3600
-
-
-def check_spec(spec: ProcessSpec) -> ProcessSpec:
-    """Rejects a bad start request before it reaches a host."""
-    domain.check_cmd(spec.cmd)
-    if spec.tag is not None:
-        domain.check_tag(spec.tag)
-    domain.check_timeout(spec.timeout_sec)
-    return spec
 
 
 def _sort_key(info: ProcessInfo) -> tuple[bool, float]:
@@ -49,16 +40,16 @@ class ProcessService:
         capsules: CapsuleService,
         records: ProcessRecords,
         team_id: int,
-        max_input_bytes: int,
+        input_limits: InputLimits,
         max_processes: int,
     ) -> None:
         self._db, self._pool, self._bus = db, pool, bus
         self._capsules, self._records, self._team_id = capsules, records, team_id
-        self._max_input_bytes, self._max_processes = max_input_bytes, max_processes
+        self._input_limits, self._max_processes = input_limits, max_processes
 
     async def start(self, capsule_id: str, spec: ProcessSpec) -> ProcessInfo:
         """Starts a background process and records it."""
-        check_spec(spec)
+        domain.check_process_spec(spec, self._input_limits)
         capsule = await self._capsules.require_running(capsule_id)
         info = await self._pool.client(capsule.host_id).start_process(
             capsule_id, spec, max_running=self._max_processes
@@ -120,10 +111,7 @@ class ProcessService:
 
     async def send_input(self, capsule_id: str, selector: str, data: bytes) -> None:
         """Writes bytes to the stdin of a process started with stdin."""
-        if len(data) > self._max_input_bytes:
-            raise InvalidRequest(
-                f"input is {len(data)} bytes; send at most {self._max_input_bytes} at a time"
-            )
+        domain.check_size("data", len(data), self._input_limits.input_bytes)
         await (await self._host_of(capsule_id, selector)).send_input(capsule_id, selector, data)
 
     async def close_input(self, capsule_id: str, selector: str) -> None:

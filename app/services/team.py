@@ -47,7 +47,7 @@ class Platform:
             max_capsules=self.settings.max_capsules_per_team,
             default_limits=self.settings.capsule_limits,
         )
-        limit = self.settings.max_input_bytes
+        input_limits = self.settings.input_limits
         processes = ProcessService(
             db=self.db,
             pool=self.pool,
@@ -55,14 +55,14 @@ class Platform:
             capsules=capsules,
             records=self.records,
             team_id=team.id,
-            max_input_bytes=limit,
+            input_limits=input_limits,
             max_processes=self.settings.max_processes_per_capsule,
         )
         return TeamServices(
             team=team,
             capsules=capsules,
             processes=processes,
-            exec=ExecService(pool=self.pool, capsules=capsules, max_input_bytes=limit),
+            exec=ExecService(pool=self.pool, capsules=capsules, input_limits=input_limits),
             output=OutputService(pool=self.pool, fanout=self.fanout, capsules=capsules, processes=processes),
         )
 

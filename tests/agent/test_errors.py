@@ -27,7 +27,7 @@ BAD_STARTS: list[tuple[dict[str, Any], str]] = [
     ({"cmd": "true", "tag": "1234"}, "all digits"),
     ({"cmd": "true", "tag": "-dash-first"}, "malformed"),
     ({"cmd": "true", "tag": "has space"}, "malformed"),
-    ({"cmd": "true", "tag": "x" * 65}, "malformed"),
+    ({"cmd": "true", "tag": "x" * 65}, "tag has 65 characters; at most 64 are allowed"),
     ({"cmd": "true", "timeout_sec": -1}, "negative"),
     ({"cmd": "true", "cwd": ".."}, "outside the capsule's workspace"),
     ({"cmd": "true", "cwd": "/tmp"}, "outside the capsule's workspace"),

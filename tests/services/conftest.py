@@ -24,7 +24,7 @@ import pytest_asyncio
 from app import domain
 from app.bus.events import capsule_events_channel, process_event_to_json
 from app.config import Settings
-from app.domain import CapsuleInfo, CapsuleStatus, ProcessEventKind, ProcessStatus, Team, utcnow
+from app.domain import CapsuleInfo, CapsuleStatus, InputLimits, ProcessEventKind, ProcessStatus, Team, utcnow
 from app.errors import CapsuleError, ErrorCode, InvalidState, NotFound
 from app.hosts.client import HostClient
 from app.services.team import TeamServices
@@ -247,7 +247,7 @@ def service_settings(data_dir: Path, database_url: str) -> Settings:
         exec_default_timeout_sec=10.0,
         input_timeout_sec=1.0,
         host_call_timeout_sec=10.0,
-        max_input_bytes=MAX_INPUT_BYTES,
+        input_limits=InputLimits(input_bytes=MAX_INPUT_BYTES),
         idle_check_interval_sec=3600.0,
         reconcile_interval_sec=3600.0,
         max_capsules_per_team=MAX_CAPSULES,

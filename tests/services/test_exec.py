@@ -43,7 +43,7 @@ class TestRun:
             (ExecSpec(cmd="true", timeout_sec=float("nan")), "timeoutSec is not a number"),
             (
                 ExecSpec(cmd="cat", stdin=b"x" * (MAX_INPUT_BYTES + 1)),
-                f"stdin is over {MAX_INPUT_BYTES} bytes",
+                f"stdin has {MAX_INPUT_BYTES + 1} bytes; at most {MAX_INPUT_BYTES} are allowed",
             ),
         ],
     )

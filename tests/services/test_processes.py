@@ -332,7 +332,7 @@ class TestSendInput:
         data = b"x" * (MAX_INPUT_BYTES + 1)
         with pytest.raises(InvalidRequest) as caught:
             await teams.ours.processes.send_input(capsule.id, info.tag, data)
-        assert str(caught.value) == f"input is {len(data)} bytes; send at most {MAX_INPUT_BYTES} at a time"
+        assert str(caught.value) == f"data has {len(data)} bytes; at most {MAX_INPUT_BYTES} are allowed"
 
     async def test_a_process_without_stdin_is_invalid_state(self, teams: Teams) -> None:
         capsule = await teams.capsule()

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from app import domain
 from app.agent.launch import BASE_PATH
 from app.config import Settings
-from app.domain import EnvVar, ExecSpec, ProcessSpec, ProcessStatus, SignalScope, Team
+from app.domain import EnvVar, ExecSpec, InputLimits, ProcessSpec, ProcessStatus, SignalScope, Team
 from app.errors import CapsuleError, ErrorCode, InvalidRequest, NotFound
 from app.services.team import TeamServices
 from app.state import AppState
@@ -191,7 +191,7 @@ def harness(tmp_path: Path, database_url: str) -> Iterator[Harness]:
         exec_default_timeout_sec=EXEC_TIMEOUT_SEC,
         exec_output_cap_bytes=64 * 1024,
         input_timeout_sec=1.0,
-        max_input_bytes=MAX_INPUT_BYTES,
+        input_limits=InputLimits(input_bytes=MAX_INPUT_BYTES),
     )
     with asyncio.Runner() as runner:
         stack = AsyncExitStack()
