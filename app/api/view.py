@@ -26,6 +26,7 @@ from app.api.graphiql import graphiql_page
 from app.api.negotiation import GRAPHQL_RESPONSE_JSON, request_error_status, wants_graphql_response
 from app.api.revocation import FORBIDDEN, RevocableGraphQLWS, RevocableTransportWS
 from app.api.schema import schema
+from app.api.ws_messages import StrictGraphQLWS, StrictTransportWS
 from app.errors import ErrorCode
 from app.services.team import Platform
 
@@ -67,7 +68,7 @@ class _EveryOperation:
         return await self._schema.stream(**kwargs)
 
 
-class GraphQLWSHandler(RevocableGraphQLWS):
+class GraphQLWSHandler(StrictGraphQLWS, RevocableGraphQLWS):
     """Legacy graphql-ws: a refused key closes with 4403 and says why, as graphql-transport-ws does."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -85,7 +86,7 @@ class GraphQLWSHandler(RevocableGraphQLWS):
         await super().handle_connection_init(message)
 
 
-class GraphQLTransportWSHandler(RevocableTransportWS):
+class GraphQLTransportWSHandler(StrictTransportWS, RevocableTransportWS):
     """graphql-transport-ws: a refused key closes with 4403 and a reason that says which and where.
 
     Strawberry's own handler closes a rejected connection with the bare reason "Forbidden".
