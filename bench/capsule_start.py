@@ -5,8 +5,9 @@ Run by hand, as root where a sandbox works: .venv/bin/python -m bench.capsule_st
 Two API servers in this process, each with its embedded agent, one per runtime, each on a SQLite file
 of its own; every run does the same on both, one after the other, so both see the same machine.
 Two layers: the API (GraphQL over HTTP, as a client sees it) and the agent alone (its gRPC: what the
-runtime itself costs). Targets: a sandboxed capsule ready in at most 150 ms through the API; exec
-through a sandbox at most 1.5 times exec on plain.
+runtime itself costs). Targets: a sandboxed capsule ready in at most 150 ms through the API (p95, with a
+spare sandbox ready, as at a rate of creates the host keeps up with; the same runs back to back show
+what a burst beyond the spares costs); exec through a sandbox at most 1.5 times exec on plain.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Served:
     http: httpx.AsyncClient
     url: str
     agent: Any  # agent_pb2_grpc.AgentStub
+    data_dir: Path
     times: dict[str, list[float]] = field(default_factory=dict)
 
     async def query(self, text: str, **variables: Any) -> dict[str, Any]:
@@ -94,15 +96,28 @@ async def serve(runtime: str, directory: Path) -> AsyncIterator[Served]:
             httpx.AsyncClient(headers=headers, timeout=30) as http,
             grpc.aio.insecure_channel(state.agent.address) as channel,
         ):
-            yield Served(runtime, http, f"http://127.0.0.1:{port}/graphql", agent_pb2_grpc.AgentStub(channel))
+            url = f"http://127.0.0.1:{port}/graphql"
+            yield Served(runtime, http, url, agent_pb2_grpc.AgentStub(channel), settings.data_dir)
     finally:
         server.should_exit = True
         await task
 
 
-async def one_run(served: Served, name: str, execs: int, *, measured: bool) -> None:
-    """A capsule created, exec'd in and destroyed, through the API and then through the agent alone."""
+async def spare_ready(served: Served) -> None:
+    """Returns once the agent holds a spare sandbox ready to take (at most 30 s)."""
+    spares = served.data_dir / "agent" / "spares"
+    async with asyncio.timeout(30):
+        while not any((d / "run" / "agent.sock").exists() for d in spares.glob("*")):
+            await asyncio.sleep(0.005)
+
+
+async def one_run(served: Served, name: str, execs: int, *, measured: bool, paced: bool) -> None:
+    """A capsule created, exec'd in and destroyed, through the API and then through the agent alone.
+    paced: each sandboxed create waits first for a spare to be ready, as creates at a rate the host
+    keeps up with find one; unpaced, creates come back to back and outrun the spares' making."""
     record = served.timed if measured else (lambda _name, call: call())
+    if paced and served.runtime == "sandbox":
+        await spare_ready(served)
     created = (await record("api create", lambda: served.query(CREATE)))["createCapsule"]
     if (created["status"], created["runtime"]) != ("RUNNING", served.runtime.upper()):
         raise RuntimeError(f"{served.runtime}: createCapsule answered {created}")
@@ -110,6 +125,8 @@ async def one_run(served: Served, name: str, execs: int, *, measured: bool) -> N
         await record("api exec", lambda: served.query(EXEC, id=created["id"]))
     await record("api destroy", lambda: served.query(DESTROY, id=created["id"]))
     capsule_id = f"bench-{name}"
+    if paced and served.runtime == "sandbox":
+        await spare_ready(served)
     await record(
         "agent create", lambda: served.agent.CreateCapsule(pb.CreateCapsuleRequest(capsule_id=capsule_id))
     )
@@ -124,8 +141,9 @@ def p50_p95(times: list[float]) -> tuple[float, float]:
     return statistics.median(times), statistics.quantiles(times, n=20, method="inclusive")[18]
 
 
-def report(sandbox: Served, plain: Served, runs: int, execs: int) -> None:
-    print(f"{runs} runs, {execs} execs of `true` in each capsule; milliseconds, p50 and p95")
+def report(sandbox: Served, plain: Served, runs: int, execs: int, *, paced: bool) -> None:
+    how = "each create with a spare ready" if paced else "creates back to back, outrunning the spares"
+    print(f"{runs} runs, {execs} execs of `true` in each capsule, {how}; milliseconds, p50 and p95")
     print(f"{'':28}{'sandbox p50':>12}{'p95':>8}{'plain p50':>11}{'p95':>8}{'ratio':>8}  target")
     rows = [
         ("api create", "createCapsule to RUNNING"),
@@ -140,8 +158,9 @@ def report(sandbox: Served, plain: Served, runs: int, execs: int) -> None:
         n50, n95 = p50_p95(plain.times[name])
         ratio = s50 / n50
         target = ""
-        if name == "api create":
-            target = f"<= {READY_TARGET_MS:.0f} ms: {'met' if s50 <= READY_TARGET_MS else 'MISSED'} (p50)"
+        if name == "api create" and paced:
+            met = "met" if s95 <= READY_TARGET_MS else "MISSED"
+            target = f"<= {READY_TARGET_MS:.0f} ms: {met} (p95)"
         elif name.endswith("exec"):
             target = f"<= {EXEC_TARGET_RATIO}x plain: {'met' if ratio <= EXEC_TARGET_RATIO else 'MISSED'}"
         print(f"{label:28}{s50:12.1f}{s95:8.1f}{n50:11.1f}{n95:8.1f}{ratio:7.2f}x  {target}")
@@ -162,11 +181,15 @@ async def main() -> None:
             serve("plain", Path(directory) / "plain") as plain,
         ):
             for served in (sandbox, plain):  # imports, connections and caches warm, not measured
-                await one_run(served, "warm", options.execs, measured=False)
-            for index in range(options.runs):
-                for served in (sandbox, plain) if index % 2 == 0 else (plain, sandbox):
-                    await one_run(served, str(index), options.execs, measured=True)
-            report(sandbox, plain, options.runs, options.execs)
+                await one_run(served, "warm", options.execs, measured=False, paced=True)
+            for paced in (True, False):
+                for served in (sandbox, plain):
+                    served.times.clear()
+                for index in range(options.runs):
+                    for served in (sandbox, plain) if index % 2 == 0 else (plain, sandbox):
+                        await one_run(served, f"{paced}-{index}", options.execs, measured=True, paced=paced)
+                report(sandbox, plain, options.runs, options.execs, paced=paced)
+                print()
 
 
 if __name__ == "__main__":
