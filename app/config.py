@@ -105,6 +105,20 @@ def _input_limits(env: Mapping[str, str]) -> InputLimits:
     )
 
 
+def _parse_origins(text: str) -> tuple[str, ...]:
+    """CAPSULE_WS_ALLOWED_ORIGINS: comma-separated origins (scheme://host[:port]), or * for any."""
+    origins = tuple(filter(None, (part.strip() for part in text.split(","))))
+    for origin in origins:
+        parts = urlparse(origin)
+        if origin != "*" and (
+            parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/")
+        ):
+            raise ConfigError(
+                f"CAPSULE_WS_ALLOWED_ORIGINS entry {origin!r} is not an origin like https://app.example.com"
+            )
+    return origins
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable, read once at startup and passed down."""
@@ -148,6 +162,17 @@ class Settings:
     # Sandboxes kept started ahead of the capsules that will take them.
     sandbox_spares: int = 2
     sandbox_limits: str = "auto"
+    # Per team, over every replica sharing a Redis bus (else per replica); 0: no limit. A team may run
+    # team_requests_per_sec x team_request_window_sec GraphQL operations in any window of that many seconds.
+    team_requests_per_sec: float = 50.0
+    team_request_window_sec: int = 2
+    team_max_concurrent_execs: int = 16
+    ws_max_connections_per_team: int = 500
+    # WebSockets: origins besides the server's own that may connect ("*": any), how long a connection
+    # may wait before connection_init, and operations in flight on one connection (0: no limit).
+    ws_allowed_origins: tuple[str, ...] = ()
+    ws_init_timeout_sec: float = 10.0
+    ws_max_subscriptions: int = 100
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -190,6 +215,13 @@ class Settings:
             "capsule_max_processes": _int(env, "CAPSULE_DEFAULT_MAX_PROCESSES", 256),
             "sandbox_spares": _int(env, "CAPSULE_SANDBOX_SPARES", 2),
             "sandbox_limits": (env.get("CAPSULE_SANDBOX_LIMITS") or "auto").lower(),
+            "team_requests_per_sec": _number(env, "CAPSULE_TEAM_REQUESTS_PER_SEC", 50.0),
+            "team_request_window_sec": _int(env, "CAPSULE_TEAM_REQUEST_WINDOW_SEC", 2),
+            "team_max_concurrent_execs": _int(env, "CAPSULE_TEAM_MAX_CONCURRENT_EXECS", 16),
+            "ws_max_connections_per_team": _int(env, "CAPSULE_WS_MAX_CONNECTIONS_PER_TEAM", 500),
+            "ws_allowed_origins": _parse_origins(env.get("CAPSULE_WS_ALLOWED_ORIGINS", "")),
+            "ws_init_timeout_sec": _number(env, "CAPSULE_WS_INIT_TIMEOUT_SEC", 10.0),
+            "ws_max_subscriptions": _int(env, "CAPSULE_WS_MAX_SUBSCRIPTIONS", 100),
             "capsule_memory_mib": _optional_int(env, "CAPSULE_DEFAULT_MEMORY_MIB"),
             "capsule_cpus": _optional_number(env, "CAPSULE_DEFAULT_CPUS"),
             "max_body_bytes": _int(env, "CAPSULE_MAX_BODY_BYTES", 1 * MiB),
@@ -207,6 +239,10 @@ class Settings:
                 f"CAPSULE_SANDBOX_LIMITS={settings.sandbox_limits!r}: use cgroup or rlimit "
                 "(unset: cgroups where the host has them)"
             )
+        if settings.team_request_window_sec < 1:
+            raise ConfigError("CAPSULE_TEAM_REQUEST_WINDOW_SEC must be 1 second or more")
+        if settings.ws_init_timeout_sec <= 0:
+            raise ConfigError("CAPSULE_WS_INIT_TIMEOUT_SEC must be more than 0 seconds")
         if settings.reconcile_interval_sec <= 0:
             raise ConfigError("CAPSULE_RECONCILE_INTERVAL_SEC must be more than 0 seconds")
         if settings.key_recheck_interval_sec <= 0:

@@ -28,7 +28,7 @@ class CapsuleError(Exception):
     code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
 
     @property
-    def extensions(self) -> dict[str, str]:
+    def extensions(self) -> dict[str, object]:
         # graphql-core copies an original error's `extensions` onto its GraphQLError.
         return {"code": self.code.value}
 
@@ -71,7 +71,19 @@ class BusUnavailable(Unavailable):
 
 
 class RateLimited(CapsuleError):
+    """A team is over one of its limits; retry_after_sec, where known, says when a retry may succeed."""
+
     code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after_sec: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_sec = retry_after_sec
+
+    @property
+    def extensions(self) -> dict[str, object]:
+        if self.retry_after_sec is None:
+            return super().extensions
+        return {**super().extensions, "retryAfterSec": self.retry_after_sec}
 
 
 class Internal(CapsuleError):

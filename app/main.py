@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -20,7 +21,12 @@ from app.state import AppState
 
 def create_app(settings: Settings) -> Starlette:
     """The API server for these settings; nothing connects until the lifespan starts."""
-    view = GraphQLView()
+    view = GraphQLView(
+        allowed_origins=settings.ws_allowed_origins,
+        connection_init_wait_timeout=timedelta(seconds=settings.ws_init_timeout_sec),
+        # The view's handlers bound operations per connection themselves, with RATE_LIMITED.
+        max_subscriptions_per_connection=None,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

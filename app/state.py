@@ -16,6 +16,7 @@ from app.services.fanout import OutputFanout
 from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.services.lifecycle import CapsuleLifecycle, ExitRecorder, IdleReaper, Reconciler
+from app.services.limits import TeamLimits
 from app.services.records import ProcessRecords
 from app.services.revocations import KeyRevocations
 from app.services.team import Platform
@@ -73,6 +74,7 @@ class AppState:
                 records=records,
                 lifecycle=lifecycle,
                 fanout=OutputFanout(pool=pool, buffer_bytes=settings.fanout_buffer_bytes),
+                limits=await stack.enter_async_context(TeamLimits.open(settings)),
             )
             stack.push_async_callback(platform.fanout.close)  # its pumps end before the pool closes
             state = cls(settings=settings, platform=platform, agent=agent)

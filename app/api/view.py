@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 from cross_web import HTTPException
@@ -23,13 +24,15 @@ from strawberry.types.unset import UnsetType
 from app.api.auth import authenticate, bearer_key, websocket_refusal
 from app.api.context import Context
 from app.api.graphiql import graphiql_page
+from app.api.limits import LimitedGraphQLWS, LimitedTransportWS, count_operations, limit_error
 from app.api.negotiation import GRAPHQL_RESPONSE_JSON, request_error_status, wants_graphql_response
 from app.api.revocation import FORBIDDEN, RevocableGraphQLWS, RevocableTransportWS
 from app.api.schema import schema
 from app.api.ws_messages import StrictGraphQLWS, StrictTransportWS
-from app.errors import ErrorCode
+from app.errors import ErrorCode, RateLimited
 from app.services.team import Platform
 
+ORIGIN_REFUSED = "this page's origin may not open a WebSocket here: see CAPSULE_WS_ALLOWED_ORIGINS"
 NOT_AN_OBJECT = (
     'expected a JSON object, got {kind}: a GraphQL request is {{"query": "...", "variables": {{...}}}}'
 )
@@ -68,7 +71,7 @@ class _EveryOperation:
         return await self._schema.stream(**kwargs)
 
 
-class GraphQLWSHandler(StrictGraphQLWS, RevocableGraphQLWS):
+class GraphQLWSHandler(StrictGraphQLWS, LimitedGraphQLWS, RevocableGraphQLWS):
     """Legacy graphql-ws: a refused key closes with 4403 and says why, as graphql-transport-ws does."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -86,7 +89,7 @@ class GraphQLWSHandler(StrictGraphQLWS, RevocableGraphQLWS):
         await super().handle_connection_init(message)
 
 
-class GraphQLTransportWSHandler(StrictTransportWS, RevocableTransportWS):
+class GraphQLTransportWSHandler(StrictTransportWS, LimitedTransportWS, RevocableTransportWS):
     """graphql-transport-ws: a refused key closes with 4403 and a reason that says which and where.
 
     Strawberry's own handler closes a rejected connection with the bare reason "Forbidden".
@@ -132,6 +135,29 @@ class GraphQLView(GraphQL[Context, None]):
         if isinstance(request, Request):
             await authenticate(context, bearer_key(request.headers.get("authorization")))
         return context
+
+    async def execute_operation(
+        self,
+        request: Request,
+        request_adapter: Any,
+        request_data: GraphQLRequestData | list[GraphQLRequestData],
+        context: Context,
+        root_value: None,
+        sub_response: Response,
+    ) -> Any:
+        # Counted before any GraphQL parsing, so that a team over its budget costs little to refuse.
+        count = len(request_data) if isinstance(request_data, list) else 1
+        try:
+            await count_operations(context, count)
+        except RateLimited as refusal:
+            sub_response.headers["Retry-After"] = str(math.ceil(refusal.retry_after_sec or 1))
+            if sub_response.media_type == GRAPHQL_RESPONSE_JSON:
+                sub_response.status_code = 429
+            result = ExecutionResult(data=None, errors=[limit_error(refusal)])
+            return [result] * count if isinstance(request_data, list) else result
+        return await super().execute_operation(
+            request, request_adapter, request_data, context, root_value, sub_response
+        )
 
     async def execute_single(
         self,
@@ -183,6 +209,13 @@ class GraphQLView(GraphQL[Context, None]):
             kind = _JSON_KINDS.get(type(value), "null")
             raise HTTPException(400, NOT_AN_OBJECT.format(kind=kind))
         return value
+
+    async def reject_websocket(self, request: WebSocket) -> WebSocket:
+        # Strawberry answers a refused origin's handshake with HTTP 403, which a browser shows its page
+        # as close code 1006 with no reason; accepted, then closed with 4403, the page sees why.
+        await request.accept(subprotocol=await self.pick_websocket_subprotocol(request))
+        await request.close(code=FORBIDDEN, reason=ORIGIN_REFUSED)
+        return request
 
     async def render_graphql_ide(self, request: Request) -> Response:
         return graphiql_page(request)  # strawberry's own page loads GraphiQL from a CDN

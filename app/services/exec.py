@@ -9,6 +9,7 @@ from app import domain
 from app.domain import Encoding, ExecSpec, InputLimits
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
+from app.services.limits import TeamLimits
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,23 @@ def _texts(stdout: bytes, stderr: bytes) -> tuple[str, str, Encoding]:
 class ExecService:
     """Exec use case for one team; built per request."""
 
-    def __init__(self, *, pool: HostPool, capsules: CapsuleService, input_limits: InputLimits) -> None:
+    def __init__(
+        self,
+        *,
+        pool: HostPool,
+        capsules: CapsuleService,
+        input_limits: InputLimits,
+        limits: TeamLimits,
+        team_id: int,
+    ) -> None:
         self._pool, self._capsules, self._input_limits = pool, capsules, input_limits
+        self._limits, self._team_id = limits, team_id
 
     async def run(self, capsule_id: str, spec: ExecSpec) -> ExecOutcome:
         """Runs to completion or timeout and returns the output."""
         domain.check_exec_spec(spec, self._input_limits)
         capsule = await self._capsules.require_running(capsule_id)
-        async with self._capsules.in_use(capsule):
+        async with self._limits.exec_slot(self._team_id), self._capsules.in_use(capsule):
             result = await self._pool.client(capsule.host_id).exec(capsule_id, spec)
         logger.info(
             "capsule %s exec %s exited %s (signal %s)",

@@ -14,6 +14,7 @@ from app.services.fanout import OutputFanout
 from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.services.lifecycle import CapsuleLifecycle
+from app.services.limits import TeamLimits
 from app.services.output import OutputService
 from app.services.processes import ProcessService
 from app.services.records import ProcessRecords
@@ -35,6 +36,7 @@ class Platform:
     records: ProcessRecords
     lifecycle: CapsuleLifecycle
     fanout: OutputFanout
+    limits: TeamLimits
 
     def for_team(self, team: Team) -> TeamServices:
         """The use cases, acting for one team."""
@@ -62,7 +64,13 @@ class Platform:
             team=team,
             capsules=capsules,
             processes=processes,
-            exec=ExecService(pool=self.pool, capsules=capsules, input_limits=input_limits),
+            exec=ExecService(
+                pool=self.pool,
+                capsules=capsules,
+                input_limits=input_limits,
+                limits=self.limits,
+                team_id=team.id,
+            ),
             output=OutputService(pool=self.pool, fanout=self.fanout, capsules=capsules, processes=processes),
         )
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import uvicorn
 
+from app.agent.server import AgentHandle, start_agent
 from app.config import Settings
 from app.main import create_app
 from app.state import AppState
@@ -65,7 +66,17 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         output_cap_bytes=4 * 1024 * 1024,
         exec_output_cap_bytes=64 * 1024,
         idle_check_interval_sec=0.2,
+        # Far above what any test asks for; tests/e2e/test_rate_limits.py sets budgets of its own.
+        team_requests_per_sec=1000.0,
     )
+
+
+@pytest.fixture
+async def agent(settings: Settings) -> AsyncIterator[AgentHandle]:
+    """A host agent alone on loopback, for servers configured with hosts (several replicas)."""
+    handle = await start_agent("127.0.0.1:0", replace(settings, data_dir=settings.data_dir / "agent"))
+    yield handle
+    await handle.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -24,13 +23,6 @@ from tests.e2e.test_keys import (
     until_live,
 )
 from tests.e2e.test_processes import start, wait_for_status
-
-
-@pytest.fixture
-async def agent(settings: Settings) -> AsyncIterator[AgentHandle]:
-    handle = await start_agent("127.0.0.1:0", replace(settings, data_dir=settings.data_dir / "agent"))
-    yield handle
-    await handle.stop()
 
 
 @pytest.mark.parametrize("bus_url", ["redis://127.0.0.1:6379", "postgres://postgres@127.0.0.1:5432/test"])
