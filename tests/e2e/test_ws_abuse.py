@@ -2,7 +2,7 @@
 a client subscribed on another connection meanwhile keeps receiving its events.
 
 graphql-transport-ws closes with its codes (4400 bad message, 4401 before connection_ack, 4409 a
-reused id, 4429 a second connection_init); graphql-ws
+reused id, 4429 a second connection_init, 4408 no connection_init in time); graphql-ws
 (subscriptions-transport-ws) answers a malformed message with an `error` message and stays open, as
 its reference server does. Both close with 1007 for a text frame that is not UTF-8 and 1009 for a
 message past CAPSULE_MAX_WS_MESSAGE_BYTES.
@@ -15,15 +15,16 @@ import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 import websockets
 from websockets.typing import Subprotocol
 
+from app.config import Settings
 from tests.e2e.client import PROTOCOLS, HttpClient, document, subscribe, ws_session
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, running_server
 from tests.e2e.test_processes import start
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -296,3 +297,13 @@ async def test_graphql_ws_replaces_an_operation_whose_id_comes_again(
                 messages.append(await _next_message(ws))
             assert messages[-1] == {"type": "data", "id": "1", "payload": {"data": {"__typename": "Query"}}}
             assert await _next_message(ws) == {"type": "complete", "id": "1"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_no_connection_init_in_time_closes_with_4408(settings: Settings, protocol: str) -> None:
+    async with (
+        running_server(replace(settings, ws_init_timeout_sec=0.3)) as server,
+        websockets.connect(server.ws_url, subprotocols=[Subprotocol(protocol)]) as ws,
+    ):
+        async with asyncio.timeout(10):
+            await _expect_close(ws, Closed(4408))
