@@ -199,6 +199,14 @@ def tail(log: Path, lines: int = 30) -> str:
         return ""
 
 
+def keep_log(log: Path, name: str) -> Path:
+    """A copy of a server's log outside its temporary directory, for a run that failed."""
+    kept = Path(tempfile.gettempdir()) / f"capsule-bench-{name}-{os.getpid()}.log"
+    with contextlib.suppress(OSError):
+        shutil.copyfile(log, kept)
+    return kept
+
+
 def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float = 30) -> None:
     """Stops a process started in a session of its own: sig, then SIGKILL to its whole group."""
     if process.poll() is None:
@@ -306,6 +314,10 @@ async def serving(
                 yield served
             finally:
                 await served.http.aclose()
+        except BaseException:
+            kept = keep_log(log, name)
+            print(f"bench: capsule serve's log is kept at {kept}", file=sys.stderr)
+            raise
         finally:
             await asyncio.to_thread(stop, process)
 
@@ -416,6 +428,8 @@ class LoadClient:
     process: asyncio.subprocess.Process
     live: asyncio.Event = field(default_factory=asyncio.Event)
     result: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # what went wrong around the run, for the figure's detail
+    live_count: int = 0  # subscribers live when `live` came (the others were dropped before)
     _reader: asyncio.Task[None] | None = None
 
     async def _read(self) -> None:
@@ -423,6 +437,7 @@ class LoadClient:
         async for line in self.process.stdout:
             event = json.loads(line)
             if event["event"] == "live":
+                self.live_count = int(event.get("live", 0))
                 self.live.set()
             elif event["event"] == "result":
                 self.result = event
@@ -430,7 +445,8 @@ class LoadClient:
                 raise RuntimeError(f"load client: {event['message']}")
 
     async def wait_live(self, within: float) -> bool:
-        """True once every subscriber has its first message; False when the client ended first."""
+        """True once every subscriber has its first message or was dropped before; False when the
+        client ended first or `within` passed."""
         assert self._reader is not None
         waiter = asyncio.create_task(self.live.wait())
         done, _ = await asyncio.wait({waiter, self._reader}, timeout=within, return_when="FIRST_COMPLETED")

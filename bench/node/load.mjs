@@ -75,13 +75,15 @@ function subscribe() {
   const finish = (timedOut) => {
     if (closing) return;
     closing = true;
-    const dones = subscribers.map((s) => s.doneAt).filter((t) => t !== null);
+    const dones = subscribers.filter((s) => s.ok).map((s) => s.doneAt);
     const liveAts = subscribers.map((s) => s.liveAt).filter((t) => t !== null);
     emit({
       event: 'result',
       subscribers: count,
       live: liveAts.length,
+      // completed: got to the end (ProcessExited, or raw, the close); dropped: ended before that.
       completed: dones.length,
+      dropped: subscribers.filter((s) => s.doneAt !== null && !s.ok).length,
       timedOut,
       errors: errors.slice(0, 5),
       errorCount: errors.length,
@@ -106,19 +108,31 @@ function subscribe() {
   const drain = () => {
     if (drainTimer === null) drainTimer = setTimeout(() => finish(true), drainSec * 1000);
   };
+  // "live" once every subscriber is live or has been dropped before it was.
+  let deadBeforeLive = 0;
+  let saidLive = false;
+  const checkLive = (at) => {
+    if (!saidLive && live + deadBeforeLive === count) {
+      saidLive = true;
+      emit({ event: 'live', ms: (at - started) / 1e6, live });
+      drain();
+    }
+  };
   const markLive = (s, at) => {
     if (s.liveAt !== null) return;
     s.liveAt = at;
     live++;
-    if (live === count) {
-      emit({ event: 'live', ms: (at - started) / 1e6 });
-      drain();
-    }
+    checkLive(at);
   };
 
-  const markDone = (s, at) => {
+  const markDone = (s, at, ok = true) => {
     if (s.doneAt !== null) return;
     s.doneAt = at;
+    s.ok = ok;
+    if (!ok && s.liveAt === null) {
+      deadBeforeLive++;
+      checkLive(at);
+    }
     finished++;
     if (finished === count) finish(false);
   };
@@ -134,6 +148,7 @@ function subscribe() {
     const s = {
       ws: null, liveAt: null, firstDataAt: null, doneAt: null,
       bytes: 0, lines: 0, messages: 0, gaps: 0, lostBytes: 0, partial: '', seenFirst: false,
+      ok: false, exited: false,
     };
     subscribers.push(s);
     const ws = raw
@@ -142,12 +157,12 @@ function subscribe() {
     s.ws = ws;
     ws.on('error', (error) => {
       errors.push(`subscriber ${index}: ${error.message}`);
-      markDone(s, nowNs());
+      markDone(s, nowNs(), false);
     });
     ws.on('close', (code, reason) => {
       if (s.doneAt === null) {
         if (!raw) errors.push(`subscriber ${index}: closed ${code} ${reason}`);
-        markDone(s, nowNs());
+        markDone(s, nowNs(), raw);
       }
     });
     if (raw) {
@@ -192,15 +207,18 @@ function subscribe() {
           else if (event.__typename === 'OutputGap') {
             s.gaps++;
             s.lostBytes += event.lostBytes;
-          } else if (event.__typename === 'ProcessExited') markDone(s, at);
+          } else if (event.__typename === 'ProcessExited') {
+            s.exited = true;
+            markDone(s, at);
+          }
           return;
         }
         case 'error':
           errors.push(`subscriber ${index}: ${JSON.stringify(message.payload).slice(0, 300)}`);
-          markDone(s, at);
+          markDone(s, at, false);
           return;
         case 'complete':
-          markDone(s, at);
+          markDone(s, at, s.exited);
           return;
         default:
       }
