@@ -516,9 +516,9 @@ async def exec_true(ctx: Context) -> list[Figure]:
         name = f"`exec true` round trip through the API, {runtime} (vs bare asyncio spawn)"
         method = (
             f"{count} `exec` mutations of `true` (Exec.graphql over HTTP, one after another, from the Node "
-            "client with keep-alive; 5 before them unmeasured) on a `capsule serve` with "
-            f"CAPSULE_RUNTIME={runtime}; p50. Peer: asyncio.create_subprocess_exec('true') and wait, "
-            f"{count} times in the suite's process; p50."
+            "client with keep-alive; 5 before them unmeasured) on one `capsule serve` per runtime "
+            "(CAPSULE_RUNTIME=sandbox, and plain); p50. Peer: asyncio.create_subprocess_exec('true') "
+            f"and wait, {count} times in the suite's process; p50."
         )
         try:
             async with serving(runtime, name=f"exec-{runtime}") as serve:
