@@ -511,7 +511,7 @@ async def postgres_database() -> AsyncIterator[str]:
     if admin is None:
         raise RuntimeError("PostgreSQL is unreachable: " + "; ".join(errors))
     name = f"capsule_bench_{os.getpid()}_{secrets.token_hex(4)}"
-    user = admin._params.user  # the user that connected
+    user = await admin.fetchval("SELECT current_user")
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         try:
