@@ -148,7 +148,8 @@ def main() -> int:
     seconds = time.monotonic() - began
     print(table(figures))
     missed = [figure.name for figure in figures if figure.met is False]
-    print(f"\n{len(figures)} figures in {seconds:.0f} s; targets missed: {len(missed)}")
+    plural = "" if len(figures) == 1 else "s"
+    print(f"\n{len(figures)} figure{plural} in {seconds:.0f} s; targets missed: {len(missed)}")
     for failure in failures:
         print(f"FAILED {failure}")
     out = options.out or (None if options.quick or options.only else DOC)

@@ -449,7 +449,11 @@ async def _idle_growth(
     client = await subscribe(count)
     try:
         if not await client.wait_live(within) or not client.live_count:
-            raise BenchError(f"idle: not all of {count} subscriptions were live within {within:.0f} s")
+            result = client.result or {}
+            raise BenchError(
+                f"idle: {client.live_count or result.get('live', 0)} of {count} subscriptions live within "
+                f"{within:.0f} s; {result.get('dropped', '?')} dropped, e.g. {result.get('errors', [])[:1]}"
+            )
         await asyncio.sleep(2)  # settle
         after = rss_bytes(pid)
     finally:
