@@ -15,6 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 from app.api.graphiql import static_route
 from app.api.size_limits import SizeLimits
 from app.api.view import GraphQLView
+from app.api.viewer import ViewerPage
 from app.config import Settings
 from app.state import AppState
 
@@ -27,16 +28,17 @@ def create_app(settings: Settings) -> Starlette:
         # The view's handlers bound operations per connection themselves, with RATE_LIMITED.
         max_subscriptions_per_connection=None,
     )
+    viewer = ViewerPage(graphql_path="/graphql")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AppState.open(settings) as state:
             app.state.capsule = state
-            view.platform = state.platform
+            view.platform = viewer.platform = state.platform
             try:
                 yield
             finally:
-                view.platform = None
+                view.platform = viewer.platform = None
 
     async def home(request: Request) -> Response:
         return RedirectResponse(url="/graphql")
@@ -50,6 +52,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", health),
             Route("/graphql", view, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),
+            Route("/viewer", viewer.page),
             static_route(),
         ],
         middleware=[

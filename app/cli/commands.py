@@ -133,6 +133,7 @@ def _serve(settings: Settings, *, host: str, port: int) -> int:
     key, created = asyncio.run(_dev_key(settings))
     url = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}/graphql"
     print(f"GraphiQL: {url}", flush=True)
+    print(f"Log viewer: {url.removesuffix('/graphql')}/viewer", flush=True)
     if key is not None:
         where = settings.data_dir / "dev-api-key"
         print(f"API key of team 'default' ({'written to' if created else 'read from'} {where}):", flush=True)

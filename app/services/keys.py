@@ -20,6 +20,7 @@ from app.bus.broadcast import Bus
 from app.bus.events import KEY_REVOKED_CHANNEL, key_revoked_to_json
 from app.domain import Team, as_utc, utcnow
 from app.errors import BusUnavailable, NotFound
+from app.services.flights import Flights
 from app.store import models
 from app.store.repositories import ApiKeyRepository, TeamRepository
 from app.store.session import Database
@@ -80,6 +81,8 @@ class KeyService:
         # With a bus, a revocation is announced to every replica at once; without one, replicas
         # still notice at their next periodic check (KeyRevocations).
         self._db, self._bus = db, bus
+        # Connections opened at once with one key (viewers reconnecting) share one lookup.
+        self._lookups: Flights[Credential | None] = Flights()
 
     async def create_key(self, team_name: str) -> tuple[Team, str]:
         """Creates the team if needed and a key for it; the plaintext key is returned here only."""
@@ -106,6 +109,9 @@ class KeyService:
         if not is_well_formed(key):
             return None
         digest = hash_key(key)
+        return await self._lookups.run(digest, lambda: self._credential(key, digest))
+
+    async def _credential(self, key: str, digest: str) -> Credential | None:
         async with self._db.session() as session:
             candidates = await ApiKeyRepository(session).unrevoked_by_prefix(key[:SHOWN_PREFIX_LEN])
         found: Credential | None = None
@@ -165,14 +171,21 @@ class KeyService:
 
     async def ensure_dev_key(self, data_dir: Path) -> tuple[str, bool]:
         """The `default` team's key kept in <data_dir>/dev-api-key; (key, True) when made just now."""
-        path = data_dir / DEV_KEY_FILE
-        existing = await asyncio.to_thread(_read_key, path)
-        if existing is not None and await self.authenticate(existing) is not None:
+        existing = await self.dev_key(data_dir)
+        if existing is not None:
             return existing, False
+        path = data_dir / DEV_KEY_FILE
         _, key = await self.create_key(DEFAULT_TEAM)
         await asyncio.to_thread(_write_key, path, key)
         logger.info("wrote a new development API key to %s", path)
         return key, True
+
+    async def dev_key(self, data_dir: Path) -> str | None:
+        """The key `serve` keeps in <data_dir>/dev-api-key while it still authenticates; else None."""
+        existing = await asyncio.to_thread(_read_key, data_dir / DEV_KEY_FILE)
+        if existing is None or await self.authenticate(existing) is None:
+            return None
+        return existing
 
     async def _team(self, name: str) -> Team:
         async with self._db.session() as session:

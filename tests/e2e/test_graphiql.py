@@ -7,29 +7,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from playwright.async_api import Locator, Page, WebSocket, async_playwright, expect
 
+from tests.e2e.browser import WAIT_MS, launch
 from tests.e2e.client import HttpClient
 from tests.e2e.conftest import Server
-
-CHROMIUM = Path("/usr/bin/chromium")
-# Debian's chromium, never a downloaded one; no component, sync or QUIC traffic of its own, so every
-# request a test sees comes from the page.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-WAIT_MS = 15_000
 
 # The page does not depend on the store: one database kind is enough.
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -84,19 +69,9 @@ async def _replace_text(editor: Locator, text: str) -> None:
 
 
 @pytest.fixture
-def chromium() -> Path:
-    if not CHROMIUM.exists():  # a missing browser fails the test: these tests never skip
-        pytest.fail(
-            f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install -y chromium); "
-            ".ci/run installs it"
-        )
-    return CHROMIUM
-
-
-@pytest.fixture
-async def graphiql(server: Server, chromium: Path) -> AsyncIterator[GraphiQL]:
+async def graphiql(server: Server) -> AsyncIterator[GraphiQL]:
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        browser = await launch(playwright)
         try:
             context = await browser.new_context(viewport={"width": 1280, "height": 800})
             page = await context.new_page()
