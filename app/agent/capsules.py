@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import shutil
 from dataclasses import dataclass, replace
@@ -15,10 +16,11 @@ from app.agent import inner
 from app.agent.events import ProcessEvents
 from app.agent.sandbox import UID_BASE, UID_COUNT, Sandbox, SandboxRuntime
 from app.agent.supervisor import Supervisor
+from app.agent.uids import UidRegistry
 from app.config import Settings
 from app.datadir import DirectoryLock
 from app.domain import ID_RE, CapsuleLimits, CapsuleRuntime, CapsuleSpec, HostCapsule, check_id
-from app.errors import NotFound, RateLimited
+from app.errors import NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class Capsules:
         self._pool: list[tuple[asyncio.Task[_Spare], int]] = []
         self._closed = False
         self._adopting: set[int] = set()
+        self._uids = UidRegistry(UID_BASE, UID_COUNT - 1)
 
     @property
     def runtime(self) -> CapsuleRuntime:
@@ -86,7 +89,11 @@ class Capsules:
                 continue
             spec, uid = _read_spec(path)
             if self._runtime is not None:
-                self._capsules[path.name] = _Capsule(path.name, spec, uid or self._free_uid())
+                if not (uid and self._uids.claim(uid)):  # another agent here holds it now
+                    uid = self._free_uid()
+                    _give(path, uid)
+                    _write_spec(path, spec, uid)
+                self._capsules[path.name] = _Capsule(path.name, spec, uid)
                 waiting.append(path.name)
                 continue
             supervisor = self._supervisor_for(path.name)
@@ -110,11 +117,11 @@ class Capsules:
         return Supervisor(capsule_id, workspace, self._settings, self._events.publish)
 
     def _free_uid(self) -> int:
+        """A uid for a new sandbox that no capsule of any agent on this host has; the uids of
+        capsules and spares gone meanwhile are let go first."""
         used = {c.uid for c in self._capsules.values()} | {uid for _, uid in self._pool} | self._adopting
-        for uid in range(UID_BASE, UID_BASE + UID_COUNT - 1):
-            if uid not in used:
-                return uid
-        raise RateLimited("this host runs as many sandboxes as it has uids for them")
+        self._uids.retain(used)
+        return self._uids.take(exclude=used)
 
     async def _launch(self, capsule: _Capsule) -> Sandbox:
         assert self._runtime is not None
@@ -288,6 +295,7 @@ class Capsules:
         capsules = list(self._capsules.values())
         self._capsules.clear()
         await asyncio.gather(*(_end(capsule) for capsule in capsules), self._drop_spare())
+        self._uids.close()
 
     async def _drop_spare(self) -> None:
         self._closed = True
@@ -321,6 +329,17 @@ async def _end(capsule: _Capsule) -> None:
         await capsule.sandbox.stop()
     if capsule.supervisor is not None:
         await capsule.supervisor.close()
+
+
+def _give(directory: Path, uid: int) -> None:
+    """Makes the capsule's directories and all in them the new uid's."""
+    for path in (directory / "workspace", directory / "run"):
+        if not path.exists():
+            continue
+        os.chown(path, uid, uid, follow_symlinks=False)
+        for parent, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                os.chown(os.path.join(parent, name), uid, uid, follow_symlinks=False)
 
 
 def _write_spec(directory: Path, spec: CapsuleSpec, uid: int) -> None:
