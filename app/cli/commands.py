@@ -8,7 +8,6 @@ from datetime import datetime
 
 import uvicorn
 
-from app.agent.server import run_agent
 from app.bus.broadcast import Bus
 from app.config import Settings, bus_backend_kind
 from app.datadir import lock_data_dir
@@ -107,12 +106,6 @@ async def add_host(settings: Settings, host_id: str, address: str) -> int:
     finally:
         await db.dispose()
     print(f"host {host_id} registered at {address}")
-    return 0
-
-
-async def agent(settings: Settings, address: str) -> int:
-    """Runs a host agent alone until SIGINT or SIGTERM (run_agent handles both)."""
-    await run_agent(address, settings)
     return 0
 
 

@@ -56,13 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"capsule: {exc}", file=sys.stderr)
         return 2
-    from app.cli import commands
-
     try:
+        if args.command == "agent":  # the agent alone: nothing of the API, the store or the bus loads
+            from app.agent.server import run_agent
+
+            asyncio.run(run_agent(args.listen, settings))
+            return 0
+        from app.cli import commands
+
         if args.command == "serve":
             return commands.serve(settings, host=args.host, port=args.port)
-        if args.command == "agent":
-            return asyncio.run(commands.agent(settings, args.listen))
         if args.command == "migrate":
             return commands.migrate(settings)
         if args.command == "keys" and args.keys_command == "list":
