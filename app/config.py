@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from app.domain import CapsuleLimits, InputLimits, check_limits
+from app.domain import CapsuleLimits, EventRetention, InputLimits, check_limits
 from app.errors import InvalidRequest
 
 MiB = 1024 * 1024
@@ -152,6 +152,10 @@ class Settings:
     # How often each replica re-checks the keys of its open WebSockets, should a revocation's bus
     # message not reach it (the bus down, or the revoking CLI on the memory bus).
     key_recheck_interval_sec: float = 5.0
+    # Each capsule's lifecycle event history in the store, and how often a replica's subscriptions
+    # look there for events whose bus message did not reach them.
+    event_retention: EventRetention = field(default_factory=EventRetention)
+    events_poll_sec: float = 1.0
     # What one team may hold at once; past these, RATE_LIMITED.
     max_capsules_per_team: int = 100
     max_processes_per_capsule: int = 256
@@ -212,6 +216,11 @@ class Settings:
             "max_processes_per_capsule": int(_number(env, "CAPSULE_MAX_PROCESSES_PER_CAPSULE", 256)),
             "reconcile_interval_sec": _number(env, "CAPSULE_RECONCILE_INTERVAL_SEC", 30.0),
             "key_recheck_interval_sec": _number(env, "CAPSULE_KEY_RECHECK_SEC", 5.0),
+            "event_retention": EventRetention(
+                max_age_sec=_number(env, "CAPSULE_EVENTS_RETENTION_SEC", 24 * 3600.0),
+                max_per_capsule=_int(env, "CAPSULE_EVENTS_MAX_PER_CAPSULE", 10_000),
+            ),
+            "events_poll_sec": _number(env, "CAPSULE_EVENTS_POLL_SEC", 1.0),
             "capsule_max_processes": _int(env, "CAPSULE_DEFAULT_MAX_PROCESSES", 256),
             "sandbox_spares": _int(env, "CAPSULE_SANDBOX_SPARES", 2),
             "sandbox_limits": (env.get("CAPSULE_SANDBOX_LIMITS") or "auto").lower(),
@@ -247,6 +256,12 @@ class Settings:
             raise ConfigError("CAPSULE_RECONCILE_INTERVAL_SEC must be more than 0 seconds")
         if settings.key_recheck_interval_sec <= 0:
             raise ConfigError("CAPSULE_KEY_RECHECK_SEC must be more than 0 seconds")
+        if settings.event_retention.max_age_sec <= 0:
+            raise ConfigError("CAPSULE_EVENTS_RETENTION_SEC must be more than 0 seconds")
+        if settings.event_retention.max_per_capsule < 1:
+            raise ConfigError("CAPSULE_EVENTS_MAX_PER_CAPSULE must be 1 or more")
+        if settings.events_poll_sec <= 0:
+            raise ConfigError("CAPSULE_EVENTS_POLL_SEC must be more than 0 seconds")
         for name, size in (
             ("CAPSULE_MAX_BODY_BYTES", settings.max_body_bytes),
             ("CAPSULE_MAX_WS_MESSAGE_BYTES", settings.max_ws_message_bytes),

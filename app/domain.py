@@ -73,6 +73,8 @@ class SignalScope(enum.Enum):
 class ProcessEventKind(enum.Enum):
     STARTED = "STARTED"
     EXITED = "EXITED"
+    READY = "READY"
+    RESTARTED = "RESTARTED"
 
 
 def utcnow() -> datetime:
@@ -521,3 +523,24 @@ def merge_chunks(events: Sequence[OutputEvent], *, max_bytes: int) -> list[Outpu
 class ProcessEvent:
     kind: ProcessEventKind
     process: ProcessInfo
+
+
+@dataclass(frozen=True, slots=True)
+class CapsuleEvent:
+    """A lifecycle event as its capsule's history keeps it: its place there (seq, and the cursor
+    that names it to clients), when it happened, and the process as it was then."""
+
+    seq: int
+    kind: ProcessEventKind
+    process: ProcessInfo
+    at: datetime
+    cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventRetention:
+    """How much of each capsule's event history the store keeps: events younger than max_age_sec,
+    and at most the newest max_per_capsule of them."""
+
+    max_age_sec: float = 24 * 3600.0
+    max_per_capsule: int = 10_000

@@ -12,7 +12,9 @@ from app.agent.server import AgentHandle, start_agent
 from app.bus.broadcast import Bus
 from app.config import Settings
 from app.hosts.pool import HostPool
+from app.services.events import EventPruner
 from app.services.fanout import OutputFanout
+from app.services.feeds import EventFeeds
 from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.services.lifecycle import CapsuleLifecycle, ExitRecorder, IdleReaper, Reconciler
@@ -59,7 +61,7 @@ class AppState:
             pool = HostPool(settings)
             stack.push_async_callback(pool.close)
             pool.set_hosts(await hosts.hosts())
-            records = ProcessRecords(db=db, bus=bus)
+            records = ProcessRecords(db=db, bus=bus, retention=settings.event_retention)
             lifecycle = CapsuleLifecycle(db=db, pool=pool, records=records)
             keys = KeyService(db, bus=bus)
             revocations = KeyRevocations(keys=keys, bus=bus, interval_sec=settings.key_recheck_interval_sec)
@@ -74,9 +76,11 @@ class AppState:
                 records=records,
                 lifecycle=lifecycle,
                 fanout=OutputFanout(pool=pool, buffer_bytes=settings.fanout_buffer_bytes),
+                feeds=EventFeeds(db=db, bus=bus, poll_sec=settings.events_poll_sec),
                 limits=await stack.enter_async_context(TeamLimits.open(settings)),
             )
             stack.push_async_callback(platform.fanout.close)  # its pumps end before the pool closes
+            stack.push_async_callback(platform.feeds.close)  # its readers end before the bus and store close
             state = cls(settings=settings, platform=platform, agent=agent)
             if agent is not None:  # capsules of a previous run get their place on the new agent back
                 await lifecycle.reconcile_host(EMBEDDED_HOST_ID)
@@ -84,6 +88,7 @@ class AppState:
                 ExitRecorder(pool=pool, hosts=hosts, records=records, lifecycle=lifecycle),
                 Reconciler(hosts=hosts, lifecycle=lifecycle, interval_sec=settings.reconcile_interval_sec),
                 IdleReaper(db=db, lifecycle=lifecycle, interval_sec=settings.idle_check_interval_sec),
+                EventPruner(db=db, retention=settings.event_retention),
                 revocations,
             )
             state.tasks = [asyncio.create_task(job.run(), name=type(job).__name__) for job in jobs]

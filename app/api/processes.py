@@ -107,6 +107,17 @@ class Process:
 class ProcessEvent:
     kind: ProcessEventKind
     process: Process
+    at: datetime = strawberry.field(description="When it happened.")
+    cursor: str = strawberry.field(
+        description="Where this event stands in the capsule's event history: "
+        "pass it as processEvents(after:) to resume."
+    )
+
+    @classmethod
+    def from_event(cls, event: domain.CapsuleEvent) -> ProcessEvent:
+        return cls(
+            kind=event.kind, process=Process.from_info(event.process), at=event.at, cursor=event.cursor
+        )
 
 
 @strawberry.type
@@ -170,8 +181,12 @@ class ProcessMutation:
 @strawberry.type
 class ProcessSubscription:
     @team_subscription(
-        description="STARTED and EXITED events of every process in the capsule, from every API replica."
+        description="Lifecycle events of every process in the capsule, from every API replica. "
+        "With after (a cursor), events since then are replayed first, while retained: "
+        "a client that reconnects misses none."
     )
-    async def process_events(self, info: Info, capsule_id: ID) -> AsyncGenerator[ProcessEvent, None]:
-        async for event in info.context.services.processes.events(capsule_id):
-            yield ProcessEvent(kind=event.kind, process=Process.from_info(event.process))
+    async def process_events(
+        self, info: Info, capsule_id: ID, after: str | None = None
+    ) -> AsyncGenerator[ProcessEvent, None]:
+        async for event in info.context.services.processes.events(capsule_id, after):
+            yield ProcessEvent.from_event(event)

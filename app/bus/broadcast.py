@@ -18,6 +18,10 @@ from app.errors import BusUnavailable, RateLimited
 logger = logging.getLogger(__name__)
 
 
+# Waits between tries to reach a backend that dropped or refused: fast at first, for a restart.
+RECONNECT_DELAYS_SEC = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
 class BusOverflow(RateLimited):
     """A subscriber fell too far behind; it ends rather than eat memory or lose events unseen."""
 
@@ -78,8 +82,30 @@ class _Subscriber:
         return self._messages.popleft()
 
 
+class _News:
+    """A news watch: each message on its channel sets its event, and so does each resubscription
+    after the connection dropped (messages may have been lost meanwhile). It never fails."""
+
+    def __init__(self, channel: str, wake: asyncio.Event) -> None:
+        self.channel = channel
+        self._wake = wake
+
+    def push(self, message: str) -> None:
+        self._wake.set()
+
+    def fail(self, error: BaseException) -> None:
+        pass  # a watch outlives its connection: the bus subscribes it again once it is back
+
+
+_Sink = _Subscriber | _News
+
+
 class Bus:
-    """Publish/subscribe on named channels; reconnects by itself after its backend drops."""
+    """Publish/subscribe on named channels; reconnects by itself after its backend drops.
+
+    Subscribers end with BusUnavailable when the connection drops; news watches stay, and the bus
+    reconnects them with backoff, setting their events once they are subscribed again.
+    """
 
     def __init__(self, url: str, *, queue_size: int = 1000, timeout_sec: float = 5.0) -> None:
         bus_backend_kind(url)  # rejected now, not at first use
@@ -88,18 +114,41 @@ class Bus:
         self._timeout = timeout_sec
         self._backend: BroadcastBackend | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._channels: dict[str, set[_Subscriber]] = {}
+        self._channels: dict[str, set[_Sink]] = {}
         self._lock = asyncio.Lock()
+        # News watches whose channel is not subscribed while the connection is down.
+        self._orphans: set[_News] = set()
+        self._reconnector: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._retry_at = 0.0  # before then, connecting is not tried again (the loop's clock)
 
     async def connect(self) -> None:
         """Connects now, so a misconfigured or unreachable backend shows at startup."""
         await self._ensure()
 
     async def disconnect(self) -> None:
-        """Closes the backend; live subscribers end with BusUnavailable."""
+        """Closes the backend; live subscribers end with BusUnavailable, news watches hear no more."""
+        reconnector, self._reconnector = self._reconnector, None
+        if reconnector is not None:
+            reconnector.cancel()
+            await asyncio.wait({reconnector})
         async with self._lock:
             if self._backend is not None:
                 await self._lose(self._backend, reason="closing")
+        self._orphans.clear()
+
+    @contextlib.asynccontextmanager
+    async def news(self, channel: str, wake: asyncio.Event) -> AsyncIterator[None]:
+        """Sets wake for each message published on the channel while the block runs, and after each
+        reconnection (what was published while the bus was down is not known). Never raises for the
+        bus: while it is unreachable, the watch waits for it to come back."""
+        watch = _News(channel, wake)
+        await self._attach_news(watch)
+        try:
+            yield
+        finally:
+            self._orphans.discard(watch)
+            await self._detach(watch)
 
     async def publish(self, channel: str, message: str) -> None:
         """Sends a message to every subscriber of the channel on every replica."""
@@ -123,7 +172,8 @@ class Bus:
 
     @contextlib.asynccontextmanager
     async def _subscription(self, channel: str, queue_size: int) -> AsyncIterator[AsyncIterator[str]]:
-        subscriber = await self._attach(channel, queue_size)
+        subscriber = _Subscriber(channel, queue_size)
+        await self._attach(subscriber)
         try:
             yield subscriber
         finally:
@@ -134,17 +184,57 @@ class Bus:
             return self._backend
         async with self._lock:
             if self._backend is None:
+                loop = asyncio.get_running_loop()
+                if loop.time() < self._retry_at:  # it failed a moment ago: fail fast until the backoff ends
+                    raise BusUnavailable()
                 backend = make_backend(self._url, timeout_sec=self._timeout)
                 try:
                     async with asyncio.timeout(self._timeout):
                         await backend.connect()
                 except (BusUnavailable, TimeoutError) as exc:
-                    logger.warning("bus backend unreachable: %s", type(exc).__name__)
+                    delay = RECONNECT_DELAYS_SEC[min(self._failures, len(RECONNECT_DELAYS_SEC) - 1)]
+                    self._failures += 1
+                    self._retry_at = loop.time() + delay
+                    logger.warning("bus backend unreachable (%s): next try in %ss", type(exc).__name__, delay)
                     await self._close_quietly(backend)
                     raise BusUnavailable() from exc
+                if self._failures:
+                    logger.info("bus backend reachable again")
+                self._failures, self._retry_at = 0, 0.0
                 self._backend = backend
                 self._listener = asyncio.create_task(self._listen(backend), name="bus-listener")
             return self._backend
+
+    async def _attach_news(self, watch: _News) -> None:
+        try:
+            await self._attach(watch)
+        except BusUnavailable:
+            self._orphans.add(watch)
+            self._start_reconnecting()
+
+    def _start_reconnecting(self) -> None:
+        if self._orphans and (self._reconnector is None or self._reconnector.done()):
+            self._reconnector = asyncio.create_task(self._reconnect(), name="bus-reconnector")
+
+    async def _reconnect(self) -> None:
+        """Subscribes the orphaned news watches again once the backend is back, with backoff."""
+        loop = asyncio.get_running_loop()
+        while self._orphans:
+            await asyncio.sleep(max(self._retry_at - loop.time(), 0.0))
+            try:
+                await self._ensure()
+            except BusUnavailable:
+                continue  # _ensure has put the next try further off
+            watches, self._orphans = self._orphans, set()
+            for watch in watches:
+                try:
+                    await self._attach(watch)
+                except BusUnavailable:  # dropped again: the rest wait for the next round
+                    self._orphans.add(watch)
+                else:
+                    watch.push("")  # what was published while it was not subscribed is not known
+            if not self._orphans:
+                logger.info("bus: %d news watch(es) subscribed again", len(watches))
 
     async def _listen(self, backend: BroadcastBackend) -> None:
         try:
@@ -155,22 +245,22 @@ class Bus:
         except Exception as exc:
             cause = exc.__cause__ or exc
             logger.warning(
-                "bus connection lost (%s: %s); subscribers end, the bus reconnects on next use",
+                "bus connection lost (%s: %s); subscribers end, news watches wait for it to reconnect",
                 type(cause).__name__,
                 cause,
             )
             await self._lose(backend, reason="connection lost")
 
-    async def _attach(self, channel: str, queue_size: int) -> _Subscriber:
+    async def _attach(self, subscriber: _Sink) -> None:
         backend = await self._ensure()
-        subscriber = _Subscriber(channel, queue_size)
+        channel = subscriber.channel
         async with self._lock:
             if self._backend is not backend:
                 raise BusUnavailable()
             subscribers = self._channels.get(channel)
             if subscribers:
                 subscribers.add(subscriber)
-                return subscriber
+                return
             self._channels[channel] = {subscriber}
             try:
                 async with asyncio.timeout(self._timeout):
@@ -183,9 +273,8 @@ class Bus:
                 raise
             if self._backend is not backend:  # the connection dropped while subscribing
                 raise BusUnavailable()
-            return subscriber
 
-    async def _detach(self, subscriber: _Subscriber) -> None:
+    async def _detach(self, subscriber: _Sink) -> None:
         subscriber.fail(StopAsyncIteration())
         async with self._lock:
             subscribers = self._channels.get(subscriber.channel)
@@ -211,7 +300,12 @@ class Bus:
         channels, self._channels = self._channels, {}
         for subscribers in channels.values():
             for subscriber in subscribers:
-                subscriber.fail(BusUnavailable())
+                if isinstance(subscriber, _News):
+                    self._orphans.add(subscriber)
+                else:
+                    subscriber.fail(BusUnavailable())
+        if reason != "closing":
+            self._start_reconnecting()
         if listener is not None and listener is not asyncio.current_task():
             listener.cancel()
             await asyncio.wait({listener})  # unlike awaiting it, leaves a cancellation of ours alone

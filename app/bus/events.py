@@ -1,4 +1,4 @@
-"""Bus channel names and the JSON payloads carried on them."""
+"""Bus channel names and messages, and the JSON form of a process that stored events keep."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from app import domain
 
 
 def capsule_events_channel(capsule_id: str) -> str:
-    """The channel that carries one capsule's process lifecycle events."""
+    """The channel that tells of new events in one capsule's history (each message: the newest seq)."""
     return f"capsule-events.{capsule_id}"
 
 
@@ -62,24 +62,6 @@ def process_info_from_dict(data: dict[str, Any]) -> domain.ProcessInfo:
         ended_at=_parse_moment(data["ended_at"]),
         stdin=bool(data["stdin"]),
     )
-
-
-def process_event_to_json(event: domain.ProcessEvent) -> str:
-    """A process lifecycle event as the JSON text published on the bus."""
-    return json.dumps(
-        {"kind": event.kind.value, "process": process_info_to_dict(event.process)}, separators=(",", ":")
-    )
-
-
-def process_event_from_json(text: str) -> domain.ProcessEvent:
-    """Parses process_event_to_json's output; anything else raises ValueError."""
-    try:
-        data = json.loads(text)
-        return domain.ProcessEvent(
-            kind=domain.ProcessEventKind(data["kind"]), process=process_info_from_dict(data["process"])
-        )
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"not a process event: {type(exc).__name__} {exc}") from exc
 
 
 # Every replica listens here, so a key revoked anywhere (even by the CLI) ends its open connections.

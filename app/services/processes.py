@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from app import domain
-from app.bus.broadcast import Bus
-from app.bus.events import capsule_events_channel, process_event_from_json
-from app.domain import InputLimits, ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
+from app.domain import CapsuleEvent, InputLimits, ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
 from app.errors import InvalidRequest, NotFound
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
+from app.services.events import decode_cursor
+from app.services.feeds import EventFeeds
 from app.services.records import ProcessRecords, record_to_info
 from app.store import models
 from app.store.repositories import ProcessRecordRepository
@@ -36,14 +37,14 @@ class ProcessService:
         *,
         db: Database,
         pool: HostPool,
-        bus: Bus,
+        feeds: EventFeeds,
         capsules: CapsuleService,
         records: ProcessRecords,
         team_id: int,
         input_limits: InputLimits,
         max_processes: int,
     ) -> None:
-        self._db, self._pool, self._bus = db, pool, bus
+        self._db, self._pool, self._feeds = db, pool, feeds
         self._capsules, self._records, self._team_id = capsules, records, team_id
         self._input_limits, self._max_processes = input_limits, max_processes
 
@@ -118,12 +119,15 @@ class ProcessService:
         """Closes the stdin of a process started with stdin."""
         await (await self._host_of(capsule_id, selector)).close_input(capsule_id, selector)
 
-    async def events(self, capsule_id: str) -> AsyncIterator[domain.ProcessEvent]:
-        """STARTED and EXITED events of the capsule's processes, from every API replica."""
-        await self._capsules.require(capsule_id)
-        async with self._bus.subscribe(capsule_events_channel(capsule_id)) as messages:
-            async for message in messages:
-                yield process_event_from_json(message)
+    async def events(self, capsule_id: str, after: str | None = None) -> AsyncIterator[CapsuleEvent]:
+        """Lifecycle events of the capsule's processes, from every API replica, in the capsule's order:
+        from now on, or every one since the event whose cursor is `after`, then live."""
+        capsule = await self._capsules.require(capsule_id)
+        seq = None if after is None else decode_cursor(after, capsule_id)
+        events = self._feeds.follow(team_id=capsule.team_id, capsule_id=capsule_id, after=seq)
+        async with aclosing(events):
+            async for event in events:
+                yield event
 
     async def _host_of(self, capsule_id: str, selector: str) -> HostClient:
         """The host client for a call on a process of this team's running capsule."""

@@ -1,4 +1,4 @@
-"""Process records: each start and exit written to the store once and announced on the bus."""
+"""Process records: each start and exit written to the store once, with its event, and announced."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import asyncio
 import logging
 import signal
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from app import domain
 from app.bus.broadcast import Bus
-from app.bus.events import capsule_events_channel, process_event_to_json
-from app.domain import CapsuleInfo, ProcessEventKind, ProcessInfo, ProcessStatus, utcnow
-from app.errors import CapsuleError
+from app.domain import CapsuleInfo, EventRetention, ProcessEventKind, ProcessInfo, ProcessStatus, utcnow
+from app.services.events import EventLog
 from app.store import models
 from app.store.repositories import ProcessExitRecord, ProcessRecordRepository, SystemRepository
 from app.store.session import Database
@@ -54,18 +54,21 @@ def _exit_record(info: ProcessInfo) -> ProcessExitRecord:
 
 
 class ProcessRecords:
-    """Writes each start and exit to the store once and publishes it on the bus.
+    """Writes each start and exit to the store once, its event in the same transaction, and then
+    announces the event on the bus.
 
     Writes made for a request name the team (its repository can reach nothing else); only the
     exit recorder, which follows every capsule of a host, writes across teams.
     """
 
-    def __init__(self, *, db: Database, bus: Bus) -> None:
-        self._db, self._bus = db, bus
-        # Exits that arrived before their start was recorded, by (capsule, pid, tag). The lock makes
-        # "insert the start, then apply a waiting exit" and "find no record, park the exit" exclusive.
+    def __init__(self, *, db: Database, bus: Bus, retention: EventRetention | None = None) -> None:
+        self._db = db
+        self._events = EventLog(bus=bus, retention=retention or EventRetention())
+        # Exits that arrived before their start was recorded, by (capsule, pid, tag). A lock per
+        # process makes "insert the start, then apply a waiting exit" and "find no record, park the
+        # exit" exclusive, while writes about other processes go on at the same time.
         self._early_exits: OrderedDict[tuple[str, int, str], ProcessInfo] = OrderedDict()
-        self._lock = asyncio.Lock()
+        self._locks: dict[tuple[str, int, str], tuple[asyncio.Lock, int]] = {}
 
     async def record_start(self, team_id: int, info: ProcessInfo) -> None:
         """Stores a record of a process that has just started and announces it."""
@@ -80,11 +83,18 @@ class ProcessRecords:
             status=ProcessStatus.RUNNING,
             started_at=info.started_at,
         )
-        async with self._lock:
+        # The event reports the start alone, even of a process that has ended since.
+        started = replace(
+            info, status=ProcessStatus.RUNNING, exit_code=None, signal=None, timed_out=False, ended_at=None
+        )
+        async with self._locked(info):
             async with self._db.transaction() as session:
                 await ProcessRecordRepository(session, team_id).add(record)
+                seq = await self._events.append(
+                    session, team_id=team_id, kind=ProcessEventKind.STARTED, process=started
+                )
             early = self._early_exits.pop((info.capsule_id, info.pid, info.tag), None)
-        await self._publish(ProcessEventKind.STARTED, info)
+        await self._events.announce(info.capsule_id, seq)
         if early is not None or info.status is ProcessStatus.EXITED:  # it ended before it was recorded
             await self.record_exit(early or info, team_id=team_id)
 
@@ -95,7 +105,7 @@ class ProcessRecords:
         every team's processes on a host.
         """
         exit = _exit_record(info)
-        async with self._lock, self._db.transaction() as session:
+        async with self._locked(info), self._db.transaction() as session:
             if team_id is not None:
                 record = await ProcessRecordRepository(session, team_id).record_exit(exit)
             else:
@@ -103,11 +113,33 @@ class ProcessRecords:
                 record = await system.record_exit(exit)
                 if record is None and not await system.has_record(info.capsule_id, info.pid, info.tag):
                     self._park(info)
+            if record is not None:
+                seq = await self._events.append(
+                    session,
+                    team_id=record.team_id,
+                    kind=ProcessEventKind.EXITED,
+                    process=record_to_info(record),
+                )
         if record is None:
             return False
         logger.info("capsule %s process %s (%s) exited", info.capsule_id, info.pid, info.tag)
-        await self._publish(ProcessEventKind.EXITED, record_to_info(record))
+        await self._events.announce(info.capsule_id, seq)
         return True
+
+    @asynccontextmanager
+    async def _locked(self, info: ProcessInfo) -> AsyncIterator[None]:
+        key = (info.capsule_id, info.pid, info.tag)
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
     def _park(self, info: ProcessInfo) -> None:
         self._early_exits[(info.capsule_id, info.pid, info.tag)] = info
@@ -145,14 +177,6 @@ class ProcessRecords:
     async def end_all(self, capsule: CapsuleInfo, *, killed: bool = True) -> None:
         """Ends the records of every process of a capsule its host no longer holds."""
         await self.reconcile(capsule, running=await self.running(capsule), live=(), killed=killed)
-
-    async def _publish(self, kind: ProcessEventKind, info: ProcessInfo) -> None:
-        event = domain.ProcessEvent(kind=kind, process=info)
-        try:
-            await self._bus.publish(capsule_events_channel(info.capsule_id), process_event_to_json(event))
-        except CapsuleError:
-            # The record is written; subscribers of this event miss it, and say so by their own error.
-            logger.warning("capsule %s: could not publish %s of %s", info.capsule_id, kind.value, info.tag)
 
 
 def _lost(info: ProcessInfo, *, killed: bool) -> ProcessInfo:

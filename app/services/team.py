@@ -11,6 +11,7 @@ from app.hosts.pool import HostPool
 from app.services.capsules import CapsuleService
 from app.services.exec import ExecService
 from app.services.fanout import OutputFanout
+from app.services.feeds import EventFeeds
 from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.services.lifecycle import CapsuleLifecycle
@@ -36,6 +37,7 @@ class Platform:
     records: ProcessRecords
     lifecycle: CapsuleLifecycle
     fanout: OutputFanout
+    feeds: EventFeeds
     limits: TeamLimits
 
     def for_team(self, team: Team) -> TeamServices:
@@ -53,7 +55,7 @@ class Platform:
         processes = ProcessService(
             db=self.db,
             pool=self.pool,
-            bus=self.bus,
+            feeds=self.feeds,
             capsules=capsules,
             records=self.records,
             team_id=team.id,

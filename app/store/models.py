@@ -1,4 +1,4 @@
-"""SQLModel tables: teams, API keys, hosts, capsules and process records."""
+"""SQLModel tables: teams, API keys, hosts, capsules, process records and process events."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from app.domain import (
     CapsuleLimits,
     CapsuleRuntime,
     CapsuleStatus,
+    ProcessEventKind,
     ProcessStatus,
     as_utc,
     utcnow,
@@ -94,6 +95,9 @@ class Capsule(SQLModel, table=True):
     max_processes: int = Field(default=256, sa_column_kwargs={"server_default": "256"})
     memory_mib: int | None = None
     cpus: float | None = None
+    # The seq of its newest process event: each event takes the next one in the transaction that
+    # writes it, under this row's lock, so seqs commit in order and leave no holes.
+    last_event_seq: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
     def to_info(self) -> CapsuleInfo:
         """The capsule as the domain value services hand out."""
@@ -138,3 +142,20 @@ class ProcessRecord(SQLModel, table=True):
     timed_out: bool = False
     started_at: datetime = _moment()
     ended_at: datetime | None = _moment(nullable=True)
+
+
+class ProcessEvent(SQLModel, table=True):
+    """A lifecycle event, written in the transaction of the record change it reports."""
+
+    __tablename__ = "process_event"
+
+    capsule_id: str = Field(foreign_key="capsule.id", max_length=64, primary_key=True)
+    # 1, 2, 3, ... per capsule, without holes (Capsule.last_event_seq).
+    seq: int = Field(primary_key=True, sa_type=sa.BigInteger)
+    team_id: int = Field(foreign_key="team.id")  # every read names the capsule too: no index of its own
+    kind: ProcessEventKind = Field(
+        sa_column=Column(sa.Enum(ProcessEventKind, native_enum=False, length=16), nullable=False)
+    )
+    at: datetime = _moment(index=True)
+    # The process as it was then: what the event reports, whatever the record says later.
+    process: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))

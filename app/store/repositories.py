@@ -16,10 +16,18 @@ from sqlmodel import col, func, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
-from app.domain import ACTIVE_CAPSULE_STATUSES, CapsuleRuntime, CapsuleStatus, ProcessStatus, as_utc, utcnow
+from app.domain import (
+    ACTIVE_CAPSULE_STATUSES,
+    CapsuleRuntime,
+    CapsuleStatus,
+    ProcessEventKind,
+    ProcessStatus,
+    as_utc,
+    utcnow,
+)
 from app.store import models
 
-M = TypeVar("M", models.Capsule, models.ProcessRecord)
+M = TypeVar("M", models.Capsule, models.ProcessRecord, models.ProcessEvent)
 
 
 async def _add(session: AsyncSession, row: Any) -> Any:
@@ -166,6 +174,70 @@ class ProcessRecordRepository(TeamScoped[models.ProcessRecord]):
         """The newest record with this tag in the capsule, or None."""
         statement = self._newest_first(capsule_id).where(col(models.ProcessRecord.tag) == tag).limit(1)
         return (await self._session.exec(statement)).first()
+
+
+class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
+    """One team's process events, each capsule's in the order of their seqs."""
+
+    model = models.ProcessEvent
+
+    async def append(
+        self, capsule_id: str, *, kind: ProcessEventKind, at: datetime, process: dict[str, Any], keep: int
+    ) -> int:
+        """Adds the capsule's next event and drops those more than keep behind it; returns its seq.
+
+        The seq comes from the capsule's row, which stays locked until the transaction ends: events
+        of one capsule commit in the order of their seqs, so a reader that has seen seq n has seen
+        every seq below it (an autoincrement id would let a later commit land below a seen one).
+        """
+        capsule = models.Capsule
+        counted = await self._session.exec(
+            update(capsule)
+            .where(col(capsule.team_id) == self._team_id, col(capsule.id) == capsule_id)
+            .values(last_event_seq=col(capsule.last_event_seq) + 1)
+            .returning(col(capsule.last_event_seq))
+        )
+        seq = counted.scalar_one_or_none()
+        if seq is None:
+            raise LookupError(f"no capsule {capsule_id} of team {self._team_id} for its event")
+        event = models.ProcessEvent(
+            capsule_id=capsule_id, seq=seq, team_id=self._team_id, kind=kind, at=at, process=process
+        )
+        self._session.add(event)
+        await self._session.flush()
+        if seq > keep:  # a capsule's first events need no look for older ones
+            old = models.ProcessEvent
+            await self._session.exec(
+                sa.delete(old).where(col(old.capsule_id) == capsule_id, col(old.seq) <= seq - keep)
+            )
+        return int(seq)
+
+    async def after(self, capsule_id: str, seq: int, *, limit: int) -> Sequence[models.ProcessEvent]:
+        """The capsule's events past seq, oldest first, at most limit of them."""
+        event = models.ProcessEvent
+        statement = (
+            self._select()
+            .where(col(event.capsule_id) == capsule_id, col(event.seq) > seq)
+            .order_by(col(event.seq))
+            .limit(limit)
+        )
+        return (await self._session.exec(statement)).all()
+
+    async def bounds(self, capsule_id: str) -> tuple[int, int | None]:
+        """The capsule's newest seq (0 before its first event) and its oldest retained one (or None)."""
+        capsule, event = models.Capsule, models.ProcessEvent
+        oldest = (
+            select(func.min(event.seq))
+            .where(col(event.team_id) == self._team_id, col(event.capsule_id) == capsule_id)
+            .scalar_subquery()
+        )
+        statement = select(capsule.last_event_seq, oldest).where(
+            col(capsule.team_id) == self._team_id, col(capsule.id) == capsule_id
+        )
+        row = (await self._session.exec(statement)).one_or_none()
+        if row is None:
+            raise LookupError(f"no capsule {capsule_id} of team {self._team_id}")
+        return int(row[0]), None if row[1] is None else int(row[1])
 
 
 class TeamRepository:
@@ -405,3 +477,23 @@ class SystemRepository:
         )
         result = await self._session.exec(statement, execution_options={"populate_existing": True})
         return result.scalars().all()
+
+    async def last_event_seqs(self, capsule_ids: Collection[str]) -> dict[str, int]:
+        """Each capsule's newest event seq, in one query on the primary key."""
+        if not capsule_ids:
+            return {}
+        statement = select(models.Capsule.id, models.Capsule.last_event_seq).where(
+            col(models.Capsule.id).in_(list(capsule_ids))
+        )
+        return {capsule_id: int(seq) for capsule_id, seq in (await self._session.exec(statement)).all()}
+
+    async def prune_events(self, before: datetime, *, limit: int) -> int:
+        """Drops up to limit events, of any capsule, that happened before `before`; how many it dropped."""
+        event = models.ProcessEvent
+        oldest = (
+            select(event.capsule_id, event.seq)
+            .where(col(event.at) < sa.literal(as_utc(before), models.UTCDateTime()))
+            .limit(limit)
+        )
+        statement = sa.delete(event).where(sa.tuple_(col(event.capsule_id), col(event.seq)).in_(oldest))
+        return int((await self._session.exec(statement)).rowcount)

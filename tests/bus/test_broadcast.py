@@ -221,3 +221,72 @@ async def test_a_dropped_publisher_connection_is_replaced_quietly(
             await delivers(bus, channel, messages, "after")
     finally:
         await bus.disconnect()
+
+
+async def woken(wake: asyncio.Event) -> None:
+    """Waits for a news watch's event, then clears it for the next one."""
+    async with asyncio.timeout(DEADLINE):
+        await wake.wait()
+    wake.clear()
+
+
+class TestNews:
+    async def test_each_message_wakes_the_watch(self, bus: Bus) -> None:
+        channel, wake = channel_name(), asyncio.Event()
+        async with bus.news(channel, wake):
+            await bus.publish(channel_name(), "elsewhere")
+            await bus.publish(channel, "1")
+            await woken(wake)
+            await bus.publish(channel, "2")
+            await woken(wake)
+        await bus.publish(channel, "3")
+        await asyncio.sleep(0)
+        assert not wake.is_set()
+
+    async def test_a_watch_shares_its_channel_with_subscribers(self, bus: Bus) -> None:
+        channel, wake = channel_name(), asyncio.Event()
+        async with bus.subscribe(channel) as messages:
+            async with bus.news(channel, wake):
+                await delivers(bus, channel, messages, "both")
+                await woken(wake)
+            # The channel stays subscribed for the subscriber that remains.
+            await delivers(bus, channel, messages, "subscriber only")
+
+
+@KILLERS
+async def test_a_watch_outlives_a_dropped_connection(
+    backend_url: str, kill: Kill, publisher_role: str
+) -> None:
+    bus = Bus(backend_url, timeout_sec=2.0)
+    channel, wake = channel_name(), asyncio.Event()
+    try:
+        async with bus.news(channel, wake), bus.subscribe(channel) as messages:
+            await delivers(bus, channel, messages, "before")
+            await woken(wake)
+            assert await kill() >= 1
+            # Subscribed again by itself: the watch is woken, as messages may have been lost meanwhile.
+            await woken(wake)
+            async with asyncio.timeout(DEADLINE):
+                while True:  # the publisher reconnects on its own, a moment later maybe
+                    try:
+                        await bus.publish(channel, "after")
+                        break
+                    except BusUnavailable:
+                        await asyncio.sleep(0.05)
+            await woken(wake)
+            # The plain subscriber ended with the connection, as before.
+            with pytest.raises(BusUnavailable):
+                await next_message(messages)
+    finally:
+        await bus.disconnect()
+
+
+async def test_a_watch_waits_for_an_unreachable_backend() -> None:
+    bus = Bus("redis://127.0.0.1:1", timeout_sec=1.0)
+    wake = asyncio.Event()
+    try:
+        async with asyncio.timeout(DEADLINE), bus.news(channel_name(), wake):
+            await asyncio.sleep(0.3)  # long enough for a few tries to fail; none of them may raise
+            assert not wake.is_set()
+    finally:
+        await bus.disconnect()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,11 +21,11 @@ import pytest
 import pytest_asyncio
 
 from app import domain
-from app.bus.events import capsule_events_channel, process_event_to_json
 from app.config import Settings
-from app.domain import CapsuleInfo, CapsuleStatus, InputLimits, ProcessEventKind, ProcessStatus, Team, utcnow
+from app.domain import CapsuleInfo, CapsuleStatus, InputLimits, ProcessEventKind, ProcessStatus, Team
 from app.errors import CapsuleError, ErrorCode, InvalidState, NotFound
 from app.hosts.client import HostClient
+from app.services.events import encode_cursor
 from app.services.team import TeamServices
 from app.state import EMBEDDED_HOST_ID, AppState
 from app.store import models
@@ -56,8 +55,6 @@ MAX_INPUT_BYTES = 1024
 NOWHERE_HOST_ID = "nowhere"
 # A capsule id no team has.
 MISSING = "cap-0000000000000000"
-# The tag prefix of the made-up events that show a subscription is live.
-PROBE = "probe-"
 
 
 async def until(check: Callable[[], Awaitable[T | None]], *, what: str) -> T:
@@ -147,31 +144,19 @@ class Teams:
 
         return await until(ended, what=f"the record of {tag} in {capsule_id} to say EXITED")
 
-    async def probe(self, capsule_id: str) -> str:
-        """Publishes a made-up STARTED event on the capsule's channel; its tag tells it from real ones."""
-        tag = f"{PROBE}{secrets.token_hex(4)}"
-        info = domain.ProcessInfo(
-            capsule_id=capsule_id,
-            pid=1,
-            tag=tag,
-            cmd="probe",
-            args=(),
-            cwd="",
-            status=ProcessStatus.RUNNING,
-            started_at=utcnow(),
-        )
-        event = domain.ProcessEvent(kind=ProcessEventKind.STARTED, process=info)
-        await self.state.platform.bus.publish(
-            capsule_events_channel(capsule_id), process_event_to_json(event)
-        )
-        return tag
+    async def newest_seq(self, capsule_id: str, services: TeamServices | None = None) -> int:
+        """The seq of the capsule's newest event, as the store has it now (0: none yet)."""
+        async with self.state.platform.db.session() as session:
+            row = await CapsuleRepository(session, (services or self.ours).team.id).get(capsule_id)
+        return 0 if row is None else row.last_event_seq
 
     @asynccontextmanager
     async def events(self, capsule_id: str, services: TeamServices | None = None) -> AsyncIterator[EventLog]:
-        """ProcessService.events of the capsule, known to be receiving: probes are published until
-        one arrives."""
-        log = EventLog(teams=self, capsule_id=capsule_id)
-        events = closable((services or self.ours).processes.events(capsule_id))
+        """ProcessService.events of the capsule after its newest event now: it gets every event
+        written from here on, however long it takes to get going."""
+        log = EventLog(teams=self, capsule_id=capsule_id, after=await self.newest_seq(capsule_id, services))
+        cursor = encode_cursor(capsule_id, log.after)
+        events = closable((services or self.ours).processes.events(capsule_id, cursor))
 
         async def listen() -> None:
             async with aclosing(events):
@@ -180,15 +165,6 @@ class Teams:
 
         listener = asyncio.create_task(listen())
         try:
-            async with asyncio.timeout(DEADLINE_SEC):
-                while not log.received:
-                    await self.probe(capsule_id)
-                    for _ in range(5):
-                        if log.received or listener.done():
-                            break
-                        await asyncio.sleep(0.01)
-                    if listener.done():
-                        listener.result()  # the subscription was refused: raise what it raised
             yield log
         finally:
             listener.cancel()
@@ -197,34 +173,32 @@ class Teams:
 
 @dataclass
 class EventLog:
-    """What a ProcessService.events subscription has received, probes included."""
+    """What a ProcessService.events subscription has received."""
 
     teams: Teams
     capsule_id: str
-    received: list[domain.ProcessEvent] = field(default_factory=list)
+    after: int  # the seq it was subscribed after
+    received: list[domain.CapsuleEvent] = field(default_factory=list)
 
-    def real(self) -> list[domain.ProcessEvent]:
-        """The events of real processes, in the order they came."""
-        return [e for e in self.received if not e.process.tag.startswith(PROBE)]
-
-    async def event(self, kind: ProcessEventKind, tag: str) -> domain.ProcessEvent:
+    async def event(self, kind: ProcessEventKind, tag: str) -> domain.CapsuleEvent:
         """The first event of this kind for the tag, once it has come."""
 
-        async def arrived() -> domain.ProcessEvent | None:
-            return next((e for e in self.real() if (e.kind, e.process.tag) == (kind, tag)), None)
+        async def arrived() -> domain.CapsuleEvent | None:
+            return next((e for e in self.received if (e.kind, e.process.tag) == (kind, tag)), None)
 
         return await until(arrived, what=f"{kind.value} of {tag}")
 
-    async def settled(self) -> list[domain.ProcessEvent]:
-        """The real events once everything published so far has arrived: a probe published after it
-        has (the bus keeps one channel's order)."""
-        tag = await self.teams.probe(self.capsule_id)
+    async def settled(self) -> list[domain.CapsuleEvent]:
+        """The events once every one the store has for the capsule now has arrived, in order."""
+        newest = await self.teams.newest_seq(self.capsule_id)
 
         async def arrived() -> bool:
-            return any(e.process.tag == tag for e in self.received)
+            return newest == self.after or any(e.seq == newest for e in self.received)
 
-        await until(arrived, what=f"the probe {tag}")
-        return self.real()
+        await until(arrived, what=f"event {newest} of {self.capsule_id}")
+        seqs = [e.seq for e in self.received]
+        assert seqs == list(range(self.after + 1, self.after + 1 + len(seqs))), seqs  # in order, no hole
+        return list(self.received)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -16,9 +16,9 @@ from dataclasses import replace
 import pytest
 
 from app.domain import (
+    CapsuleEvent,
     CapsuleInfo,
     CapsuleStatus,
-    ProcessEvent,
     ProcessEventKind,
     ProcessInfo,
     ProcessSpec,
@@ -66,7 +66,7 @@ async def stored(teams: Teams, info: ProcessInfo) -> models.ProcessRecord:
     return record
 
 
-def kinds(events: list[ProcessEvent]) -> list[tuple[ProcessEventKind, str]]:
+def kinds(events: list[CapsuleEvent]) -> list[tuple[ProcessEventKind, str]]:
     return [(e.kind, e.process.tag) for e in events]
 
 

@@ -17,7 +17,7 @@ from app.store.migrate import downgrade, upgrade
 from app.store.repositories import CapsuleRepository
 from app.store.session import Database
 
-TABLES = {"alembic_version", "api_key", "capsule", "host", "process_record", "team"}
+TABLES = {"alembic_version", "api_key", "capsule", "host", "process_event", "process_record", "team"}
 # The revision before capsules had a runtime, network and limits.
 BEFORE_RUNTIMES = "45caf6c2adab"
 
