@@ -17,7 +17,7 @@ import pytest
 from app.config import Settings
 from tests.e2e.client import HttpClient
 from tests.e2e.conftest import running_server
-from tests.system import capsule_alive, command_env, free_port
+from tests.system import capsule_alive, command_env, free_port, sandboxed
 
 CAPSULE = Path(sys.executable).parent / "capsule"
 DEADLINE = 30
@@ -48,6 +48,17 @@ def agent_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str
             agent.wait()
 
 
+async def sandbox_ready(data_dir: Path) -> None:
+    """Returns once the agent on data_dir holds a spare sandbox, so that a capsule's creation costs a
+    rename within the tests' short call deadline, not a sandbox's start (at once on plain)."""
+    if not sandboxed():
+        return
+    spares = data_dir / "agent" / "spares"
+    async with asyncio.timeout(DEADLINE):
+        while not any((d / "run" / "agent.sock").exists() for d in spares.glob("*")):
+            await asyncio.sleep(0.05)
+
+
 async def listening(address: str) -> None:
     host, port = address.rsplit(":", 1)
     async with asyncio.timeout(DEADLINE):
@@ -61,10 +72,11 @@ async def listening(address: str) -> None:
 
 @pytest.fixture
 async def api(
-    settings: Settings, agent_process: tuple[subprocess.Popen[bytes], str]
+    settings: Settings, agent_process: tuple[subprocess.Popen[bytes], str], tmp_path: Path
 ) -> AsyncIterator[HttpClient]:
     _, address = agent_process
     await listening(address)
+    await sandbox_ready(tmp_path / "agent-data")
     settings = dataclasses.replace(
         settings,
         hosts={"h1": address},
