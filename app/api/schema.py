@@ -11,6 +11,7 @@ from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
 
 from app.api.capsules import CapsuleMutation, CapsuleQuery
+from app.api.documents import ParserCache, ValidationCache
 from app.api.errors import ErrorCodes, internal_error, is_bug
 from app.api.exec import ExecMutation
 from app.api.output import OutputSubscription
@@ -54,6 +55,9 @@ schema = Schema(
         ErrorCodes,
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         lambda: DocumentShape(max_depth=MAX_DEPTH, max_aliases=MAX_ALIASES),
+        # A document is parsed and validated once (the shape limits above included), not per request.
+        ParserCache,
+        ValidationCache,
     ],
 )
 

@@ -9,6 +9,7 @@ fragment is measured once, and introspection fields count like any other.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from graphql import (
@@ -93,8 +94,12 @@ def _shown(count: int) -> str:
     return str(count) if count < 10**9 else "over 10^9"  # doubling fragments reach any number
 
 
+@functools.cache
 def shape_rule(*, max_depth: int, max_aliases: int) -> type[ValidationRule]:
-    """A validation rule refusing operations over max_depth fields deep or with over max_aliases aliases."""
+    """A validation rule refusing operations over max_depth fields deep or with over max_aliases aliases.
+
+    One class per pair of limits, so a cached validation knows the same rules ran.
+    """
 
     class ShapeRule(ValidationRule):
         def __init__(self, context: ValidationContext) -> None:
