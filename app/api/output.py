@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Annotated, TypeAlias
@@ -13,6 +14,7 @@ from app import domain
 from app.api.auth import team_subscription
 from app.api.context import Info
 from app.api.enums import Encoding, OutputStream, Signal
+from app.api.sharing import shareable
 
 
 @strawberry.type(description="Bytes the process wrote, in the order the host agent read them.")
@@ -48,8 +50,41 @@ ProcessOutputEvent: TypeAlias = Annotated[
 ]
 
 
-def to_graphql(event: domain.OutputEvent) -> OutputChunk | OutputGap | ProcessExited:
-    """One domain output event as its GraphQL type."""
+shareable(OutputChunk, lambda chunk: len(chunk.data))
+shareable(OutputGap)
+shareable(ProcessExited)
+
+GraphQLOutputEvent: TypeAlias = OutputChunk | OutputGap | ProcessExited
+
+# The fan-out hands every subscriber of a process the same event objects: each is converted once,
+# and its subscribers then share one object, which the executor can share results for.
+# Recent events are kept, up to a count and about a size of output between them (the newest one
+# whatever its size): enough for subscribers reading the same event at about the same time.
+_CONVERTED_KEPT = 64
+_CONVERTED_BYTES = 4 * 1024 * 1024
+_converted: OrderedDict[int, tuple[domain.OutputEvent, GraphQLOutputEvent, int]] = OrderedDict()
+_converted_bytes = 0
+
+
+def to_graphql(event: domain.OutputEvent) -> GraphQLOutputEvent:
+    """One domain output event as its GraphQL type; the same object for the same recent event."""
+    global _converted_bytes  # noqa: PLW0603
+    key = id(event)
+    kept = _converted.get(key)
+    if kept is not None and kept[0] is event:
+        return kept[1]
+    converted = _convert(event)
+    size = len(event.data) if isinstance(event, domain.OutputChunk) else 64
+    if key in _converted:  # an event since dropped had this id
+        _converted_bytes -= _converted.pop(key)[2]
+    _converted[key] = (event, converted, size)  # holding the event keeps its id from being reused
+    _converted_bytes += size
+    while len(_converted) > 1 and (len(_converted) > _CONVERTED_KEPT or _converted_bytes > _CONVERTED_BYTES):
+        _converted_bytes -= _converted.popitem(last=False)[1][2]
+    return converted
+
+
+def _convert(event: domain.OutputEvent) -> GraphQLOutputEvent:
     match event:
         case domain.OutputChunk():
             data, encoding = domain.encode_output(event.data)

@@ -17,6 +17,7 @@ from app.api.exec import ExecMutation
 from app.api.output import OutputSubscription
 from app.api.processes import ProcessMutation, ProcessQuery, ProcessSubscription
 from app.api.shape import DocumentShape
+from app.api.sharing import SharingExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ schema = Schema(
         ParserCache,
         ValidationCache,
     ],
+    # A process's output event runs once per document, variables and team, whoever subscribed.
+    execution_context_class=SharingExecutor,
 )
 
 if __name__ == "__main__":  # python -m app.api.schema > schema.graphql

@@ -28,6 +28,7 @@ from app.api.limits import LimitedGraphQLWS, LimitedTransportWS, count_operation
 from app.api.negotiation import GRAPHQL_RESPONSE_JSON, request_error_status, wants_graphql_response
 from app.api.revocation import FORBIDDEN, RevocableGraphQLWS, RevocableTransportWS
 from app.api.schema import schema
+from app.api.sharing import encode_message
 from app.api.ws_messages import StrictGraphQLWS, StrictTransportWS
 from app.errors import ErrorCode, RateLimited
 from app.services.team import Platform
@@ -201,6 +202,10 @@ class GraphQLView(GraphQL[Context, None]):
             response.headers["content-type"] = f"{GRAPHQL_RESPONSE_JSON}; charset=utf-8"
         response.headers.add_vary_header("Accept")
         return response
+
+    def encode_json(self, data: object) -> str:
+        # orjson; and a subscription event's payload encoded once for all the sockets that get it.
+        return encode_message(data)
 
     def parse_json(self, data: str | bytes) -> Any:
         # Strawberry reads a request from any JSON value and fails with a 500 on a string, number or null.

@@ -14,7 +14,9 @@ from app.hosts.pool import HostPool
 
 # Neighbouring chunks of one stream are joined up to this size before they go out as one event.
 # Far more than the agent's own cap: each event a subscriber gets costs a GraphQL result, a JSON
-# encoding and a WebSocket frame, next to which copying its bytes once is cheap.
+# encoding and a WebSocket frame, next to which copying its bytes once is cheap. The shared stream
+# joins each batch once, as it arrives, so that every subscriber reads the very same event objects
+# (whose GraphQL result and encoding the API then shares among them).
 MAX_MERGED_BYTES = 1024 * 1024
 
 
@@ -51,7 +53,9 @@ class _Upstream:
     subscribers: int = 0
     done: bool = False
     error: CapsuleError | None = None
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # Resolved (and replaced) each time events arrive or the stream ends: one future every waiting
+    # subscriber awaits, woken at once, with no lock to take in turn.
+    changed: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +74,11 @@ class _Upstream:
             if event.seq >= from_seq:
                 return self.first_index + offset
         return self.end_index
+
+    def notify(self) -> None:
+        """Wakes every subscriber waiting for events."""
+        changed, self.changed = self.changed, asyncio.get_running_loop().create_future()
+        changed.set_result(None)
 
     def append(self, batch: Sequence[OutputEvent], cap: int) -> None:
         self.events.extend(batch)
@@ -163,15 +172,13 @@ class OutputFanout:
         try:
             async with aclosing(stream):
                 async for batch in stream:
-                    async with upstream.changed:
-                        upstream.append(batch, self._cap)
-                        upstream.changed.notify_all()
+                    upstream.append(_merge(batch), self._cap)
+                    upstream.notify()
         except CapsuleError as exc:
             upstream.error = exc
         finally:
             upstream.done = True
-            async with upstream.changed:
-                upstream.changed.notify_all()
+            upstream.notify()
 
     async def _read(
         self, key: ProcessKey, upstream: _Upstream, from_seq: int
@@ -185,7 +192,7 @@ class OutputFanout:
                     async for event in events:
                         yield event
                 return
-            for event in _merge(batch):
+            for event in batch:
                 if isinstance(event, OutputGap):
                     if event.seq <= next_seq:  # lost before this subscriber's from_seq: not its loss
                         continue
@@ -210,13 +217,13 @@ class OutputFanout:
     @staticmethod
     async def _take(upstream: _Upstream, cursor: int) -> tuple[list[OutputEvent] | None, int, bool]:
         """Waits for events past cursor: (them or None when evicted, the new cursor, whether all is read)."""
-        async with upstream.changed:
-            await upstream.changed.wait_for(lambda: upstream.end_index > cursor or upstream.done)
-            if cursor < upstream.first_index:
-                return None, cursor, False
-            start = cursor - upstream.first_index
-            batch = [upstream.events[i] for i in range(start, len(upstream.events))]
-            return batch, upstream.end_index, upstream.done
+        while upstream.end_index <= cursor and not upstream.done:
+            await asyncio.shield(upstream.changed)  # one subscriber's cancellation leaves it be
+        if cursor < upstream.first_index:
+            return None, cursor, False
+        start = cursor - upstream.first_index
+        batch = [upstream.events[i] for i in range(start, len(upstream.events))]
+        return batch, upstream.end_index, upstream.done
 
     async def _private(self, key: ProcessKey, from_seq: int) -> AsyncGenerator[OutputEvent, None]:
         stream = self._pool.client(key.host_id).stream_output(key.capsule_id, key.tag, from_seq)
