@@ -49,6 +49,11 @@ class CapsuleService:
         self._max_capsules = max_capsules
         self._default_limits = default_limits
 
+    @property
+    def team(self) -> Team:
+        """The team these use cases act for."""
+        return self._team
+
     async def get(self, capsule_id: str) -> CapsuleInfo | None:
         """This team's capsule, or None (another team's capsule is None too)."""
         async with self._db.session() as session:

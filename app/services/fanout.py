@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
-from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit, merge_chunks
+from app.domain import (
+    CapsuleInfo,
+    OutputChunk,
+    OutputEvent,
+    OutputGap,
+    ProcessExit,
+    ProcessInfo,
+    merge_chunks,
+)
 from app.errors import CapsuleError, Unavailable
 from app.hosts.pool import HostPool
+from app.services.flights import Flights
 
 # Neighbouring chunks of one stream are joined up to this size before they go out as one event.
 # Far more than the agent's own cap: each event a subscriber gets costs a GraphQL result, a JSON
@@ -90,6 +99,15 @@ class _Upstream:
             self.floor = evicted.seq + 1
 
 
+@dataclass(eq=False)
+class _Hold:
+    """One hold shared by every subscriber of a capsule (see OutputFanout.holding)."""
+
+    users: int = 0
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
 class OutputFanout:
     """Shares one agent stream per process among the subscribers one API replica holds."""
 
@@ -98,6 +116,9 @@ class OutputFanout:
         self._upstreams: dict[ProcessKey, _Upstream] = {}
         # Every pump still running, the ones already dropped from _upstreams too, until it has ended.
         self._pumps: set[asyncio.Task[None]] = set()
+        # Subscribes arriving at once for one team's process share one lookup of it (OutputService).
+        self.lookups: Flights[tuple[CapsuleInfo, ProcessInfo]] = Flights()
+        self._holds: dict[str, _Hold] = {}
 
     @property
     def upstreams(self) -> int:
@@ -118,11 +139,38 @@ class OutputFanout:
         for upstream in self._upstreams.values():
             upstream.error = Unavailable(SHUTTING_DOWN)
         self._upstreams.clear()
-        pumps = list(self._pumps)
+        pumps = list(self._pumps) + [h.task for h in self._holds.values() if h.task is not None]
+        self._holds.clear()
         for pump in pumps:
             pump.cancel()
         if pumps:
             await asyncio.wait(pumps)
+
+    @asynccontextmanager
+    async def holding(
+        self, capsule_id: str, hold: Callable[[], AbstractAsyncContextManager[None]]
+    ) -> AsyncIterator[None]:
+        """Runs the block inside hold() (the capsule kept from idling), which one task enters for
+        all the subscribers of the capsule at once, rather than a heartbeat each."""
+        shared = self._holds.get(capsule_id)
+        if shared is None:
+            shared = self._holds[capsule_id] = _Hold()
+            released = shared.released
+
+            async def keep() -> None:
+                async with hold():
+                    await released.wait()
+
+            shared.task = asyncio.create_task(keep(), name=f"hold-{capsule_id}")
+        shared.users += 1
+        try:
+            yield
+        finally:
+            shared.users -= 1
+            if shared.users == 0:
+                if self._holds.get(capsule_id) is shared:
+                    del self._holds[capsule_id]
+                shared.released.set()
 
     async def follow(self, key: ProcessKey, from_seq: int) -> AsyncGenerator[OutputEvent, None]:
         """The process's events from from_seq: replayed, then live, ending after its exit event."""
