@@ -81,6 +81,17 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return default if value is None else value
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: use true or false")
+
+
 # Each InputLimits field and the variable that sets it.
 INPUT_LIMIT_VARIABLES: Mapping[str, str] = {
     "cmd_bytes": "CAPSULE_MAX_CMD_BYTES",
@@ -177,6 +188,9 @@ class Settings:
     ws_allowed_origins: tuple[str, ...] = ()
     ws_init_timeout_sec: float = 10.0
     ws_max_subscriptions: int = 100
+    # permessage-deflate on WebSockets (off: it costs each connection ~45 KiB and each message a
+    # compression, for output that is read on loopback or a LAN far more often than over a slow link).
+    ws_per_message_deflate: bool = False
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -231,6 +245,7 @@ class Settings:
             "ws_allowed_origins": _parse_origins(env.get("CAPSULE_WS_ALLOWED_ORIGINS", "")),
             "ws_init_timeout_sec": _number(env, "CAPSULE_WS_INIT_TIMEOUT_SEC", 10.0),
             "ws_max_subscriptions": _int(env, "CAPSULE_WS_MAX_SUBSCRIPTIONS", 100),
+            "ws_per_message_deflate": _flag(env, "CAPSULE_WS_PER_MESSAGE_DEFLATE", False),
             "capsule_memory_mib": _optional_int(env, "CAPSULE_DEFAULT_MEMORY_MIB"),
             "capsule_cpus": _optional_number(env, "CAPSULE_DEFAULT_CPUS"),
             "max_body_bytes": _int(env, "CAPSULE_MAX_BODY_BYTES", 1 * MiB),

@@ -95,3 +95,14 @@ class TestRequestLimits:
     def test_bad_values_stop_the_start(self, env: dict[str, str], words: str) -> None:
         with pytest.raises(ConfigError, match=re.escape(words)):
             Settings.from_env(env)
+
+
+class TestWebSocketCompression:
+    def test_off_unless_asked_for(self) -> None:
+        assert Settings.from_env({}).ws_per_message_deflate is False
+        assert Settings.from_env({"CAPSULE_WS_PER_MESSAGE_DEFLATE": "true"}).ws_per_message_deflate is True
+        assert Settings.from_env({"CAPSULE_WS_PER_MESSAGE_DEFLATE": "0"}).ws_per_message_deflate is False
+
+    def test_a_value_that_is_no_boolean_stops_the_start(self) -> None:
+        with pytest.raises(ConfigError, match="CAPSULE_WS_PER_MESSAGE_DEFLATE='maybe': use true or false"):
+            Settings.from_env({"CAPSULE_WS_PER_MESSAGE_DEFLATE": "maybe"})

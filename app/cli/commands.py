@@ -140,6 +140,7 @@ def _serve(settings: Settings, *, host: str, port: int) -> int:
         log_level="info",
         lifespan="on",
         ws_max_size=settings.max_ws_message_bytes,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
     )
     return 0
 
