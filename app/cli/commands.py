@@ -134,7 +134,7 @@ def _serve(settings: Settings, *, host: str, port: int) -> int:
         print('  (in GraphiQL, add it under Headers: {"Authorization": "Bearer <key>"})', flush=True)
     # uvicorn stops reading a frame past the message limit; the app refuses such a message on its own too.
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, freeze_gc=True),
         host=host,
         port=port,
         log_level="info",
