@@ -1,7 +1,7 @@
 """Parsing and validation once per document: a document sent again (each viewer's subscribe, each
 startProcess) costs two dictionary lookups instead of graphql-core's parser and validation.
 
-ParserCache hands out the one DocumentNode it parsed for a query text, so validation is cached
+The parse cache hands out the one DocumentNode it parsed for a query text, so validation is cached
 here by that node's identity and the rules that ran on it (our DocumentShape limits among
 them): a document is checked against every rule once, and each request gets its own copy of the
 errors found, which the schema's error handling may rewrite in place.
@@ -55,12 +55,26 @@ VALIDATED = ValidatedDocuments()
 _parse = functools.lru_cache(maxsize=DOCUMENTS_CACHED)(parse)
 
 
-class ParserCache(SchemaExtension):
-    """Parses each query text once (with the same options, MaxTokensLimiter's among them).
+class Documents(SchemaExtension):
+    """A document's limits and its caches, as one extension: MaxTokensLimiter's token bound, the
+    rules given (DocumentShape's), each query text parsed once and each document validated once.
 
-    Unlike strawberry's ParserCache, a text that does not parse is left to strawberry's own parse,
-    whose error is answered as every other syntax error is (INVALID_REQUEST), not raised from here.
+    One extension rather than four, because strawberry walks every extension at each result of
+    each subscription (its hooks, its results), which for thousands of viewers is most of the
+    cost of an event beside the socket's own write.
+
+    A text that does not parse is left to strawberry's own parse (unlike strawberry's ParserCache),
+    whose error is answered as every other syntax error is: INVALID_REQUEST, not raised from here.
     """
+
+    def __init__(self, *, max_tokens: int, rules: Rules = (), cache: ValidatedDocuments = VALIDATED) -> None:
+        self._max_tokens, self._rules, self._cache = max_tokens, rules, cache
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        context.parse_options["max_tokens"] = self._max_tokens
+        context.validation_rules = context.validation_rules + self._rules
+        yield
 
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
@@ -69,13 +83,6 @@ class ParserCache(SchemaExtension):
             with contextlib.suppress(GraphQLError):
                 context.graphql_document = _parse(context.query, **context.parse_options)
         yield
-
-
-class ValidationCache(SchemaExtension):
-    """Runs validation through VALIDATED: once per parsed document and set of rules."""
-
-    def __init__(self, cache: ValidatedDocuments = VALIDATED) -> None:
-        self._cache = cache
 
     def on_validate(self) -> Iterator[None]:
         context = self.execution_context

@@ -6,17 +6,16 @@ import logging
 
 import strawberry
 from graphql.error import GraphQLError
-from strawberry.extensions import MaxTokensLimiter
 from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext
 
 from app.api.capsules import CapsuleMutation, CapsuleQuery
-from app.api.documents import ParserCache, ValidationCache
+from app.api.documents import Documents
 from app.api.errors import ErrorCodes, internal_error, is_bug
 from app.api.exec import ExecMutation
 from app.api.output import OutputSubscription
 from app.api.processes import ProcessMutation, ProcessQuery, ProcessSubscription
-from app.api.shape import DocumentShape
+from app.api.shape import shape_rule
 from app.api.sharing import SharingExecutor
 
 logger = logging.getLogger(__name__)
@@ -54,11 +53,10 @@ schema = Schema(
     subscription=Subscription,
     extensions=[
         ErrorCodes,
-        lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
-        lambda: DocumentShape(max_depth=MAX_DEPTH, max_aliases=MAX_ALIASES),
-        # A document is parsed and validated once (the shape limits above included), not per request.
-        ParserCache,
-        ValidationCache,
+        # The token bound and the shape limits; each document parsed and validated once, not per request.
+        lambda: Documents(
+            max_tokens=MAX_TOKENS, rules=(shape_rule(max_depth=MAX_DEPTH, max_aliases=MAX_ALIASES),)
+        ),
     ],
     # A process's output event runs once per document, variables and team, whoever subscribed.
     execution_context_class=SharingExecutor,
