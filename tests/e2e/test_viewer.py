@@ -379,7 +379,7 @@ async def test_output_past_the_cap_shows_a_gap(served: Served, viewer: Viewer) -
     await viewer.log.evaluate("(e) => { e.scrollTop = 0; }")
     gap = page.locator(".row.gap")
     await expect(viewer.rows.first).to_have_class(re.compile(r"\bgap\b"), timeout=WAIT_MS)
-    notice = re.compile(r"^[\d,]+ events? no longer retained \([\d.]+ KiB of output\)$")
+    notice = re.compile(r"^[\d,]+ events? no longer retained \([\d.]+ (?:B|KiB|MiB) of output\)$")
     await expect(gap).to_have_text(notice)
     await viewer.shot("gap")
 
