@@ -95,6 +95,11 @@ class _Process(Protocol):
     def pid(self) -> int: ...
 
 
+def ready_spares(data_dir: Path) -> int:
+    """How many spare sandboxes the agent on data_dir holds ready (their supervisor's socket is up)."""
+    return sum(1 for d in (data_dir / "agent" / "spares").glob("*") if (d / "run" / "agent.sock").exists())
+
+
 def process_alive(process: _Process) -> bool:
     """True while a process the API or the agent reported (its capsule and pid) is alive."""
     return capsule_alive(process.capsule_id, process.pid)

@@ -25,7 +25,6 @@ from app.errors import NotFound
 logger = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.json"
-SPARE_PREFIX = "spare-"
 
 
 def check_capsule_id(capsule_id: str) -> str:
@@ -199,7 +198,7 @@ class Capsules:
 
     async def _launch_spare(self, uid: int) -> _Spare:
         assert self._runtime is not None
-        name = f"{SPARE_PREFIX}{secrets.token_hex(6)}"
+        name = f"{inner.SPARE_PREFIX}{secrets.token_hex(6)}"
         directory = self._spares / name
         await asyncio.to_thread((directory / "workspace").mkdir, parents=True)
         spec = self._with_defaults(CapsuleSpec())

@@ -21,7 +21,7 @@ from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.conftest import MakeStub, agent_settings, workspace_on_host
 from tests.agent.helpers import echoed_pid, eventually, exec_sh, start_sh
-from tests.system import capsule_alive, free_port
+from tests.system import capsule_alive, free_port, ready_spares
 
 CGROUPS = Path("/sys/fs/cgroup/pids/capsule")
 
@@ -103,18 +103,11 @@ async def test_a_sandbox_ends_once_its_lifeline_is_cut(tmp_path: Path) -> None:
 
 
 async def test_spare_sandboxes_are_kept_ready_ahead(make_stub: MakeStub, tmp_path: Path) -> None:
-    spares = tmp_path / "agent" / "spares"
-
-    def ready_spares() -> int:
-        return (
-            sum(1 for d in spares.iterdir() if (d / "run" / "agent.sock").exists()) if spares.exists() else 0
-        )
-
     stub = await make_stub(runtime="sandbox", sandbox_spares=2)
-    await eventually(lambda: ready_spares() == 2, within=30, what="two spares ready")
+    await eventually(lambda: ready_spares(tmp_path) == 2, within=30, what="two spares ready")
     for capsule_id in ("first", "second"):
         await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id=capsule_id))
-    await eventually(lambda: ready_spares() == 2, within=30, what="the spares made again")
+    await eventually(lambda: ready_spares(tmp_path) == 2, within=30, what="the spares made again")
     owners = {workspace_on_host(tmp_path, c).stat().st_uid for c in ("first", "second")}
     assert len(owners) == 2
 

@@ -17,7 +17,7 @@ import pytest
 from app.config import Settings
 from tests.e2e.client import HttpClient
 from tests.e2e.conftest import running_server
-from tests.system import capsule_alive, command_env, free_port, sandboxed
+from tests.system import capsule_alive, command_env, free_port, ready_spares, sandboxed
 
 CAPSULE = Path(sys.executable).parent / "capsule"
 DEADLINE = 30
@@ -53,9 +53,8 @@ async def sandbox_ready(data_dir: Path) -> None:
     rename within the tests' short call deadline, not a sandbox's start (at once on plain)."""
     if not sandboxed():
         return
-    spares = data_dir / "agent" / "spares"
     async with asyncio.timeout(DEADLINE):
-        while not any((d / "run" / "agent.sock").exists() for d in spares.glob("*")):
+        while not ready_spares(data_dir):
             await asyncio.sleep(0.05)
 
 
