@@ -137,6 +137,18 @@ class CapsuleCgroup:
         self._v1("cpu", "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
         self._v1("cpu", "cpu.cfs_quota_us").write_text("-1")
 
+    def renamed(self, capsule_id: str, limits: CapsuleLimits, own_tasks: int) -> CapsuleCgroup:
+        """The cgroup moved to capsule_id's name, with its processes and those limits (a spare's,
+        taken by a capsule)."""
+        new = self.host.capsule(capsule_id, 0)
+        new.kill()  # what a killed agent's sandbox of this capsule left, if its cgroup outlived it
+        new.remove()
+        for before, after in zip(self.paths, new.paths, strict=True):
+            before.rename(after)
+        new.create(limits)
+        new.limit(limits, own_tasks=own_tasks)
+        return new
+
     def tasks(self) -> int:
         """The processes and threads in the cgroup now: what pids.max counts."""
         if self.host.version == 2:
@@ -236,6 +248,10 @@ class UidGroup:
 
     def create(self, limits: CapsuleLimits) -> None:
         """Nothing to make."""
+
+    def renamed(self, capsule_id: str, limits: CapsuleLimits, own_tasks: int) -> UidGroup:
+        """The same uid: a spare's stays the capsule's, and its supervisor sets the limit."""
+        return self
 
     def pids(self) -> list[int]:
         """The processes whose real uid is the capsule's."""

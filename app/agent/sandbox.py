@@ -241,18 +241,6 @@ class SandboxRuntime:
         return sandbox
 
 
-def _rename_cgroup(old: Group, new: Group, spec: CapsuleSpec, own_tasks: int) -> None:
-    if isinstance(new, UidGroup):  # the spare's uid stays the capsule's; its supervisor sets the limit
-        return
-    assert isinstance(old, CapsuleCgroup)
-    new.kill()  # what a killed agent's sandbox of this capsule left, if its cgroup outlived it
-    new.remove()
-    for before, after in zip(old.paths, new.paths, strict=True):
-        before.rename(after)
-    new.create(spec.limits)
-    new.limit(spec.limits, own_tasks=own_tasks)
-
-
 def _prepare(workspace: Path, run_dir: Path, uid: int, cgroup: Group, spec: CapsuleSpec) -> None:
     for path in (workspace, run_dir):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -375,9 +363,12 @@ class Sandbox:
 
     async def adopt(self, capsule_id: str, spec: CapsuleSpec, *, run_dir: Path) -> None:
         """Makes a spare sandbox the capsule's: its cgroup's name and limits, its supervisor's capsule."""
-        uid = self.cgroup.uid if isinstance(self.cgroup, UidGroup) else 0
-        cgroup = self.cgroup.host.capsule(capsule_id, uid)
-        await asyncio.to_thread(_rename_cgroup, self.cgroup, cgroup, spec, self._own_tasks)
+        old, own_tasks = self.cgroup, self._own_tasks
+
+        def rename() -> Group:
+            return old.renamed(capsule_id, spec.limits, own_tasks)
+
+        cgroup = await asyncio.to_thread(rename)
         self.cgroup, self.capsule_id, self.socket = cgroup, capsule_id, run_dir / self.socket.name
         await self.unary(
             "CreateCapsule", wire.create_capsule_request(capsule_id, spec), deadline_sec=CALL_MARGIN_SEC
