@@ -142,6 +142,18 @@ class ProcessRecord(SQLModel, table=True):
     timed_out: bool = False
     started_at: datetime = _moment()
     ended_at: datetime | None = _moment(nullable=True)
+    # Supervision: runs after the first that the restart policy started, readiness, the kernel's cause.
+    restarts: int = 0
+    ready: bool = False
+    ready_at: datetime | None = _moment(nullable=True)
+    oom_killed: bool = False
+    # On a pseudo-terminal.
+    terminal: bool = False
+    # Final totals of the process and its children, once it has exited (null where not measured).
+    cpu_sec: float | None = None
+    memory_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    memory_peak_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)
+    processes_alive: int | None = None
 
 
 class ProcessEvent(SQLModel, table=True):
