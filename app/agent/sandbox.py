@@ -215,20 +215,33 @@ class SandboxRuntime:
         argv = self.argv(workspace=workspace, run_dir=run_dir, uid=uid, network=spec.network, command=command)
         # The launcher joins the cgroup, then becomes bwrap: nothing of the sandbox forks outside it.
         joins = "".join(f"echo $$ > {shlex.quote(str(f))} && " for f in cgroup.procs_files)
-        process = await asyncio.create_subprocess_exec(
-            "/bin/sh",
-            "-c",
-            f'{joins}exec "$@"',
-            "sh",
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,  # the supervisor speaks on its socket; it logs to stderr
-            pass_fds=(self.lifeline,),
+        spawn = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                "/bin/sh",
+                "-c",
+                f'{joins}exec "$@"',
+                "sh",
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,  # the supervisor speaks on its socket; it logs to stderr
+                pass_fds=(self.lifeline,),
+            )
         )
+        try:
+            # Shielded: a launch cancelled once the launcher is forked (an agent stopping while a
+            # spare starts) still gets the sandbox object that stops what was started.
+            process = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            process = await spawn
+            cancelled = True
+        else:
+            cancelled = False
         sandbox = Sandbox(
             capsule_id=capsule_id, process=process, cgroup=cgroup, socket=run_dir / "agent.sock"
         )
         try:
+            if cancelled:
+                raise asyncio.CancelledError
             await sandbox.connect(publish)
             # Only now: the supervisor starts unthrottled, and its own processes and threads, counted
             # once it is up, are not the capsule's to take.

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,55 @@ async def test_a_sandbox_ends_once_its_lifeline_is_cut(tmp_path: Path) -> None:
     finally:
         os.close(read)
         await sandbox.stop()
+
+
+def started_from(directory: Path) -> list[int]:
+    """PIDs of the host's processes whose command line names directory (launcher, bwrap, supervisor)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if str(directory).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+    return found
+
+
+async def test_a_launch_cancelled_at_any_point_leaves_no_process(tmp_path: Path) -> None:
+    # An agent that stops while a spare starts cancels that launch wherever it is: before the
+    # launcher is forked, once it is (bwrap starting), or while the supervisor comes up.
+    runtime, problem = await SandboxRuntime.probe(agent_settings(tmp_path))
+    assert runtime is not None, problem
+    points: dict[str, Callable[[Path], bool]] = {
+        "at once": lambda directory: True,
+        "launcher forked": lambda directory: bool(started_from(directory)),
+        "bwrap running": lambda directory: len(started_from(directory)) >= 2,
+        "socket bound": lambda directory: (directory / "run" / "agent.sock").exists(),
+    }
+    for n, (point, reached) in enumerate(points.items()):
+        await _cancel_launch(runtime, tmp_path / f"launch-{n}", reached, point)
+
+
+async def _cancel_launch(
+    runtime: SandboxRuntime, directory: Path, reached: Callable[[Path], bool], point: str
+) -> None:
+    launch = asyncio.create_task(
+        runtime.launch(
+            capsule_id=directory.name,
+            capsule_dir=directory,
+            uid=UID_BASE + 9,
+            spec=CapsuleSpec(),
+            publish=lambda event: None,
+        )
+    )
+    await eventually(lambda: reached(directory) or launch.done(), within=30, what=point)
+    launch.cancel()
+    done = (await asyncio.gather(launch, return_exceptions=True))[0]
+    if not isinstance(done, BaseException):  # it was up before the cancel reached it
+        await done.stop()
+    await eventually(lambda: not started_from(directory), what=f"nothing left of a launch cancelled {point}")
+    await eventually(lambda: not uid_processes(UID_BASE + 9), what=f"no process of its uid ({point})")
 
 
 async def test_spare_sandboxes_are_kept_ready_ahead(make_stub: MakeStub, tmp_path: Path) -> None:
