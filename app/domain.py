@@ -218,7 +218,28 @@ def check_process_spec(spec: ProcessSpec, limits: InputLimits) -> ProcessSpec:
     if spec.tag is not None:
         check_tag(spec.tag)
     check_timeout(spec.timeout_sec)
+    if spec.terminal is not None:
+        check_terminal_size(spec.terminal, prefix="terminal.")
     return spec
+
+
+MAX_TERMINAL_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalSize:
+    """Columns and rows of a pseudo-terminal."""
+
+    cols: int = 80
+    rows: int = 24
+
+
+def check_terminal_size(size: TerminalSize, *, prefix: str = "") -> TerminalSize:
+    """Rejects columns or rows outside 1 to MAX_TERMINAL_SIZE, naming the field (prefix + cols)."""
+    for name, value in (("cols", size.cols), ("rows", size.rows)):
+        if not 1 <= value <= MAX_TERMINAL_SIZE:
+            raise InvalidRequest(f"{prefix}{name} is {value}: pass 1 to {MAX_TERMINAL_SIZE}")
+    return size
 
 
 def check_cmd(cmd: str) -> str:
@@ -310,6 +331,7 @@ class ProcessSpec:
     tag: str | None = None
     stdin: bool = False
     timeout_sec: float | None = None
+    terminal: TerminalSize | None = None  # on a new pseudo-terminal of this size; stdin implied
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +351,7 @@ class ProcessInfo:
     timed_out: bool = False
     ended_at: datetime | None = None
     stdin: bool = False
+    terminal: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,7 +119,17 @@ def start_request(capsule_id: str, spec: domain.ProcessSpec, *, max_running: int
     )
     if spec.timeout_sec is not None:
         request.timeout_sec = spec.timeout_sec
+    if spec.terminal is not None:
+        request.terminal.CopyFrom(terminal_size_to_pb(spec.terminal))
     return request
+
+
+def terminal_size_to_pb(size: domain.TerminalSize) -> pb.TerminalSize:
+    return pb.TerminalSize(cols=size.cols, rows=size.rows)
+
+
+def terminal_size(message: pb.TerminalSize) -> domain.TerminalSize:
+    return domain.TerminalSize(cols=message.cols, rows=message.rows)
 
 
 def process_spec(request: pb.StartRequest) -> domain.ProcessSpec:
@@ -128,6 +138,7 @@ def process_spec(request: pb.StartRequest) -> domain.ProcessSpec:
         tag=request.tag or None,
         stdin=request.stdin,
         timeout_sec=request.timeout_sec if request.HasField("timeout_sec") else None,
+        terminal=terminal_size(request.terminal) if request.HasField("terminal") else None,
     )
 
 
@@ -144,6 +155,7 @@ def process_info_to_pb(info: domain.ProcessInfo) -> pb.ProcessInfo:
         timed_out=info.timed_out,
         started_at=timestamp(info.started_at),
         stdin=info.stdin,
+        terminal=info.terminal,
     )
     if info.exit_code is not None:
         message.exit_code = info.exit_code
@@ -167,6 +179,7 @@ def process_info(message: pb.ProcessInfo) -> domain.ProcessInfo:
         timed_out=message.timed_out,
         ended_at=moment(message.ended_at) if message.HasField("ended_at") else None,
         stdin=message.stdin,
+        terminal=message.terminal,
     )
 
 

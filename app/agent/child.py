@@ -9,11 +9,13 @@ import fcntl
 import logging
 import os
 import signal
+import struct
 import subprocess
+import termios
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from app.domain import Stream
+from app.domain import Stream, TerminalSize
 from app.errors import InvalidRequest, InvalidState
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,17 @@ def _pipe(*, grow: bool) -> tuple[int, int]:
     return read_fd, write_fd
 
 
+def _set_size(fd: int, size: TerminalSize) -> None:
+    """TIOCSWINSZ: the kernel sends SIGWINCH to the terminal's foreground job when the size changes."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
+
+
+def _take_terminal() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    # The child is a session leader already (start_new_session): its stdin, the pty's slave,
+    # becomes its controlling terminal, so ^C, job control and SIGWINCH reach its foreground job.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def _spawn_error(cmd: str, exc: OSError) -> InvalidRequest:
     if isinstance(exc, FileNotFoundError):
         return InvalidRequest(f"command {cmd!r} not found: give a path or a program on PATH")
@@ -57,10 +70,17 @@ class Child:
     """A process started in a new session, so its group can be signalled and killed as one."""
 
     def __init__(
-        self, popen: subprocess.Popen[bytes], pipes: dict[Stream, int], stdin_fd: int | None, sink: Sink
+        self,
+        popen: subprocess.Popen[bytes],
+        pipes: dict[Stream, int],
+        stdin_fd: int | None,
+        sink: Sink,
+        *,
+        terminal_fd: int | None = None,
     ):
         self._loop = asyncio.get_running_loop()
         self._popen = popen
+        self._terminal_fd = terminal_fd  # the pty's master, read as STDOUT (stdin writes to a dup of it)
         self.pid = popen.pid
         self._sink = sink
         self._pipes = dict(pipes)
@@ -84,8 +104,12 @@ class Child:
         cwd: Path,
         stdin: bool,
         sink: Sink,
+        terminal: TerminalSize | None = None,
     ) -> Child:
-        """Starts argv (no shell) in a new session with its output going to sink."""
+        """Starts argv (no shell) in a new session with its output going to sink; with terminal,
+        on a new pseudo-terminal of that size instead of pipes."""
+        if terminal is not None:
+            return cls._spawn_on_terminal(argv, env=env, cwd=cwd, sink=sink, size=terminal)
         fds: list[int] = []
         try:
             out_r, out_w = _pipe(grow=True)
@@ -116,6 +140,57 @@ class Child:
                 os.set_blocking(fd, False)
         pipes = {Stream.STDOUT: out_r, Stream.STDERR: err_r}
         return cls(popen, pipes, in_w if in_w >= 0 else None, sink)
+
+    @classmethod
+    def _spawn_on_terminal(
+        cls, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, sink: Sink, size: TerminalSize
+    ) -> Child:
+        """The leader of a new session whose controlling terminal, stdin, stdout and stderr are the
+        slave of a new pty; the master carries its output (one stream, STDOUT) and its typed input."""
+        master, slave = os.openpty()  # both close-on-exec: the child gets the slave as 0, 1 and 2 only
+        fds = [master, slave]
+        try:
+            _set_size(master, size)
+            fds.append(writer := os.dup(master))
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=cwd,
+                env=dict(env),
+                close_fds=True,
+                start_new_session=True,
+                # Python has no other way to TIOCSCTTY between setsid and exec. What runs in the
+                # forked child is one ioctl: it takes no lock another thread of the agent could hold.
+                preexec_fn=_take_terminal,  # noqa: PLW1509
+            )
+        except subprocess.SubprocessError as exc:  # TIOCSCTTY failed in the child
+            for fd in fds:
+                os.close(fd)
+            raise InvalidRequest(f"command {argv[0]!r} cannot get a terminal: {exc}") from exc
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise _spawn_error(argv[0], exc) from exc
+        # Only the child holds the slave now: once every process on it has closed it, reading the
+        # master fails with EIO, the terminal's end of output.
+        os.close(slave)
+        os.set_blocking(master, False)  # the dup shares the open file, so it is non-blocking too
+        return cls(popen, {Stream.STDOUT: master}, writer, sink, terminal_fd=master)
+
+    @property
+    def terminal(self) -> bool:
+        """True when the process runs on a pseudo-terminal."""
+        return self._terminal_fd is not None
+
+    def resize(self, size: TerminalSize) -> None:
+        """Gives the pseudo-terminal a new size; InvalidState for a process without one."""
+        if self._terminal_fd is None:
+            raise InvalidState(f"process {self.pid} has no terminal: start it with terminal set to resize it")
+        if Stream.STDOUT not in self._pipes:  # every process on it has gone, and the master with them
+            raise InvalidState(f"the terminal of process {self.pid} is closed")
+        _set_size(self._terminal_fd, size)
 
     @property
     def has_exited(self) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from app.agent.child import Child
 from app.agent.output_log import OutputLog
-from app.domain import ProcessInfo, ProcessStatus, to_signal, utcnow
+from app.domain import ProcessInfo, ProcessStatus, TerminalSize, to_signal, utcnow
 from app.errors import InvalidState
 
 
@@ -79,6 +79,7 @@ class ManagedProcess:
             timed_out=self._timed_out,
             ended_at=self._ended_at,
             stdin=self._stdin,
+            terminal=self._child.terminal,
         )
 
     def limit_lifetime(self, timeout_sec: float) -> None:
@@ -128,10 +129,25 @@ class ManagedProcess:
             await self._child.write_input(data, timeout_sec=timeout_sec)
 
     async def close_input(self) -> None:
-        """Closes stdin, after any write in progress."""
+        """Closes stdin, after any write in progress; a terminal's input is not closed but ended
+        by typing, so that is InvalidState."""
         async with self._input_lock:
+            if self._child.terminal:
+                raise InvalidState(
+                    f"process {self.pid} ({self.tag}) runs on a terminal, whose input stays open: "
+                    "send \\u0004 (Ctrl-D) at the start of a line for end of file"
+                )
             self._require_input()
             self._child.close_input()
+
+    def resize_terminal(self, size: TerminalSize) -> None:
+        """The terminal's new size (SIGWINCH for its foreground job); InvalidState without one."""
+        if not self._child.terminal:
+            raise InvalidState(
+                f"process {self.pid} ({self.tag}) has no terminal: start it with terminal set to resize it"
+            )
+        self._require_running()
+        self._child.resize(size)
 
     def _require_running(self) -> None:
         if not self.is_running:

@@ -239,6 +239,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         await supervisor.close_input(parse_selector(request.selector))
         return pb.Empty()
 
+    @abort_on_capsule_error
+    @routed(_process_capsule)
+    async def ResizeTerminal(self, request: pb.ResizeRequest, context: Context) -> pb.Empty:
+        ref = request.process
+        supervisor = self._capsules.supervisor(ref.capsule_id)
+        supervisor.resize_terminal(parse_selector(ref.selector), wire.terminal_size(request.size))
+        return pb.Empty()
+
     @abort_stream_on_capsule_error
     @routed_stream(_process_capsule)
     async def StreamOutput(

@@ -28,7 +28,9 @@ from app.domain import (
     ProcessSpec,
     SignalScope,
     Stream,
+    TerminalSize,
     check_tag,
+    check_terminal_size,
     check_timeout,
     new_tag,
     to_signal,
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 # SIGKILL cannot be ignored; this only bounds a wait on a process stuck in the kernel.
 KILL_WAIT_SEC = 10.0
+# What a terminal process is told it runs on, unless its envs say otherwise (xterm.js emulates this).
+TERM = "xterm-256color"
 _SIGNAL_NAMES = ", ".join(sorted(s.name for s in SENDABLE_SIGNALS))
 
 
@@ -159,11 +163,15 @@ class Supervisor:
                 f"tag {tag!r} is already used by process {other.pid} in capsule {self.capsule_id}: "
                 "choose another tag"
             )
+        terminal = None if spec.terminal is None else check_terminal_size(spec.terminal, prefix="terminal.")
+        stdin = spec.stdin or terminal is not None  # a terminal's input is what is typed
+        if terminal is not None and "TERM" not in env:
+            env = {**env, "TERM": TERM}
         log = OutputLog(self._settings.output_cap_bytes)
-        child = Child.spawn(argv, env=env, cwd=cwd, stdin=spec.stdin, sink=log.append_output)
+        child = Child.spawn(argv, env=env, cwd=cwd, stdin=stdin, sink=log.append_output, terminal=terminal)
         self.sessions.add(child.pid)
         proc = ManagedProcess(
-            capsule_id=self.capsule_id, tag=tag, argv=argv, cwd=cwd, stdin=spec.stdin, child=child, log=log
+            capsule_id=self.capsule_id, tag=tag, argv=argv, cwd=cwd, stdin=stdin, child=child, log=log
         )
         if timeout_sec:  # 0, like absent, sets no lifetime limit
             proc.limit_lifetime(timeout_sec)
@@ -249,6 +257,11 @@ class Supervisor:
     async def close_input(self, selector: int | str) -> None:
         """Closes a process's stdin."""
         await self._find(selector).close_input()
+
+    def resize_terminal(self, selector: int | str, size: TerminalSize) -> None:
+        """Gives a process's pseudo-terminal a new size; the kernel sends SIGWINCH."""
+        check_terminal_size(size)
+        self._find(selector).resize_terminal(size)
 
     def output(self, selector: int | str, from_seq: int) -> AsyncIterator[list[OutputEvent]]:
         """The process's output log from from_seq, live until its exit event."""

@@ -72,6 +72,7 @@ class AgentStub(Protocol):
     StopProcess: UnaryRpc[pb.StopRequest, pb.ProcessInfo]
     SendInput: UnaryRpc[pb.InputRequest, pb.Empty]
     CloseInput: UnaryRpc[pb.ProcessRef, pb.Empty]
+    ResizeTerminal: UnaryRpc[pb.ResizeRequest, pb.Empty]
     StreamOutput: StreamRpc[pb.OutputRequest, pb.OutputBatch]
     WatchProcesses: StreamRpc[pb.CapsuleRef, pb.ProcessEvent]
 
@@ -172,6 +173,13 @@ class HostClient:
     async def close_input(self, capsule_id: str, selector: str) -> None:
         """Closes a process's stdin."""
         await self._unary("CloseInput", self._stub.CloseInput, wire.process_ref(capsule_id, selector))
+
+    async def resize_terminal(self, capsule_id: str, selector: str, size: domain.TerminalSize) -> None:
+        """Gives a process's pseudo-terminal a new size."""
+        request = pb.ResizeRequest(
+            process=wire.process_ref(capsule_id, selector), size=wire.terminal_size_to_pb(size)
+        )
+        await self._unary("ResizeTerminal", self._stub.ResizeTerminal, request)
 
     async def stream_output(
         self, capsule_id: str, selector: str, from_seq: int

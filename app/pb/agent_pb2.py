@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61pp/pb/agent.proto\x12\x10\x63\x61psule.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x07\n\x05\x45mpty\" \n\nCapsuleRef\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\"j\n\rCapsuleLimits\x12\x15\n\rmax_processes\x18\x01 \x01(\r\x12\x17\n\nmemory_mib\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x11\n\x04\x63pus\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0b_memory_mibB\x07\n\x05_cpus\"l\n\x14\x43reateCapsuleRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\x08\x12/\n\x06limits\x18\x03 \x01(\x0b\x32\x1f.capsule.agent.v1.CapsuleLimits\"d\n\rResourceUsage\x12\x0f\n\x07\x63pu_sec\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_peak_bytes\x18\x03 \x01(\x04\x12\x11\n\tprocesses\x18\x04 \x01(\r\"\x83\x02\n\x0b\x43\x61psuleInfo\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x19\n\x11running_processes\x18\x03 \x01(\x05\x12\x31\n\x07runtime\x18\x04 \x01(\x0e\x32 .capsule.agent.v1.CapsuleRuntime\x12\x0f\n\x07network\x18\x05 \x01(\x08\x12/\n\x06limits\x18\x06 \x01(\x0b\x32\x1f.capsule.agent.v1.CapsuleLimits\x12\x33\n\x05usage\x18\x07 \x01(\x0b\x32\x1f.capsule.agent.v1.ResourceUsageH\x00\x88\x01\x01\x42\x08\n\x06_usage\">\n\x0b\x43\x61psuleList\x12/\n\x08\x63\x61psules\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.CapsuleInfo\"2\n\nProcessRef\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\"%\n\x06\x45nvVar\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa4\x01\n\x0b\x45xecRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12&\n\x04\x65nvs\x18\x04 \x03(\x0b\x32\x18.capsule.agent.v1.EnvVar\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x12\n\x05stdin\x18\x06 \x01(\x0cH\x00\x88\x01\x01\x12\x13\n\x0btimeout_sec\x18\x07 \x01(\x01\x42\x08\n\x06_stdin\"\x89\x01\n\tExecReply\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x03\x12\x11\n\ttimed_out\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x0e\n\x06signal\x18\x07 \x01(\x05\"\xcd\x01\n\x0cStartRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12&\n\x04\x65nvs\x18\x04 \x03(\x0b\x32\x18.capsule.agent.v1.EnvVar\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x0b\n\x03tag\x18\x06 \x01(\t\x12\r\n\x05stdin\x18\x07 \x01(\x08\x12\x18\n\x0btimeout_sec\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bmax_running\x18\t \x01(\rB\x0e\n\x0c_timeout_sec\"\xca\x02\n\x0bProcessInfo\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0b\n\x03\x63md\x18\x04 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x05 \x03(\t\x12\x0b\n\x03\x63wd\x18\x06 \x01(\t\x12/\n\x06status\x18\x07 \x01(\x0e\x32\x1f.capsule.agent.v1.ProcessStatus\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\t \x01(\x05\x12\x11\n\ttimed_out\x18\n \x01(\x08\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05stdin\x18\r \x01(\x08\x42\x0c\n\n_exit_code\"?\n\x0bProcessList\x12\x30\n\tprocesses\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.ProcessInfo\"|\n\rSignalRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12,\n\x05scope\x18\x03 \x01(\x0e\x32\x1d.capsule.agent.v1.SignalScope\"O\n\x0bStopRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x11\n\tgrace_sec\x18\x02 \x01(\x01\"K\n\x0cInputRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\rOutputRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x03\"R\n\x0bOutputChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x06stream\x18\x02 \x01(\x0e\x32\x18.capsule.agent.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\tOutputGap\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x13\n\x0blost_events\x18\x02 \x01(\x03\x12\x12\n\nlost_bytes\x18\x03 \x01(\x03\"\x91\x01\n\x0bProcessExit\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x16\n\texit_code\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12,\n\x08\x65nded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\n_exit_code\"\xa1\x01\n\x0bOutputEvent\x12.\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1d.capsule.agent.v1.OutputChunkH\x00\x12*\n\x03gap\x18\x02 \x01(\x0b\x32\x1b.capsule.agent.v1.OutputGapH\x00\x12-\n\x04\x65xit\x18\x03 \x01(\x0b\x32\x1d.capsule.agent.v1.ProcessExitH\x00\x42\x07\n\x05\x65vent\"<\n\x0bOutputBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.OutputEvent\"p\n\x0cProcessEvent\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".capsule.agent.v1.ProcessEventKind\x12.\n\x07process\x18\x02 \x01(\x0b\x32\x1d.capsule.agent.v1.ProcessInfo*Q\n\x0e\x43\x61psuleRuntime\x12\x17\n\x13RUNTIME_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUNTIME_SANDBOX\x10\x01\x12\x11\n\rRUNTIME_PLAIN\x10\x02*X\n\rProcessStatus\x12\x1e\n\x1aPROCESS_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROCESS_RUNNING\x10\x01\x12\x12\n\x0ePROCESS_EXITED\x10\x02*1\n\x0bSignalScope\x12\x0f\n\x0bSCOPE_GROUP\x10\x00\x12\x11\n\rSCOPE_PROCESS\x10\x01* \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01*[\n\x10ProcessEventKind\x12\"\n\x1ePROCESS_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rEVENT_STARTED\x10\x01\x12\x10\n\x0c\x45VENT_EXITED\x10\x02\x32\xb4\x08\n\x05\x41gent\x12V\n\rCreateCapsule\x12&.capsule.agent.v1.CreateCapsuleRequest\x1a\x1d.capsule.agent.v1.CapsuleInfo\x12I\n\nGetCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.CapsuleInfo\x12\x46\n\x0cListCapsules\x12\x17.capsule.agent.v1.Empty\x1a\x1d.capsule.agent.v1.CapsuleList\x12G\n\x0e\x44\x65stroyCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x17.capsule.agent.v1.Empty\x12\x42\n\x04\x45xec\x12\x1d.capsule.agent.v1.ExecRequest\x1a\x1b.capsule.agent.v1.ExecReply\x12M\n\x0cStartProcess\x12\x1e.capsule.agent.v1.StartRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12L\n\rListProcesses\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.ProcessList\x12I\n\nGetProcess\x12\x1c.capsule.agent.v1.ProcessRef\x1a\x1d.capsule.agent.v1.ProcessInfo\x12O\n\rSignalProcess\x12\x1f.capsule.agent.v1.SignalRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12K\n\x0bStopProcess\x12\x1d.capsule.agent.v1.StopRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12\x44\n\tSendInput\x12\x1e.capsule.agent.v1.InputRequest\x1a\x17.capsule.agent.v1.Empty\x12\x43\n\nCloseInput\x12\x1c.capsule.agent.v1.ProcessRef\x1a\x17.capsule.agent.v1.Empty\x12P\n\x0cStreamOutput\x12\x1f.capsule.agent.v1.OutputRequest\x1a\x1d.capsule.agent.v1.OutputBatch0\x01\x12P\n\x0eWatchProcesses\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1e.capsule.agent.v1.ProcessEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61pp/pb/agent.proto\x12\x10\x63\x61psule.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x07\n\x05\x45mpty\" \n\nCapsuleRef\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\"j\n\rCapsuleLimits\x12\x15\n\rmax_processes\x18\x01 \x01(\r\x12\x17\n\nmemory_mib\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x11\n\x04\x63pus\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0b_memory_mibB\x07\n\x05_cpus\"l\n\x14\x43reateCapsuleRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\x08\x12/\n\x06limits\x18\x03 \x01(\x0b\x32\x1f.capsule.agent.v1.CapsuleLimits\"d\n\rResourceUsage\x12\x0f\n\x07\x63pu_sec\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x19\n\x11memory_peak_bytes\x18\x03 \x01(\x04\x12\x11\n\tprocesses\x18\x04 \x01(\r\"\x83\x02\n\x0b\x43\x61psuleInfo\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x19\n\x11running_processes\x18\x03 \x01(\x05\x12\x31\n\x07runtime\x18\x04 \x01(\x0e\x32 .capsule.agent.v1.CapsuleRuntime\x12\x0f\n\x07network\x18\x05 \x01(\x08\x12/\n\x06limits\x18\x06 \x01(\x0b\x32\x1f.capsule.agent.v1.CapsuleLimits\x12\x33\n\x05usage\x18\x07 \x01(\x0b\x32\x1f.capsule.agent.v1.ResourceUsageH\x00\x88\x01\x01\x42\x08\n\x06_usage\">\n\x0b\x43\x61psuleList\x12/\n\x08\x63\x61psules\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.CapsuleInfo\"2\n\nProcessRef\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\"%\n\x06\x45nvVar\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xa4\x01\n\x0b\x45xecRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12&\n\x04\x65nvs\x18\x04 \x03(\x0b\x32\x18.capsule.agent.v1.EnvVar\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x12\n\x05stdin\x18\x06 \x01(\x0cH\x00\x88\x01\x01\x12\x13\n\x0btimeout_sec\x18\x07 \x01(\x01\x42\x08\n\x06_stdin\"\x89\x01\n\tExecReply\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x03\x12\x11\n\ttimed_out\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x0e\n\x06signal\x18\x07 \x01(\x05\"\xff\x01\n\x0cStartRequest\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12&\n\x04\x65nvs\x18\x04 \x03(\x0b\x32\x18.capsule.agent.v1.EnvVar\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x0b\n\x03tag\x18\x06 \x01(\t\x12\r\n\x05stdin\x18\x07 \x01(\x08\x12\x18\n\x0btimeout_sec\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bmax_running\x18\t \x01(\r\x12\x30\n\x08terminal\x18\x14 \x01(\x0b\x32\x1e.capsule.agent.v1.TerminalSizeB\x0e\n\x0c_timeout_sec\"*\n\x0cTerminalSize\x12\x0c\n\x04\x63ols\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\"\xdc\x02\n\x0bProcessInfo\x12\x12\n\ncapsule_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0b\n\x03\x63md\x18\x04 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x05 \x03(\t\x12\x0b\n\x03\x63wd\x18\x06 \x01(\t\x12/\n\x06status\x18\x07 \x01(\x0e\x32\x1f.capsule.agent.v1.ProcessStatus\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\t \x01(\x05\x12\x11\n\ttimed_out\x18\n \x01(\x08\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05stdin\x18\r \x01(\x08\x12\x10\n\x08terminal\x18\x14 \x01(\x08\x42\x0c\n\n_exit_code\"?\n\x0bProcessList\x12\x30\n\tprocesses\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.ProcessInfo\"|\n\rSignalRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12,\n\x05scope\x18\x03 \x01(\x0e\x32\x1d.capsule.agent.v1.SignalScope\"O\n\x0bStopRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x11\n\tgrace_sec\x18\x02 \x01(\x01\"l\n\rResizeRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12,\n\x04size\x18\x02 \x01(\x0b\x32\x1e.capsule.agent.v1.TerminalSize\"K\n\x0cInputRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\rOutputRequest\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.capsule.agent.v1.ProcessRef\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x03\"R\n\x0bOutputChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x06stream\x18\x02 \x01(\x0e\x32\x18.capsule.agent.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"A\n\tOutputGap\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x13\n\x0blost_events\x18\x02 \x01(\x03\x12\x12\n\nlost_bytes\x18\x03 \x01(\x03\"\x91\x01\n\x0bProcessExit\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x16\n\texit_code\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12,\n\x08\x65nded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\n_exit_code\"\xa1\x01\n\x0bOutputEvent\x12.\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1d.capsule.agent.v1.OutputChunkH\x00\x12*\n\x03gap\x18\x02 \x01(\x0b\x32\x1b.capsule.agent.v1.OutputGapH\x00\x12-\n\x04\x65xit\x18\x03 \x01(\x0b\x32\x1d.capsule.agent.v1.ProcessExitH\x00\x42\x07\n\x05\x65vent\"<\n\x0bOutputBatch\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.capsule.agent.v1.OutputEvent\"p\n\x0cProcessEvent\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".capsule.agent.v1.ProcessEventKind\x12.\n\x07process\x18\x02 \x01(\x0b\x32\x1d.capsule.agent.v1.ProcessInfo*Q\n\x0e\x43\x61psuleRuntime\x12\x17\n\x13RUNTIME_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUNTIME_SANDBOX\x10\x01\x12\x11\n\rRUNTIME_PLAIN\x10\x02*X\n\rProcessStatus\x12\x1e\n\x1aPROCESS_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROCESS_RUNNING\x10\x01\x12\x12\n\x0ePROCESS_EXITED\x10\x02*1\n\x0bSignalScope\x12\x0f\n\x0bSCOPE_GROUP\x10\x00\x12\x11\n\rSCOPE_PROCESS\x10\x01* \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01*[\n\x10ProcessEventKind\x12\"\n\x1ePROCESS_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rEVENT_STARTED\x10\x01\x12\x10\n\x0c\x45VENT_EXITED\x10\x02\x32\x80\t\n\x05\x41gent\x12V\n\rCreateCapsule\x12&.capsule.agent.v1.CreateCapsuleRequest\x1a\x1d.capsule.agent.v1.CapsuleInfo\x12I\n\nGetCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.CapsuleInfo\x12\x46\n\x0cListCapsules\x12\x17.capsule.agent.v1.Empty\x1a\x1d.capsule.agent.v1.CapsuleList\x12G\n\x0e\x44\x65stroyCapsule\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x17.capsule.agent.v1.Empty\x12\x42\n\x04\x45xec\x12\x1d.capsule.agent.v1.ExecRequest\x1a\x1b.capsule.agent.v1.ExecReply\x12M\n\x0cStartProcess\x12\x1e.capsule.agent.v1.StartRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12L\n\rListProcesses\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1d.capsule.agent.v1.ProcessList\x12I\n\nGetProcess\x12\x1c.capsule.agent.v1.ProcessRef\x1a\x1d.capsule.agent.v1.ProcessInfo\x12O\n\rSignalProcess\x12\x1f.capsule.agent.v1.SignalRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12K\n\x0bStopProcess\x12\x1d.capsule.agent.v1.StopRequest\x1a\x1d.capsule.agent.v1.ProcessInfo\x12\x44\n\tSendInput\x12\x1e.capsule.agent.v1.InputRequest\x1a\x17.capsule.agent.v1.Empty\x12\x43\n\nCloseInput\x12\x1c.capsule.agent.v1.ProcessRef\x1a\x17.capsule.agent.v1.Empty\x12J\n\x0eResizeTerminal\x12\x1f.capsule.agent.v1.ResizeRequest\x1a\x17.capsule.agent.v1.Empty\x12P\n\x0cStreamOutput\x12\x1f.capsule.agent.v1.OutputRequest\x1a\x1d.capsule.agent.v1.OutputBatch0\x01\x12P\n\x0eWatchProcesses\x12\x1c.capsule.agent.v1.CapsuleRef\x1a\x1e.capsule.agent.v1.ProcessEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'app.pb.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAPSULERUNTIME']._serialized_start=2771
-  _globals['_CAPSULERUNTIME']._serialized_end=2852
-  _globals['_PROCESSSTATUS']._serialized_start=2854
-  _globals['_PROCESSSTATUS']._serialized_end=2942
-  _globals['_SIGNALSCOPE']._serialized_start=2944
-  _globals['_SIGNALSCOPE']._serialized_end=2993
-  _globals['_STREAM']._serialized_start=2995
-  _globals['_STREAM']._serialized_end=3027
-  _globals['_PROCESSEVENTKIND']._serialized_start=3029
-  _globals['_PROCESSEVENTKIND']._serialized_end=3120
+  _globals['_CAPSULERUNTIME']._serialized_start=2993
+  _globals['_CAPSULERUNTIME']._serialized_end=3074
+  _globals['_PROCESSSTATUS']._serialized_start=3076
+  _globals['_PROCESSSTATUS']._serialized_end=3164
+  _globals['_SIGNALSCOPE']._serialized_start=3166
+  _globals['_SIGNALSCOPE']._serialized_end=3215
+  _globals['_STREAM']._serialized_start=3217
+  _globals['_STREAM']._serialized_end=3249
+  _globals['_PROCESSEVENTKIND']._serialized_start=3251
+  _globals['_PROCESSEVENTKIND']._serialized_end=3342
   _globals['_EMPTY']._serialized_start=73
   _globals['_EMPTY']._serialized_end=80
   _globals['_CAPSULEREF']._serialized_start=82
@@ -65,31 +65,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECREPLY']._serialized_start=1021
   _globals['_EXECREPLY']._serialized_end=1158
   _globals['_STARTREQUEST']._serialized_start=1161
-  _globals['_STARTREQUEST']._serialized_end=1366
-  _globals['_PROCESSINFO']._serialized_start=1369
-  _globals['_PROCESSINFO']._serialized_end=1699
-  _globals['_PROCESSLIST']._serialized_start=1701
-  _globals['_PROCESSLIST']._serialized_end=1764
-  _globals['_SIGNALREQUEST']._serialized_start=1766
-  _globals['_SIGNALREQUEST']._serialized_end=1890
-  _globals['_STOPREQUEST']._serialized_start=1892
-  _globals['_STOPREQUEST']._serialized_end=1971
-  _globals['_INPUTREQUEST']._serialized_start=1973
-  _globals['_INPUTREQUEST']._serialized_end=2048
-  _globals['_OUTPUTREQUEST']._serialized_start=2050
-  _globals['_OUTPUTREQUEST']._serialized_end=2130
-  _globals['_OUTPUTCHUNK']._serialized_start=2132
-  _globals['_OUTPUTCHUNK']._serialized_end=2214
-  _globals['_OUTPUTGAP']._serialized_start=2216
-  _globals['_OUTPUTGAP']._serialized_end=2281
-  _globals['_PROCESSEXIT']._serialized_start=2284
-  _globals['_PROCESSEXIT']._serialized_end=2429
-  _globals['_OUTPUTEVENT']._serialized_start=2432
-  _globals['_OUTPUTEVENT']._serialized_end=2593
-  _globals['_OUTPUTBATCH']._serialized_start=2595
-  _globals['_OUTPUTBATCH']._serialized_end=2655
-  _globals['_PROCESSEVENT']._serialized_start=2657
-  _globals['_PROCESSEVENT']._serialized_end=2769
-  _globals['_AGENT']._serialized_start=3123
-  _globals['_AGENT']._serialized_end=4199
+  _globals['_STARTREQUEST']._serialized_end=1416
+  _globals['_TERMINALSIZE']._serialized_start=1418
+  _globals['_TERMINALSIZE']._serialized_end=1460
+  _globals['_PROCESSINFO']._serialized_start=1463
+  _globals['_PROCESSINFO']._serialized_end=1811
+  _globals['_PROCESSLIST']._serialized_start=1813
+  _globals['_PROCESSLIST']._serialized_end=1876
+  _globals['_SIGNALREQUEST']._serialized_start=1878
+  _globals['_SIGNALREQUEST']._serialized_end=2002
+  _globals['_STOPREQUEST']._serialized_start=2004
+  _globals['_STOPREQUEST']._serialized_end=2083
+  _globals['_RESIZEREQUEST']._serialized_start=2085
+  _globals['_RESIZEREQUEST']._serialized_end=2193
+  _globals['_INPUTREQUEST']._serialized_start=2195
+  _globals['_INPUTREQUEST']._serialized_end=2270
+  _globals['_OUTPUTREQUEST']._serialized_start=2272
+  _globals['_OUTPUTREQUEST']._serialized_end=2352
+  _globals['_OUTPUTCHUNK']._serialized_start=2354
+  _globals['_OUTPUTCHUNK']._serialized_end=2436
+  _globals['_OUTPUTGAP']._serialized_start=2438
+  _globals['_OUTPUTGAP']._serialized_end=2503
+  _globals['_PROCESSEXIT']._serialized_start=2506
+  _globals['_PROCESSEXIT']._serialized_end=2651
+  _globals['_OUTPUTEVENT']._serialized_start=2654
+  _globals['_OUTPUTEVENT']._serialized_end=2815
+  _globals['_OUTPUTBATCH']._serialized_start=2817
+  _globals['_OUTPUTBATCH']._serialized_end=2877
+  _globals['_PROCESSEVENT']._serialized_start=2879
+  _globals['_PROCESSEVENT']._serialized_end=2991
+  _globals['_AGENT']._serialized_start=3345
+  _globals['_AGENT']._serialized_end=4497
 # @@protoc_insertion_point(module_scope)

@@ -170,7 +170,7 @@ class ExecReply(_message.Message):
     def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., timed_out: _Optional[bool] = ..., truncated: _Optional[bool] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "stdin", "timeout_sec", "max_running")
+    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "stdin", "timeout_sec", "max_running", "terminal")
     CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class StartRequest(_message.Message):
     STDIN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SEC_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
     capsule_id: str
     cmd: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -189,10 +190,19 @@ class StartRequest(_message.Message):
     stdin: bool
     timeout_sec: float
     max_running: int
-    def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., stdin: _Optional[bool] = ..., timeout_sec: _Optional[float] = ..., max_running: _Optional[int] = ...) -> None: ...
+    terminal: TerminalSize
+    def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., stdin: _Optional[bool] = ..., timeout_sec: _Optional[float] = ..., max_running: _Optional[int] = ..., terminal: _Optional[_Union[TerminalSize, _Mapping]] = ...) -> None: ...
+
+class TerminalSize(_message.Message):
+    __slots__ = ("cols", "rows")
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    cols: int
+    rows: int
+    def __init__(self, cols: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
-    __slots__ = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "status", "exit_code", "signal", "timed_out", "started_at", "ended_at", "stdin")
+    __slots__ = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "status", "exit_code", "signal", "timed_out", "started_at", "ended_at", "stdin", "terminal")
     CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +216,7 @@ class ProcessInfo(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
     capsule_id: str
     pid: int
     tag: str
@@ -219,7 +230,8 @@ class ProcessInfo(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     ended_at: _timestamp_pb2.Timestamp
     stdin: bool
-    def __init__(self, capsule_id: _Optional[str] = ..., pid: _Optional[int] = ..., tag: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., status: _Optional[_Union[ProcessStatus, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdin: _Optional[bool] = ...) -> None: ...
+    terminal: bool
+    def __init__(self, capsule_id: _Optional[str] = ..., pid: _Optional[int] = ..., tag: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., status: _Optional[_Union[ProcessStatus, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdin: _Optional[bool] = ..., terminal: _Optional[bool] = ...) -> None: ...
 
 class ProcessList(_message.Message):
     __slots__ = ("processes",)
@@ -244,6 +256,14 @@ class StopRequest(_message.Message):
     process: ProcessRef
     grace_sec: float
     def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., grace_sec: _Optional[float] = ...) -> None: ...
+
+class ResizeRequest(_message.Message):
+    __slots__ = ("process", "size")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    size: TerminalSize
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., size: _Optional[_Union[TerminalSize, _Mapping]] = ...) -> None: ...
 
 class InputRequest(_message.Message):
     __slots__ = ("process", "data")

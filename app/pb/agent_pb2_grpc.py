@@ -94,6 +94,11 @@ class AgentStub:
                 request_serializer=app_dot_pb_dot_agent__pb2.ProcessRef.SerializeToString,
                 response_deserializer=app_dot_pb_dot_agent__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ResizeTerminal = channel.unary_unary(
+                '/capsule.agent.v1.Agent/ResizeTerminal',
+                request_serializer=app_dot_pb_dot_agent__pb2.ResizeRequest.SerializeToString,
+                response_deserializer=app_dot_pb_dot_agent__pb2.Empty.FromString,
+                _registered_method=True)
         self.StreamOutput = channel.unary_stream(
                 '/capsule.agent.v1.Agent/StreamOutput',
                 request_serializer=app_dot_pb_dot_agent__pb2.OutputRequest.SerializeToString,
@@ -187,6 +192,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResizeTerminal(self, request, context):
+        """The new size of a process's pseudo-terminal; the kernel sends its foreground job SIGWINCH.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamOutput(self, request, context):
         """Replays the retained log from from_seq, follows live output, ends after the exit event.
         """
@@ -262,6 +274,11 @@ def add_AgentServicer_to_server(servicer, server):
             'CloseInput': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseInput,
                     request_deserializer=app_dot_pb_dot_agent__pb2.ProcessRef.FromString,
+                    response_serializer=app_dot_pb_dot_agent__pb2.Empty.SerializeToString,
+            ),
+            'ResizeTerminal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeTerminal,
+                    request_deserializer=app_dot_pb_dot_agent__pb2.ResizeRequest.FromString,
                     response_serializer=app_dot_pb_dot_agent__pb2.Empty.SerializeToString,
             ),
             'StreamOutput': grpc.unary_stream_rpc_method_handler(
@@ -598,6 +615,33 @@ class Agent:
             target,
             '/capsule.agent.v1.Agent/CloseInput',
             app_dot_pb_dot_agent__pb2.ProcessRef.SerializeToString,
+            app_dot_pb_dot_agent__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeTerminal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsule.agent.v1.Agent/ResizeTerminal',
+            app_dot_pb_dot_agent__pb2.ResizeRequest.SerializeToString,
             app_dot_pb_dot_agent__pb2.Empty.FromString,
             options,
             channel_credentials,
