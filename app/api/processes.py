@@ -44,6 +44,15 @@ class CommandInput:
 
 
 @strawberry.input
+class TerminalInput:
+    cols: int = 80
+    rows: int = 24
+
+    def to_size(self) -> domain.TerminalSize:
+        return domain.TerminalSize(cols=self.cols, rows=self.rows)
+
+
+@strawberry.input
 class StartProcessInput(CommandInput):
     tag: str | None = strawberry.field(
         default=None,
@@ -58,6 +67,11 @@ class StartProcessInput(CommandInput):
         default=None,
         description="Lifetime in seconds, after which the process group is killed; null: no limit.",
     )
+    terminal: TerminalInput | None = strawberry.field(
+        default=None,
+        description="Run it on a pseudo-terminal of this size: one output stream (STDOUT), "
+        "input as typed keys (stdin is implied).",
+    )
 
     def to_spec(self) -> domain.ProcessSpec:
         return domain.ProcessSpec(
@@ -65,6 +79,7 @@ class StartProcessInput(CommandInput):
             tag=self.tag,
             stdin=self.stdin,
             timeout_sec=self.timeout_sec,
+            terminal=None if self.terminal is None else self.terminal.to_size(),
         )
 
 
@@ -84,6 +99,7 @@ class Process:
     )
     started_at: datetime
     ended_at: datetime | None
+    terminal: bool = strawberry.field(description="True when it runs on a pseudo-terminal.")
 
     @classmethod
     def from_info(cls, info: domain.ProcessInfo) -> Process:
@@ -100,6 +116,7 @@ class Process:
             timed_out=info.timed_out,
             started_at=info.started_at,
             ended_at=info.ended_at,
+            terminal=info.terminal,
         )
 
 
@@ -175,6 +192,12 @@ class ProcessMutation:
     @team_mutation()
     async def close_input(self, info: Info, capsule_id: ID, selector: str) -> bool:
         await info.context.services.processes.close_input(capsule_id, selector)
+        return True
+
+    @team_mutation(description="Tells a process on a pseudo-terminal its new size (it gets SIGWINCH).")
+    async def resize_terminal(self, info: Info, capsule_id: ID, selector: str, cols: int, rows: int) -> bool:
+        size = domain.TerminalSize(cols=cols, rows=rows)
+        await info.context.services.processes.resize_terminal(capsule_id, selector, size)
         return True
 
 

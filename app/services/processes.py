@@ -119,6 +119,11 @@ class ProcessService:
         """Closes the stdin of a process started with stdin."""
         await (await self._host_of(capsule_id, selector)).close_input(capsule_id, selector)
 
+    async def resize_terminal(self, capsule_id: str, selector: str, size: domain.TerminalSize) -> None:
+        """Gives the pseudo-terminal of a process started with one a new size (it gets SIGWINCH)."""
+        domain.check_terminal_size(size)
+        await (await self._host_of(capsule_id, selector)).resize_terminal(capsule_id, selector, size)
+
     async def events(self, capsule_id: str, after: str | None = None) -> AsyncIterator[CapsuleEvent]:
         """Lifecycle events of the capsule's processes, from every API replica, in the capsule's order:
         from now on, or every one since the event whose cursor is `after`, then live."""

@@ -38,6 +38,7 @@ def record_to_info(record: models.ProcessRecord) -> ProcessInfo:
         signal=signal.Signals[record.signal] if record.signal else None,
         timed_out=record.timed_out,
         ended_at=record.ended_at,
+        terminal=record.terminal,
     )
 
 
@@ -82,6 +83,7 @@ class ProcessRecords:
             cwd=info.cwd or None,
             status=ProcessStatus.RUNNING,
             started_at=info.started_at,
+            terminal=info.terminal,
         )
         # The event reports the start alone, even of a process that has ended since.
         started = replace(

@@ -81,6 +81,7 @@ VARIABLES: dict[str, Callable[[Scene], list[Variables]]] = {
     "Process": _each_process(lambda c, s: {"capsuleId": c, "selector": s}),
     "SendInput": _each_process(lambda c, s: {"capsuleId": c, "selector": s, "data": B_MARK}),
     "CloseInput": _each_process(lambda c, s: {"capsuleId": c, "selector": s}),
+    "ResizeTerminal": _each_process(lambda c, s: {"capsuleId": c, "selector": s, "cols": 100, "rows": 30}),
     "SignalProcess": _each_process(lambda c, s: {"capsuleId": c, "selector": s, "signal": "SIGKILL"}),
     "StopProcess": _each_process(lambda c, s: {"capsuleId": c, "selector": s, "graceSec": 0}),
     "ProcessEvents": _each_capsule(lambda c: {"capsuleId": c}),
