@@ -70,6 +70,13 @@ class SignalScope(enum.Enum):
     GROUP = "GROUP"
 
 
+class WaitCondition(enum.Enum):
+    """What waitForProcess waits for (besides the process's exit, which ends any wait)."""
+
+    READY = "READY"
+    EXITED = "EXITED"
+
+
 class ProcessEventKind(enum.Enum):
     STARTED = "STARTED"
     EXITED = "EXITED"
@@ -173,6 +180,7 @@ class InputLimits:
     env_value_bytes: int = 128 * 1024 - 1
     cwd_bytes: int = 4096
     input_bytes: int = 1024 * 1024  # exec's stdin, and sendInput's data per call
+    output_pattern_chars: int = 1024  # readiness.outputPattern
 
 
 def check_command(
@@ -218,6 +226,10 @@ def check_process_spec(spec: ProcessSpec, limits: InputLimits) -> ProcessSpec:
     if spec.tag is not None:
         check_tag(spec.tag)
     check_timeout(spec.timeout_sec)
+    if spec.restart is not None:
+        check_restart(spec.restart)
+    if spec.readiness is not None:
+        check_readiness(spec.readiness, limits)
     if spec.terminal is not None:
         check_terminal_size(spec.terminal, prefix="terminal.")
     return spec
@@ -320,6 +332,78 @@ class ExecResult:
     truncated: bool
 
 
+class RestartPolicy(enum.Enum):
+    """When a process is started again after it ends."""
+
+    NEVER = "NEVER"
+    ON_FAILURE = "ON_FAILURE"  # a non-zero exit, or a signal the service did not send
+    ALWAYS = "ALWAYS"  # any end the service did not cause
+
+
+# Past these a restart policy or a readiness check is a mistake, not a plan.
+MAX_RESTARTS = 100_000
+MIN_BACKOFF_SEC = 0.01  # no busy loop of spawns, whatever the policy
+MAX_BACKOFF_SEC = 24 * 3600.0
+PORT_RANGE = (1, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class RestartSpec:
+    """A restart policy: backoff_sec before the first restart, doubling up to max_backoff_sec."""
+
+    policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    max_restarts: int | None = 5  # None: no limit
+    backoff_sec: float = 1.0
+    max_backoff_sec: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessSpec:
+    """Ready once port accepts TCP connections in the capsule, or once an output line matches."""
+
+    port: int | None = None
+    output_pattern: str | None = None
+    timeout_sec: float = 60.0
+
+
+def check_restart(restart: RestartSpec) -> RestartSpec:
+    """Rejects negative or absurd restart counts and delays, naming the field."""
+    if restart.max_restarts is not None and not 0 <= restart.max_restarts <= MAX_RESTARTS:
+        raise InvalidRequest(
+            f"restart.maxRestarts is {restart.max_restarts}: pass 0 to {MAX_RESTARTS}, or null for no limit"
+        )
+    for name, value in (("backoffSec", restart.backoff_sec), ("maxBackoffSec", restart.max_backoff_sec)):
+        _check_range(f"restart.{name}", value, (MIN_BACKOFF_SEC, MAX_BACKOFF_SEC), "seconds")
+    if restart.max_backoff_sec < restart.backoff_sec:
+        raise InvalidRequest(
+            f"restart.maxBackoffSec ({restart.max_backoff_sec}) is below restart.backoffSec "
+            f"({restart.backoff_sec}): the delay only grows from backoffSec up to maxBackoffSec"
+        )
+    return restart
+
+
+def check_readiness(readiness: ReadinessSpec, limits: InputLimits) -> ReadinessSpec:
+    """Rejects a readiness check without exactly one of port and pattern, a port outside 1-65535,
+    a pattern that is too long or no regular expression, or a bad timeout; names the field."""
+    if (readiness.port is None) == (readiness.output_pattern is None):
+        raise InvalidRequest("readiness needs exactly one of port and outputPattern")
+    if readiness.port is not None:
+        _check_range("readiness.port", readiness.port, PORT_RANGE, "(a TCP port)")
+    if readiness.output_pattern is not None:
+        pattern = readiness.output_pattern
+        check_size("readiness.outputPattern", len(pattern), limits.output_pattern_chars, "characters")
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise InvalidRequest(
+                f"readiness.outputPattern is not a valid regular expression: {exc}"
+            ) from None
+    if math.isnan(readiness.timeout_sec) or readiness.timeout_sec <= 0:
+        raise InvalidRequest(f"readiness.timeoutSec is {readiness.timeout_sec}: pass 1 or more seconds")
+    check_timeout(readiness.timeout_sec, name="readiness.timeoutSec")
+    return readiness
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessSpec:
     """What to start in the background."""
@@ -331,6 +415,8 @@ class ProcessSpec:
     tag: str | None = None
     stdin: bool = False
     timeout_sec: float | None = None
+    restart: RestartSpec | None = None  # None: never restarted
+    readiness: ReadinessSpec | None = None  # None: ready once started
     terminal: TerminalSize | None = None  # on a new pseudo-terminal of this size; stdin implied
 
 
@@ -352,6 +438,9 @@ class ProcessInfo:
     ended_at: datetime | None = None
     stdin: bool = False
     terminal: bool = False
+    restarts: int = 0  # runs after the first that the restart policy started; pid is the current run's
+    ready: bool = True  # false until the current run passed its readiness check
+    ready_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,7 +595,18 @@ class ProcessExit:
     ended_at: datetime
 
 
-OutputEvent = OutputChunk | OutputGap | ProcessExit
+@dataclass(frozen=True, slots=True)
+class ProcessRestarted:
+    """The run before seq ended (exit_code or signal) and the restart policy started pid."""
+
+    seq: int
+    pid: int
+    restarts: int
+    exit_code: int | None
+    signal: signal.Signals | None
+
+
+OutputEvent = OutputChunk | OutputGap | ProcessRestarted | ProcessExit
 
 
 def merge_chunks(events: Sequence[OutputEvent], *, max_bytes: int) -> list[OutputEvent]:

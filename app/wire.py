@@ -24,7 +24,15 @@ _SCOPE_FROM_PB: dict[int, domain.SignalScope] = {v: k for k, v in _SCOPE_TO_PB.i
 _KIND_TO_PB = {
     domain.ProcessEventKind.STARTED: pb.EVENT_STARTED,
     domain.ProcessEventKind.EXITED: pb.EVENT_EXITED,
+    domain.ProcessEventKind.READY: pb.EVENT_READY,
+    domain.ProcessEventKind.RESTARTED: pb.EVENT_RESTARTED,
 }
+_POLICY_TO_PB = {
+    domain.RestartPolicy.NEVER: pb.RestartPolicy.NEVER,
+    domain.RestartPolicy.ON_FAILURE: pb.RestartPolicy.ON_FAILURE,
+    domain.RestartPolicy.ALWAYS: pb.RestartPolicy.ALWAYS,
+}
+_POLICY_FROM_PB = {v: k for k, v in _POLICY_TO_PB.items()}
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 
 
@@ -121,7 +129,43 @@ def start_request(capsule_id: str, spec: domain.ProcessSpec, *, max_running: int
         request.timeout_sec = spec.timeout_sec
     if spec.terminal is not None:
         request.terminal.CopyFrom(terminal_size_to_pb(spec.terminal))
+    if spec.restart is not None:
+        _fill_restart(request.restart, spec.restart)
+    if spec.readiness is not None:
+        _fill_readiness(request.readiness, spec.readiness)
     return request
+
+
+def _fill_restart(message: pb.RestartPolicy, restart: domain.RestartSpec) -> None:
+    message.policy = _POLICY_TO_PB[restart.policy]
+    message.backoff_sec, message.max_backoff_sec = restart.backoff_sec, restart.max_backoff_sec
+    if restart.max_restarts is not None:
+        message.max_restarts = restart.max_restarts
+
+
+def _restart(message: pb.RestartPolicy) -> domain.RestartSpec:
+    return domain.RestartSpec(
+        policy=_POLICY_FROM_PB.get(message.policy, domain.RestartPolicy.NEVER),
+        max_restarts=message.max_restarts if message.HasField("max_restarts") else None,
+        backoff_sec=message.backoff_sec,
+        max_backoff_sec=message.max_backoff_sec,
+    )
+
+
+def _fill_readiness(message: pb.Readiness, readiness: domain.ReadinessSpec) -> None:
+    message.timeout_sec = readiness.timeout_sec
+    if readiness.port is not None:
+        message.port = readiness.port
+    if readiness.output_pattern is not None:
+        message.output_pattern = readiness.output_pattern
+
+
+def _readiness(message: pb.Readiness) -> domain.ReadinessSpec:
+    return domain.ReadinessSpec(
+        port=message.port if message.HasField("port") else None,
+        output_pattern=message.output_pattern if message.HasField("output_pattern") else None,
+        timeout_sec=message.timeout_sec,
+    )
 
 
 def terminal_size_to_pb(size: domain.TerminalSize) -> pb.TerminalSize:
@@ -139,6 +183,8 @@ def process_spec(request: pb.StartRequest) -> domain.ProcessSpec:
         stdin=request.stdin,
         timeout_sec=request.timeout_sec if request.HasField("timeout_sec") else None,
         terminal=terminal_size(request.terminal) if request.HasField("terminal") else None,
+        restart=_restart(request.restart) if request.HasField("restart") else None,
+        readiness=_readiness(request.readiness) if request.HasField("readiness") else None,
     )
 
 
@@ -156,7 +202,11 @@ def process_info_to_pb(info: domain.ProcessInfo) -> pb.ProcessInfo:
         started_at=timestamp(info.started_at),
         stdin=info.stdin,
         terminal=info.terminal,
+        restarts=info.restarts,
+        ready=info.ready,
     )
+    if info.ready_at is not None:
+        message.ready_at.CopyFrom(timestamp(info.ready_at))
     if info.exit_code is not None:
         message.exit_code = info.exit_code
     if info.ended_at is not None:
@@ -180,6 +230,9 @@ def process_info(message: pb.ProcessInfo) -> domain.ProcessInfo:
         ended_at=moment(message.ended_at) if message.HasField("ended_at") else None,
         stdin=message.stdin,
         terminal=message.terminal,
+        restarts=message.restarts,
+        ready=message.ready,
+        ready_at=moment(message.ready_at) if message.HasField("ready_at") else None,
     )
 
 
@@ -278,6 +331,12 @@ def _fill_output_event(message: pb.OutputEvent, event: domain.OutputEvent) -> No
             end.ended_at.CopyFrom(timestamp(event.ended_at))
             if event.exit_code is not None:
                 end.exit_code = event.exit_code
+        case domain.ProcessRestarted():
+            restarted = message.restarted
+            restarted.seq, restarted.pid, restarted.restarts = event.seq, event.pid, event.restarts
+            restarted.signal = _signal_to_pb(event.signal)
+            if event.exit_code is not None:
+                restarted.exit_code = event.exit_code
 
 
 def output_event_to_pb(event: domain.OutputEvent) -> pb.OutputEvent:
@@ -301,6 +360,15 @@ def output_event(message: pb.OutputEvent) -> domain.OutputEvent:
     if which == "gap":
         gap = message.gap
         return domain.OutputGap(seq=gap.seq, lost_events=gap.lost_events, lost_bytes=gap.lost_bytes)
+    if which == "restarted":
+        restarted = message.restarted
+        return domain.ProcessRestarted(
+            seq=restarted.seq,
+            pid=restarted.pid,
+            restarts=restarted.restarts,
+            exit_code=restarted.exit_code if restarted.HasField("exit_code") else None,
+            signal=domain.to_signal(restarted.signal),
+        )
     end = message.exit
     return domain.ProcessExit(
         seq=end.seq,

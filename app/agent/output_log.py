@@ -9,7 +9,15 @@ from array import array
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from app.domain import OutputChunk, OutputEvent, OutputGap, ProcessExit, Stream, merge_chunks
+from app.domain import (
+    OutputChunk,
+    OutputEvent,
+    OutputGap,
+    ProcessExit,
+    ProcessRestarted,
+    Stream,
+    merge_chunks,
+)
 
 # What one retained event costs beyond its data (the objects and the list slot). Counting it keeps
 # a flood of tiny chunks within the cap in memory, not just in data bytes.
@@ -94,7 +102,8 @@ def _cost(event: OutputEvent) -> int:
 
 
 class OutputLog:
-    """The ordered events of one process: output chunks, then one exit event."""
+    """The ordered events of one process: output chunks (a restarted event between two runs), then
+    one exit event."""
 
     def __init__(self, cap_bytes: int) -> None:
         self._cap = cap_bytes
@@ -143,6 +152,16 @@ class OutputLog:
         data = self._cutters[stream].flush()
         if data:
             self._append(OutputChunk(self._next_seq, stream, data))
+
+    def restarted(
+        self, *, pid: int, restarts: int, exit_code: int | None, signum: signal.Signals | None
+    ) -> ProcessRestarted:
+        """Marks where one run ended and the next (pid) began; what the last run held back goes out first."""
+        for stream in Stream:
+            self.end_stream(stream)
+        event = ProcessRestarted(self._next_seq, pid, restarts, exit_code, signum)
+        self._append(event)
+        return event
 
     def close(
         self, *, exit_code: int | None, signum: signal.Signals | None, timed_out: bool, ended_at: datetime
@@ -242,7 +261,8 @@ class OutputLog:
                 last = batch[-1]
                 if isinstance(last, ProcessExit):
                     return
-                next_seq = last.seq + 1 if isinstance(last, OutputChunk) else last.seq
+                # A gap's seq is the first retained event's, which the batch holds next.
+                next_seq = last.seq if isinstance(last, OutputGap) else last.seq + 1
                 continue
             if self._exit is not None:  # asked for events after the exit: there are none
                 return

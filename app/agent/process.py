@@ -1,8 +1,11 @@
-"""One background process of a capsule: its child, output log, lifetime limit and how it ended."""
+"""One background process of a capsule: its child (one a run, under a restart policy), output log,
+lifetime limit, readiness and how it ended."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
 from collections.abc import Sequence
 from datetime import datetime
@@ -10,8 +13,20 @@ from pathlib import Path
 
 from app.agent.child import Child
 from app.agent.output_log import OutputLog
-from app.domain import ProcessInfo, ProcessStatus, TerminalSize, to_signal, utcnow
-from app.errors import InvalidState
+from app.agent.supervision import Backoff, Supervision, should_restart, wait_for_port
+from app.domain import (
+    ProcessEvent,
+    ProcessEventKind,
+    ProcessInfo,
+    ProcessStatus,
+    Stream,
+    TerminalSize,
+    to_signal,
+    utcnow,
+)
+from app.errors import CapsuleError, InvalidState
+
+logger = logging.getLogger(__name__)
 
 
 def exit_fields(code: int) -> tuple[int | None, signal.Signals | None]:
@@ -35,6 +50,7 @@ class ManagedProcess:
         stdin: bool,
         child: Child,
         log: OutputLog,
+        supervision: Supervision | None = None,
     ) -> None:
         self.capsule_id = capsule_id
         self.tag = tag
@@ -52,6 +68,16 @@ class ManagedProcess:
         self._timer: asyncio.TimerHandle | None = None
         self._exited = asyncio.Event()
         self._input_lock = asyncio.Lock()
+        self._supervision = supervision
+        # Set before the service signals, stops or times the process out: no restart after that.
+        self._for_good = asyncio.Event()
+        self._restarts = 0
+        readiness = None if supervision is None else supervision.readiness
+        self._ready = readiness is None
+        self._ready_at = self._started_at if self._ready else None
+        self._run_ready = asyncio.Event()
+        if supervision is not None and supervision.matcher is not None:
+            supervision.matcher.on_match = self._became_ready
 
     @property
     def is_running(self) -> bool:
@@ -80,6 +106,9 @@ class ManagedProcess:
             ended_at=self._ended_at,
             stdin=self._stdin,
             terminal=self._child.terminal,
+            restarts=self._restarts,
+            ready=self._ready,
+            ready_at=self._ready_at,
         )
 
     def limit_lifetime(self, timeout_sec: float) -> None:
@@ -87,13 +116,41 @@ class ManagedProcess:
         self._timer = asyncio.get_running_loop().call_later(timeout_sec, self._on_timeout)
 
     def _on_timeout(self) -> None:
-        if self.is_running and not self._child.has_exited:
+        if self.is_running:  # between runs too: the lifetime is the process's, not a run's
             self._timed_out = True
+            self._for_good.set()
             self._child.signal(signal.SIGKILL)
 
     async def run(self) -> ProcessInfo:
-        """Waits for the exit, then appends the exit event; returns the final info."""
-        code = await self._child.wait()
+        """Waits for each run's exit, starts the next while the restart policy says so, then appends
+        the exit event; returns the final info."""
+        loop = asyncio.get_running_loop()
+        backoff = None
+        while True:
+            run_started = loop.time()
+            watch = self._watch_readiness()
+            try:
+                code = await self._child.wait()
+            finally:
+                if watch is not None:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
+            if self._supervision is None:
+                break
+            self._supervision.run_ended(self._child.pid)
+            restart = self._supervision.restart
+            if restart is None or not self._restarts_after(code):
+                break
+            if self._supervision.readiness is not None:  # nothing runs until the next run: not ready
+                self._ready, self._ready_at = False, None
+            backoff = backoff or Backoff(restart)
+            delay = backoff.next_delay(loop.time() - run_started)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._for_good.wait()
+            if self._for_good.is_set() or not self._next_run(code):
+                break
         if self._timer is not None:
             self._timer.cancel()
         self._exit_code, self._signal = exit_fields(code)
@@ -103,6 +160,80 @@ class ManagedProcess:
         self._ended_at = exit_event.ended_at
         self._exited.set()
         return self.info()
+
+    def _restarts_after(self, code: int) -> bool:
+        assert self._supervision is not None and self._supervision.restart is not None
+        restart = self._supervision.restart
+        if self._for_good.is_set():
+            return False
+        if restart.max_restarts is not None and self._restarts >= restart.max_restarts:
+            return False
+        return should_restart(restart.policy, code)
+
+    def _next_run(self, code: int) -> bool:
+        """Starts the next run; False (the reason in the log) when it cannot start."""
+        assert self._supervision is not None
+        try:
+            child = self._supervision.respawn()
+        except CapsuleError as exc:
+            logger.info("capsule %s: process %s could not be restarted: %s", self.capsule_id, self.tag, exc)
+            reason = f"capsule: process {self.tag} could not be restarted, so it ends: {exc}\n"
+            self.log.append_output(Stream.STDERR, reason.encode())
+            return False
+        self._child, self.pid = child, child.pid
+        self._restarts += 1
+        if self._supervision.readiness is not None:  # each run becomes ready anew
+            self._run_ready.clear()
+            if self._supervision.matcher is not None:
+                self._supervision.matcher.rearm()
+        exit_code, signum = exit_fields(code)
+        self.log.restarted(pid=child.pid, restarts=self._restarts, exit_code=exit_code, signum=signum)
+        logger.info(
+            "capsule %s: process %s restarted (%d) as pid %d",
+            self.capsule_id,
+            self.tag,
+            self._restarts,
+            self.pid,
+        )
+        self._supervision.publish(ProcessEvent(ProcessEventKind.RESTARTED, self.info()))
+        return True
+
+    def _watch_readiness(self) -> asyncio.Task[None] | None:
+        """The check of the current run's readiness, bounded by its timeout."""
+        if self._supervision is None or self._supervision.readiness is None or self._ready:
+            return None
+        check = self._check_readiness(self._child)
+        return asyncio.create_task(check, name=f"ready-{self.capsule_id}-{self.pid}")
+
+    async def _check_readiness(self, child: Child) -> None:
+        assert self._supervision is not None and self._supervision.readiness is not None
+        readiness = self._supervision.readiness
+        try:
+            async with asyncio.timeout(readiness.timeout_sec):
+                if readiness.port is not None:
+                    await wait_for_port(readiness.port)
+                    self._became_ready()
+                else:
+                    await self._run_ready.wait()
+        except TimeoutError:
+            if self._ready or child is not self._child or child.has_exited:
+                return
+            what = f"port {readiness.port}" if readiness.port is not None else "outputPattern"
+            reason = (
+                f"capsule: process {self.tag} was not ready ({what}) within {readiness.timeout_sec:g} s, "
+                "so its group was killed\n"
+            )
+            self.log.append_output(Stream.STDERR, reason.encode())
+            self._for_good.set()
+            child.signal(signal.SIGKILL)
+
+    def _became_ready(self) -> None:
+        if self._ready or not self.is_running or self._supervision is None:
+            return
+        self._ready, self._ready_at = True, utcnow()
+        self._run_ready.set()
+        logger.info("capsule %s: process %s (pid %d) is ready", self.capsule_id, self.tag, self.pid)
+        self._supervision.publish(ProcessEvent(ProcessEventKind.READY, self.info()))
 
     async def wait(self, timeout_sec: float | None = None) -> bool:
         """Waits for the exit to be recorded; False if timeout_sec ran out first."""
@@ -116,10 +247,12 @@ class ManagedProcess:
     def signal(self, signum: signal.Signals, *, group: bool) -> None:
         """Sends a signal to the group or the process; an exited process is InvalidState."""
         self._require_running()
+        self._for_good.set()
         self._child.signal(signum, group=group)
 
     def kill(self) -> None:
         """SIGKILL to the group and no more waiting for its pipes."""
+        self._for_good.set()
         self._child.kill_now()
 
     async def send_input(self, data: bytes, *, timeout_sec: float) -> None:

@@ -326,8 +326,11 @@ class Sandbox:
                 if event.kind is ProcessEventKind.STARTED:
                     self.running.add(key)
                     self._relayed.append(key)
-                else:
-                    self.running.discard(key)
+                elif event.kind is not ProcessEventKind.READY:  # a restart's new pid, or the end
+                    # A tag is unique among the running: it names the process whatever its run's pid.
+                    self.running = {k for k in self.running if k[1] != key[1]}
+                    if event.kind is ProcessEventKind.RESTARTED:
+                        self.running.add(key)
                 publish(event)
                 news, self._news = self._news, asyncio.Event()
                 news.set()

@@ -16,11 +16,13 @@ from app.agent.events import Publish
 from app.agent.leftovers import Sessions
 from app.agent.output_log import OutputLog
 from app.agent.process import ManagedProcess
+from app.agent.supervision import LineMatcher, Supervision
 from app.config import Settings
 from app.domain import (
     SENDABLE_SIGNALS,
     ExecResult,
     ExecSpec,
+    InputLimits,
     OutputEvent,
     ProcessEvent,
     ProcessEventKind,
@@ -29,6 +31,8 @@ from app.domain import (
     SignalScope,
     Stream,
     TerminalSize,
+    check_readiness,
+    check_restart,
     check_tag,
     check_terminal_size,
     check_timeout,
@@ -167,11 +171,36 @@ class Supervisor:
         stdin = spec.stdin or terminal is not None  # a terminal's input is what is typed
         if terminal is not None and "TERM" not in env:
             env = {**env, "TERM": TERM}
+        restart = None if spec.restart is None else check_restart(spec.restart)
+        readiness = None if spec.readiness is None else check_readiness(spec.readiness, InputLimits())
         log = OutputLog(self._settings.output_cap_bytes)
-        child = Child.spawn(argv, env=env, cwd=cwd, stdin=stdin, sink=log.append_output, terminal=terminal)
-        self.sessions.add(child.pid)
+        pattern = None if readiness is None else readiness.output_pattern
+        matcher = None if pattern is None else LineMatcher(pattern, log.append_output)
+        sink = log.append_output if matcher is None else matcher.feed
+
+        def spawn() -> Child:  # each run of the process, the first and every restart
+            child = Child.spawn(argv, env=env, cwd=cwd, stdin=stdin, sink=sink, terminal=terminal)
+            self.sessions.add(child.pid)
+            return child
+
+        child = spawn()
+        supervision = Supervision(
+            respawn=spawn,
+            publish=self._publish,
+            run_ended=self.sessions.remove,
+            restart=restart,
+            readiness=readiness,
+            matcher=matcher,
+        )
         proc = ManagedProcess(
-            capsule_id=self.capsule_id, tag=tag, argv=argv, cwd=cwd, stdin=stdin, child=child, log=log
+            capsule_id=self.capsule_id,
+            tag=tag,
+            argv=argv,
+            cwd=cwd,
+            stdin=stdin,
+            child=child,
+            log=log,
+            supervision=supervision,
         )
         if timeout_sec:  # 0, like absent, sets no lifetime limit
             proc.limit_lifetime(timeout_sec)

@@ -37,6 +37,8 @@ class ProcessEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROCESS_EVENT_KIND_UNSPECIFIED: _ClassVar[ProcessEventKind]
     EVENT_STARTED: _ClassVar[ProcessEventKind]
     EVENT_EXITED: _ClassVar[ProcessEventKind]
+    EVENT_READY: _ClassVar[ProcessEventKind]
+    EVENT_RESTARTED: _ClassVar[ProcessEventKind]
 RUNTIME_UNSPECIFIED: CapsuleRuntime
 RUNTIME_SANDBOX: CapsuleRuntime
 RUNTIME_PLAIN: CapsuleRuntime
@@ -50,6 +52,8 @@ STDERR: Stream
 PROCESS_EVENT_KIND_UNSPECIFIED: ProcessEventKind
 EVENT_STARTED: ProcessEventKind
 EVENT_EXITED: ProcessEventKind
+EVENT_READY: ProcessEventKind
+EVENT_RESTARTED: ProcessEventKind
 
 class Empty(_message.Message):
     __slots__ = ()
@@ -170,7 +174,7 @@ class ExecReply(_message.Message):
     def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., timed_out: _Optional[bool] = ..., truncated: _Optional[bool] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "stdin", "timeout_sec", "max_running", "terminal")
+    __slots__ = ("capsule_id", "cmd", "args", "envs", "cwd", "tag", "stdin", "timeout_sec", "max_running", "restart", "readiness", "terminal")
     CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
     CMD_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +184,8 @@ class StartRequest(_message.Message):
     STDIN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SEC_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
+    READINESS_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
     capsule_id: str
     cmd: str
@@ -190,8 +196,10 @@ class StartRequest(_message.Message):
     stdin: bool
     timeout_sec: float
     max_running: int
+    restart: RestartPolicy
+    readiness: Readiness
     terminal: TerminalSize
-    def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., stdin: _Optional[bool] = ..., timeout_sec: _Optional[float] = ..., max_running: _Optional[int] = ..., terminal: _Optional[_Union[TerminalSize, _Mapping]] = ...) -> None: ...
+    def __init__(self, capsule_id: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., envs: _Optional[_Iterable[_Union[EnvVar, _Mapping]]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., stdin: _Optional[bool] = ..., timeout_sec: _Optional[float] = ..., max_running: _Optional[int] = ..., restart: _Optional[_Union[RestartPolicy, _Mapping]] = ..., readiness: _Optional[_Union[Readiness, _Mapping]] = ..., terminal: _Optional[_Union[TerminalSize, _Mapping]] = ...) -> None: ...
 
 class TerminalSize(_message.Message):
     __slots__ = ("cols", "rows")
@@ -201,8 +209,38 @@ class TerminalSize(_message.Message):
     rows: int
     def __init__(self, cols: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
+class RestartPolicy(_message.Message):
+    __slots__ = ("policy", "max_restarts", "backoff_sec", "max_backoff_sec")
+    class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        NEVER: _ClassVar[RestartPolicy.Policy]
+        ON_FAILURE: _ClassVar[RestartPolicy.Policy]
+        ALWAYS: _ClassVar[RestartPolicy.Policy]
+    NEVER: RestartPolicy.Policy
+    ON_FAILURE: RestartPolicy.Policy
+    ALWAYS: RestartPolicy.Policy
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_SEC_FIELD_NUMBER: _ClassVar[int]
+    MAX_BACKOFF_SEC_FIELD_NUMBER: _ClassVar[int]
+    policy: RestartPolicy.Policy
+    max_restarts: int
+    backoff_sec: float
+    max_backoff_sec: float
+    def __init__(self, policy: _Optional[_Union[RestartPolicy.Policy, str]] = ..., max_restarts: _Optional[int] = ..., backoff_sec: _Optional[float] = ..., max_backoff_sec: _Optional[float] = ...) -> None: ...
+
+class Readiness(_message.Message):
+    __slots__ = ("port", "output_pattern", "timeout_sec")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PATTERN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SEC_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    output_pattern: str
+    timeout_sec: float
+    def __init__(self, port: _Optional[int] = ..., output_pattern: _Optional[str] = ..., timeout_sec: _Optional[float] = ...) -> None: ...
+
 class ProcessInfo(_message.Message):
-    __slots__ = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "status", "exit_code", "signal", "timed_out", "started_at", "ended_at", "stdin", "terminal")
+    __slots__ = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "status", "exit_code", "signal", "timed_out", "started_at", "ended_at", "stdin", "restarts", "ready", "ready_at", "terminal")
     CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +254,9 @@ class ProcessInfo(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    READY_AT_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
     capsule_id: str
     pid: int
@@ -230,8 +271,11 @@ class ProcessInfo(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     ended_at: _timestamp_pb2.Timestamp
     stdin: bool
+    restarts: int
+    ready: bool
+    ready_at: _timestamp_pb2.Timestamp
     terminal: bool
-    def __init__(self, capsule_id: _Optional[str] = ..., pid: _Optional[int] = ..., tag: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., status: _Optional[_Union[ProcessStatus, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdin: _Optional[bool] = ..., terminal: _Optional[bool] = ...) -> None: ...
+    def __init__(self, capsule_id: _Optional[str] = ..., pid: _Optional[int] = ..., tag: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., status: _Optional[_Union[ProcessStatus, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdin: _Optional[bool] = ..., restarts: _Optional[int] = ..., ready: _Optional[bool] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., terminal: _Optional[bool] = ...) -> None: ...
 
 class ProcessList(_message.Message):
     __slots__ = ("processes",)
@@ -301,6 +345,20 @@ class OutputGap(_message.Message):
     lost_bytes: int
     def __init__(self, seq: _Optional[int] = ..., lost_events: _Optional[int] = ..., lost_bytes: _Optional[int] = ...) -> None: ...
 
+class ProcessRestarted(_message.Message):
+    __slots__ = ("seq", "pid", "restarts", "exit_code", "signal")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    pid: int
+    restarts: int
+    exit_code: int
+    signal: int
+    def __init__(self, seq: _Optional[int] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ...) -> None: ...
+
 class ProcessExit(_message.Message):
     __slots__ = ("seq", "exit_code", "signal", "timed_out", "ended_at")
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -316,14 +374,16 @@ class ProcessExit(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class OutputEvent(_message.Message):
-    __slots__ = ("chunk", "gap", "exit")
+    __slots__ = ("chunk", "gap", "exit", "restarted")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     GAP_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
+    RESTARTED_FIELD_NUMBER: _ClassVar[int]
     chunk: OutputChunk
     gap: OutputGap
     exit: ProcessExit
-    def __init__(self, chunk: _Optional[_Union[OutputChunk, _Mapping]] = ..., gap: _Optional[_Union[OutputGap, _Mapping]] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ...) -> None: ...
+    restarted: ProcessRestarted
+    def __init__(self, chunk: _Optional[_Union[OutputChunk, _Mapping]] = ..., gap: _Optional[_Union[OutputGap, _Mapping]] = ..., exit: _Optional[_Union[ProcessExit, _Mapping]] = ..., restarted: _Optional[_Union[ProcessRestarted, _Mapping]] = ...) -> None: ...
 
 class OutputBatch(_message.Message):
     __slots__ = ("events",)

@@ -207,7 +207,7 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchProcesses(self, request, context):
-        """STARTED and EXITED events; an empty capsule_id watches every capsule of the agent.
+        """STARTED, READY, RESTARTED and EXITED events; an empty capsule_id watches every capsule of the agent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
