@@ -24,6 +24,7 @@ strawberry.enum(
     description="Who a signal reaches: the process alone, or its whole process group (children included).",
 )
 strawberry.enum(domain.ProcessEventKind, name="ProcessEventKind")
+strawberry.enum(domain.WaitCondition, name="WaitCondition")
 
 CapsuleStatus = domain.CapsuleStatus
 ProcessStatus = domain.ProcessStatus
@@ -31,6 +32,21 @@ OutputStream = domain.Stream
 Encoding = domain.Encoding
 SignalScope = domain.SignalScope
 ProcessEventKind = domain.ProcessEventKind
+WaitCondition = domain.WaitCondition
+
+
+@strawberry.enum
+class RestartPolicy(enum.Enum):
+    NEVER = "NEVER"
+    ON_FAILURE = strawberry.enum_value(
+        "ON_FAILURE", description="When it exits non-zero or a signal the service did not send ends it."
+    )
+    ALWAYS = strawberry.enum_value(
+        "ALWAYS", description="Whenever it ends, unless the service stopped or signalled it."
+    )
+
+    def to_domain(self) -> domain.RestartPolicy:
+        return domain.RestartPolicy(self.value)
 
 
 @strawberry.enum(description="Where a capsule's processes run.")

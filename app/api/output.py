@@ -34,6 +34,19 @@ class OutputGap:
 
 
 @strawberry.type(
+    description="The run ended and the restart policy started the process again; "
+    "the stream goes on with the new run's output."
+)
+class ProcessRestarted:
+    seq: int
+    pid: int = strawberry.field(description="The new run's pid.")
+    restarts: int
+    exit_code: int | None = strawberry.field(description="How the previous run ended.")
+    signal: Signal | None
+    oom_killed: bool = False
+
+
+@strawberry.type(
     description="The last event of a stream, sent only once the process has really ended "
     "(never for a stream that merely closed)."
 )
@@ -46,15 +59,16 @@ class ProcessExited:
 
 
 ProcessOutputEvent: TypeAlias = Annotated[
-    OutputChunk | OutputGap | ProcessExited, strawberry.union("ProcessOutputEvent")
+    OutputChunk | OutputGap | ProcessRestarted | ProcessExited, strawberry.union("ProcessOutputEvent")
 ]
 
 
 shareable(OutputChunk, lambda chunk: len(chunk.data))
 shareable(OutputGap)
+shareable(ProcessRestarted)
 shareable(ProcessExited)
 
-GraphQLOutputEvent: TypeAlias = OutputChunk | OutputGap | ProcessExited
+GraphQLOutputEvent: TypeAlias = OutputChunk | OutputGap | ProcessRestarted | ProcessExited
 
 # The fan-out hands every subscriber of a process the same event objects: each is converted once,
 # and its subscribers then share one object, which the executor can share results for.
@@ -91,6 +105,14 @@ def _convert(event: domain.OutputEvent) -> GraphQLOutputEvent:
             return OutputChunk(seq=event.seq, stream=event.stream, data=data, encoding=encoding)
         case domain.OutputGap():
             return OutputGap(seq=event.seq, lost_events=event.lost_events, lost_bytes=event.lost_bytes)
+        case domain.ProcessRestarted():
+            return ProcessRestarted(
+                seq=event.seq,
+                pid=event.pid,
+                restarts=event.restarts,
+                exit_code=event.exit_code,
+                signal=Signal.of(event.signal),
+            )
         case domain.ProcessExit():
             return ProcessExited(
                 seq=event.seq,

@@ -12,7 +12,15 @@ from strawberry import ID
 from app import domain
 from app.api.auth import team_field, team_mutation, team_subscription
 from app.api.context import Info
-from app.api.enums import Encoding, ProcessEventKind, ProcessStatus, Signal, SignalScope
+from app.api.enums import (
+    Encoding,
+    ProcessEventKind,
+    ProcessStatus,
+    RestartPolicy,
+    Signal,
+    SignalScope,
+    WaitCondition,
+)
 
 
 @strawberry.input
@@ -53,6 +61,46 @@ class TerminalInput:
 
 
 @strawberry.input
+class RestartInput:
+    policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    max_restarts: int | None = strawberry.field(
+        default=5, description="Restarts allowed before it is left EXITED; null: no limit."
+    )
+    backoff_sec: float = strawberry.field(
+        default=1.0,
+        description="Delay before the first restart; it doubles with each restart up to maxBackoffSec.",
+    )
+    max_backoff_sec: float = 30.0
+
+    def to_spec(self) -> domain.RestartSpec:
+        return domain.RestartSpec(
+            policy=self.policy.to_domain(),
+            max_restarts=self.max_restarts,
+            backoff_sec=self.backoff_sec,
+            max_backoff_sec=self.max_backoff_sec,
+        )
+
+
+@strawberry.input
+class ReadinessInput:
+    port: int | None = strawberry.field(
+        default=None, description="Ready once something in the capsule accepts TCP connections on this port."
+    )
+    output_pattern: str | None = strawberry.field(
+        default=None,
+        description="Ready once a line of its output matches this regular expression (Python re syntax).",
+    )
+    timeout_sec: int = strawberry.field(
+        default=60, description="Not ready by then: its group is killed and it ends with ready false."
+    )
+
+    def to_spec(self) -> domain.ReadinessSpec:
+        return domain.ReadinessSpec(
+            port=self.port, output_pattern=self.output_pattern, timeout_sec=self.timeout_sec
+        )
+
+
+@strawberry.input
 class StartProcessInput(CommandInput):
     tag: str | None = strawberry.field(
         default=None,
@@ -73,6 +121,13 @@ class StartProcessInput(CommandInput):
         "input as typed keys (stdin is implied).",
     )
 
+    restart: RestartInput | None = strawberry.field(
+        default=None, description="Start it again when it ends; null: never."
+    )
+    readiness: ReadinessInput | None = strawberry.field(
+        default=None, description="When it counts as ready; null: ready once started."
+    )
+
     def to_spec(self) -> domain.ProcessSpec:
         return domain.ProcessSpec(
             **self.command(),
@@ -80,6 +135,8 @@ class StartProcessInput(CommandInput):
             stdin=self.stdin,
             timeout_sec=self.timeout_sec,
             terminal=None if self.terminal is None else self.terminal.to_size(),
+            restart=None if self.restart is None else self.restart.to_spec(),
+            readiness=None if self.readiness is None else self.readiness.to_spec(),
         )
 
 
@@ -100,6 +157,14 @@ class Process:
     started_at: datetime
     ended_at: datetime | None
     terminal: bool = strawberry.field(description="True when it runs on a pseudo-terminal.")
+    ready: bool = strawberry.field(
+        description="True once its readiness check passed; true from the start for a process without one."
+    )
+    ready_at: datetime | None
+    restarts: int = strawberry.field(
+        description="How often its restart policy started it again; each run has a new pid, "
+        "the tag and the output stream stay."
+    )
 
     @classmethod
     def from_info(cls, info: domain.ProcessInfo) -> Process:
@@ -117,6 +182,9 @@ class Process:
             started_at=info.started_at,
             ended_at=info.ended_at,
             terminal=info.terminal,
+            ready=info.ready,
+            ready_at=info.ready_at,
+            restarts=info.restarts,
         )
 
 
@@ -150,6 +218,23 @@ class ProcessQuery:
     async def process(self, info: Info, capsule_id: ID, selector: str) -> Process | None:
         found = await info.context.services.processes.get(capsule_id, selector)
         return None if found is None else Process.from_info(found)
+
+    @team_field(
+        description="Returns once the condition holds, the process has exited, or timeoutSec has passed, "
+        "whichever comes first: read ready and status."
+    )
+    async def wait_for_process(
+        self,
+        info: Info,
+        capsule_id: ID,
+        selector: str,
+        until: WaitCondition = WaitCondition.READY,
+        timeout_sec: int = 60,
+    ) -> Process:
+        found = await info.context.services.processes.wait(
+            capsule_id, selector, until=until, timeout_sec=timeout_sec
+        )
+        return Process.from_info(found)
 
 
 @strawberry.type

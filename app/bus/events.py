@@ -39,6 +39,9 @@ def process_info_to_dict(info: domain.ProcessInfo) -> dict[str, Any]:
         "timed_out": info.timed_out,
         "ended_at": _moment(info.ended_at),
         "stdin": info.stdin,
+        "restarts": info.restarts,
+        "ready": info.ready,
+        "ready_at": _moment(info.ready_at),
     }
 
 
@@ -61,6 +64,10 @@ def process_info_from_dict(data: dict[str, Any]) -> domain.ProcessInfo:
         timed_out=bool(data["timed_out"]),
         ended_at=_parse_moment(data["ended_at"]),
         stdin=bool(data["stdin"]),
+        # Events stored before supervision existed hold none of these.
+        restarts=int(data.get("restarts", 0)),
+        ready=bool(data.get("ready", True)),
+        ready_at=_parse_moment(data.get("ready_at")),
     )
 
 

@@ -278,6 +278,10 @@ class ExitRecorder:
             async for event in events:
                 if event.kind is ProcessEventKind.EXITED:
                     await self._records.record_exit(event.process, team_id=None)
+                elif event.kind is ProcessEventKind.RESTARTED:  # a run its restart policy replaced
+                    await self._records.record_run(event.kind, event.process)
+                elif event.kind is ProcessEventKind.READY:
+                    await self._records.record_run(event.kind, event.process)
 
 
 class Reconciler:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from app import domain
-from app.domain import CapsuleEvent, InputLimits, ProcessInfo, ProcessSpec, ProcessStatus, SignalScope
+from app.domain import (
+    CapsuleEvent,
+    InputLimits,
+    ProcessInfo,
+    ProcessSpec,
+    ProcessStatus,
+    SignalScope,
+    WaitCondition,
+)
 from app.errors import InvalidRequest, NotFound
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
@@ -17,12 +27,18 @@ from app.services.events import decode_cursor
 from app.services.feeds import EventFeeds
 from app.services.records import ProcessRecords, record_to_info
 from app.store import models
-from app.store.repositories import ProcessRecordRepository
+from app.store.repositories import ProcessEventRepository, ProcessRecordRepository
 from app.store.session import Database
 
 logger = logging.getLogger(__name__)
 
 MAX_GRACE_SEC = 3600
+MAX_WAIT_SEC = 3600
+
+
+def _holds(info: ProcessInfo, until: WaitCondition) -> bool:
+    """Whether a wait for `until` is over: it holds, or the process has exited."""
+    return info.status is ProcessStatus.EXITED or (until is WaitCondition.READY and info.ready)
 
 
 def _sort_key(info: ProcessInfo) -> tuple[bool, float]:
@@ -73,6 +89,14 @@ class ProcessService:
             except NotFound:  # stopped meanwhile (idle, or destroyed by another request): records it is
                 live = None
             if live is not None:
+                # A record that has not caught up with a restart still names the earlier run's pid.
+                running_by_tag = {
+                    p.tag: key for key, p in merged.items() if p.status is ProcessStatus.RUNNING
+                }
+                for process in live:
+                    stale = running_by_tag.get(process.tag)
+                    if stale is not None and stale != (process.pid, process.tag):
+                        merged.pop(stale, None)
                 merged.update({(p.pid, p.tag): p for p in live})
                 await self._records.reconcile(capsule, running=running, live=live)
         infos = [p for p in merged.values() if status is None or p.status is status]
@@ -123,6 +147,36 @@ class ProcessService:
         """Gives the pseudo-terminal of a process started with one a new size (it gets SIGWINCH)."""
         domain.check_terminal_size(size)
         await (await self._host_of(capsule_id, selector)).resize_terminal(capsule_id, selector, size)
+
+    async def wait(
+        self, capsule_id: str, selector: str, *, until: WaitCondition, timeout_sec: int
+    ) -> ProcessInfo:
+        """The process once `until` holds, it has exited, or timeout_sec has passed, whichever is first.
+
+        Waits on the capsule's event history (bus news, the replica's poll behind it), never by asking
+        the host again and again: the record is read once before and once after.
+        """
+        if not 0 <= timeout_sec <= MAX_WAIT_SEC:
+            raise InvalidRequest(f"timeoutSec is {timeout_sec}: pass 0 to {MAX_WAIT_SEC} seconds")
+        capsule = await self._capsules.require(capsule_id)
+        key = domain.parse_selector(selector)
+        async with self._db.session() as session:
+            # The history's head first: whatever the record does not show yet comes after it.
+            head, _ = await ProcessEventRepository(session, self._team_id).bounds(capsule_id)
+        record = await self._record(capsule_id, key)
+        if record is None:
+            raise NotFound(f"no process {selector} in capsule {capsule_id}")
+        found = record_to_info(record)
+        if _holds(found, until) or timeout_sec == 0:
+            return found
+        events = self._feeds.follow(team_id=capsule.team_id, capsule_id=capsule_id, after=head)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_sec), aclosing(events):
+                async for event in events:
+                    if event.process.tag == found.tag and _holds(event.process, until):
+                        break
+        final = await self._record(capsule_id, found.tag)
+        return found if final is None else record_to_info(final)
 
     async def events(self, capsule_id: str, after: str | None = None) -> AsyncIterator[CapsuleEvent]:
         """Lifecycle events of the capsule's processes, from every API replica, in the capsule's order:

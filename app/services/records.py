@@ -12,10 +12,23 @@ from dataclasses import replace
 
 from app import domain
 from app.bus.broadcast import Bus
-from app.domain import CapsuleInfo, EventRetention, ProcessEventKind, ProcessInfo, ProcessStatus, utcnow
+from app.domain import (
+    CapsuleInfo,
+    EventRetention,
+    ProcessEvent,
+    ProcessEventKind,
+    ProcessInfo,
+    ProcessStatus,
+    utcnow,
+)
 from app.services.events import EventLog
 from app.store import models
-from app.store.repositories import ProcessExitRecord, ProcessRecordRepository, SystemRepository
+from app.store.repositories import (
+    ProcessExitRecord,
+    ProcessRecordRepository,
+    ProcessRunRecord,
+    SystemRepository,
+)
 from app.store.session import Database
 
 logger = logging.getLogger(__name__)
@@ -39,6 +52,9 @@ def record_to_info(record: models.ProcessRecord) -> ProcessInfo:
         timed_out=record.timed_out,
         ended_at=record.ended_at,
         terminal=record.terminal,
+        restarts=record.restarts,
+        ready=record.ready,
+        ready_at=record.ready_at,
     )
 
 
@@ -51,6 +67,9 @@ def _exit_record(info: ProcessInfo) -> ProcessExitRecord:
         signal=domain.signal_name(info.signal),
         timed_out=info.timed_out,
         ended_at=info.ended_at or utcnow(),
+        restarts=info.restarts,
+        ready=info.ready,
+        ready_at=info.ready_at,
     )
 
 
@@ -65,11 +84,12 @@ class ProcessRecords:
     def __init__(self, *, db: Database, bus: Bus, retention: EventRetention | None = None) -> None:
         self._db = db
         self._events = EventLog(bus=bus, retention=retention or EventRetention())
-        # Exits that arrived before their start was recorded, by (capsule, pid, tag). A lock per
-        # process makes "insert the start, then apply a waiting exit" and "find no record, park the
-        # exit" exclusive, while writes about other processes go on at the same time.
-        self._early_exits: OrderedDict[tuple[str, int, str], ProcessInfo] = OrderedDict()
-        self._locks: dict[tuple[str, int, str], tuple[asyncio.Lock, int]] = {}
+        # Events (exits, restarts, readiness) that arrived before their start was recorded, by
+        # (capsule, tag): a restarted process's events name pids its start never had. A lock per
+        # process makes "insert the start, then apply what waits" and "find no record, park the
+        # event" exclusive, while writes about other processes go on at the same time.
+        self._early: OrderedDict[tuple[str, str], list[ProcessEvent]] = OrderedDict()
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def record_start(self, team_id: int, info: ProcessInfo) -> None:
         """Stores a record of a process that has just started and announces it."""
@@ -84,6 +104,9 @@ class ProcessRecords:
             status=ProcessStatus.RUNNING,
             started_at=info.started_at,
             terminal=info.terminal,
+            restarts=info.restarts,
+            ready=info.ready,
+            ready_at=info.ready_at,
         )
         # The event reports the start alone, even of a process that has ended since.
         started = replace(
@@ -95,10 +118,18 @@ class ProcessRecords:
                 seq = await self._events.append(
                     session, team_id=team_id, kind=ProcessEventKind.STARTED, process=started
                 )
-            early = self._early_exits.pop((info.capsule_id, info.pid, info.tag), None)
+            # Parked events of an older process that had this tag are not this one's.
+            parked = self._early.pop((info.capsule_id, info.tag), [])
+            early = [e for e in parked if e.process.started_at == info.started_at]
         await self._events.announce(info.capsule_id, seq)
-        if early is not None or info.status is ProcessStatus.EXITED:  # it ended before it was recorded
-            await self.record_exit(early or info, team_id=team_id)
+        for event in early:  # what happened before the start was recorded, in its order
+            if event.kind is ProcessEventKind.EXITED:
+                await self.record_exit(event.process, team_id=team_id)
+            else:
+                await self.record_run(event.kind, event.process)
+        ended = any(e.kind is ProcessEventKind.EXITED for e in early)
+        if info.status is ProcessStatus.EXITED and not ended:  # it ended before it was recorded
+            await self.record_exit(info, team_id=team_id)
 
     async def record_exit(self, info: ProcessInfo, *, team_id: int | None) -> bool:
         """Marks the process EXITED once across every replica; True for the call that did.
@@ -114,7 +145,7 @@ class ProcessRecords:
                 system = SystemRepository(session)
                 record = await system.record_exit(exit)
                 if record is None and not await system.has_record(info.capsule_id, info.pid, info.tag):
-                    self._park(info)
+                    self._park(ProcessEvent(ProcessEventKind.EXITED, info))
             if record is not None:
                 seq = await self._events.append(
                     session,
@@ -128,9 +159,46 @@ class ProcessRecords:
         await self._events.announce(info.capsule_id, seq)
         return True
 
+    async def record_run(self, kind: ProcessEventKind, info: ProcessInfo) -> bool:
+        """Moves the record to a later run (RESTARTED) or to ready (READY) once across every replica,
+        with its event; True for the call that did. The exit recorder's, across teams."""
+        run = ProcessRunRecord(
+            capsule_id=info.capsule_id,
+            tag=info.tag,
+            pid=info.pid,
+            restarts=info.restarts,
+            ready=info.ready,
+            ready_at=info.ready_at,
+        )
+        async with self._locked(info), self._db.transaction() as session:
+            system = SystemRepository(session)
+            record = await system.record_run(run)
+            if record is None:
+                known = await system.has_running(info.capsule_id, info.tag) or await system.has_record(
+                    info.capsule_id, info.pid, info.tag
+                )
+                if not known:  # its start is not recorded yet
+                    self._park(ProcessEvent(kind, info))
+            else:
+                seq = await self._events.append(
+                    session, team_id=record.team_id, kind=kind, process=record_to_info(record)
+                )
+        if record is None:
+            return False
+        logger.info(
+            "capsule %s process %s (%s): %s, run %d",
+            info.capsule_id,
+            info.pid,
+            info.tag,
+            kind.value,
+            info.restarts,
+        )
+        await self._events.announce(info.capsule_id, seq)
+        return True
+
     @asynccontextmanager
     async def _locked(self, info: ProcessInfo) -> AsyncIterator[None]:
-        key = (info.capsule_id, info.pid, info.tag)
+        key = (info.capsule_id, info.tag)
         lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
         self._locks[key] = (lock, users + 1)
         try:
@@ -143,10 +211,12 @@ class ProcessRecords:
             else:
                 self._locks[key] = (lock, users - 1)
 
-    def _park(self, info: ProcessInfo) -> None:
-        self._early_exits[(info.capsule_id, info.pid, info.tag)] = info
-        while len(self._early_exits) > MAX_EARLY_EXITS:  # starts that failed to record never claim theirs
-            self._early_exits.popitem(last=False)
+    def _park(self, event: ProcessEvent) -> None:
+        key = (event.process.capsule_id, event.process.tag)
+        self._early.setdefault(key, []).append(event)
+        self._early.move_to_end(key)
+        while len(self._early) > MAX_EARLY_EXITS:  # starts that failed to record never claim theirs
+            self._early.popitem(last=False)
 
     async def running(self, capsule: CapsuleInfo) -> list[ProcessInfo]:
         """The capsule's processes on record as RUNNING."""
@@ -170,8 +240,13 @@ class ProcessRecords:
         records say no more than when.
         """
         by_key = {(p.pid, p.tag): p for p in live}
+        # A run the restart policy started since the record was written has a pid it does not know.
+        by_tag = {p.tag: p for p in live if p.restarts}
         for info in running:
             seen = by_key.get((info.pid, info.tag))
+            later = by_tag.get(info.tag)
+            if seen is None and later is not None and later.restarts > info.restarts:
+                seen = later
             ended = _lost(info, killed=killed) if seen is None else seen
             if ended.status is ProcessStatus.EXITED:
                 await self.record_exit(ended, team_id=capsule.team_id)

@@ -375,6 +375,51 @@ class ProcessExitRecord:
     signal: str | None
     timed_out: bool
     ended_at: datetime
+    # The last run's: an exit of a restarted process names a pid its record may not have seen yet.
+    restarts: int = 0
+    ready: bool = True
+    ready_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRunRecord:
+    """Where a process's runs stand (a READY or RESTARTED event), as a record stores it."""
+
+    capsule_id: str
+    tag: str
+    pid: int  # the current run's
+    restarts: int
+    ready: bool
+    ready_at: datetime | None
+
+
+async def _advance_run(session: AsyncSession, run: ProcessRunRecord) -> models.ProcessRecord | None:
+    """Moves the RUNNING record to a later run, or to ready in the same run; the record for the one
+    caller that changed it, else None (a conditional UPDATE, as _mark_exited: once across replicas)."""
+    record = models.ProcessRecord
+    later = [col(record.restarts) < run.restarts]
+    if run.ready:
+        later.append(
+            sa.and_(
+                col(record.restarts) == run.restarts,
+                col(record.pid) == run.pid,
+                col(record.ready).is_(False),
+            )
+        )
+    statement = (
+        update(record)
+        .where(
+            col(record.capsule_id) == run.capsule_id,
+            col(record.tag) == run.tag,
+            col(record.status) == ProcessStatus.RUNNING,
+            sa.or_(*later),
+        )
+        .values(pid=run.pid, restarts=run.restarts, ready=run.ready, ready_at=run.ready_at)
+        .returning(record)
+    )
+    result = await session.exec(statement, execution_options={"populate_existing": True})
+    changed: models.ProcessRecord | None = result.scalars().first()
+    return changed
 
 
 async def _mark_exited(
@@ -391,11 +436,15 @@ async def _mark_exited(
         .where(
             *scope,
             col(record.capsule_id) == exit.capsule_id,
-            col(record.pid) == exit.pid,
+            sa.or_(col(record.pid) == exit.pid, col(record.restarts) < exit.restarts),
             col(record.tag) == exit.tag,
             col(record.status) == ProcessStatus.RUNNING,
         )
         .values(
+            pid=exit.pid,
+            restarts=exit.restarts,
+            ready=exit.ready,
+            ready_at=exit.ready_at,
             status=ProcessStatus.EXITED,
             exit_code=exit.exit_code,
             signal=exit.signal,
@@ -426,6 +475,21 @@ class SystemRepository:
     async def record_exit(self, exit: ProcessExitRecord) -> models.ProcessRecord | None:
         """Marks the RUNNING record EXITED, whichever team's; the record for the caller that changed it."""
         return await _mark_exited(self._session, exit)
+
+    async def record_run(self, run: ProcessRunRecord) -> models.ProcessRecord | None:
+        """Moves the RUNNING record to a later run or to ready, whichever team's; the record for the
+        caller that changed it."""
+        return await _advance_run(self._session, run)
+
+    async def has_running(self, capsule_id: str, tag: str) -> bool:
+        """True when a RUNNING record has this tag (a tag is unique among the running)."""
+        record = models.ProcessRecord
+        statement = select(record.id).where(
+            col(record.capsule_id) == capsule_id,
+            col(record.tag) == tag,
+            col(record.status) == ProcessStatus.RUNNING,
+        )
+        return (await self._session.exec(statement.limit(1))).first() is not None
 
     async def has_record(self, capsule_id: str, pid: int, tag: str) -> bool:
         """True when a record of this process exists, in any status."""

@@ -79,6 +79,9 @@ VARIABLES: dict[str, Callable[[Scene], list[Variables]]] = {
         {"capsuleId": c, "status": status} for c in scene.a_capsules for status in (None, "RUNNING", "EXITED")
     ],
     "Process": _each_process(lambda c, s: {"capsuleId": c, "selector": s}),
+    "WaitForProcess": _each_process(
+        lambda c, s: {"capsuleId": c, "selector": s, "until": "EXITED", "timeoutSec": 1}
+    ),
     "SendInput": _each_process(lambda c, s: {"capsuleId": c, "selector": s, "data": B_MARK}),
     "CloseInput": _each_process(lambda c, s: {"capsuleId": c, "selector": s}),
     "ResizeTerminal": _each_process(lambda c, s: {"capsuleId": c, "selector": s, "cols": 100, "rows": 30}),
