@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from app import domain, wire
+from app.agent.supervision import MAX_LINE_BYTES, Backoff, LineMatcher
 from app.pb import agent_pb2 as pb
 from tests.agent.helpers import (
     eventually,
@@ -258,3 +259,36 @@ class TestBadInput:
         error = await grpc_error(stub.StartProcess(request))
         assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert words in (error.details() or "")
+
+
+class TestBackoff:
+    def test_doubles_up_to_the_most_with_a_little_jitter_and_starts_over_after_a_long_run(self) -> None:
+        backoff = Backoff(domain.RestartSpec(backoff_sec=1.0, max_backoff_sec=5.0))
+        delays = [backoff.next_delay(run_sec=0.1) for _ in range(5)]
+        for delay, base in zip(delays, [1, 2, 4, 5, 5], strict=True):
+            assert base * 0.9 <= delay <= base * 1.1
+        assert 0.9 <= backoff.next_delay(run_sec=6.0) <= 1.1  # it was up longer than the most delay
+
+
+class TestLineMatcher:
+    def test_matches_a_line_split_across_reads_once_and_again_after_rearm(self) -> None:
+        passed: list[bytes] = []
+        matches: list[int] = []
+        matcher = LineMatcher(r"^ready on \d+$", lambda _stream, data: passed.append(data))
+        matcher.on_match = lambda: matches.append(1)
+        out = domain.Stream.STDOUT
+        for data in (b"starting\nrea", b"dy on 80", b"80\r\n", b"ready on 1\n"):
+            matcher.feed(out, data)
+        assert matches == [1] and b"".join(passed) == b"starting\nready on 8080\r\nready on 1\n"
+        matcher.rearm()
+        matcher.feed(domain.Stream.STDERR, b"ready on 2\n")
+        assert matches == [1, 1]
+
+    def test_a_line_is_matched_on_its_first_bytes_only(self) -> None:
+        matches: list[int] = []
+        matcher = LineMatcher("tail", lambda _stream, _data: None)
+        matcher.on_match = lambda: matches.append(1)
+        matcher.feed(domain.Stream.STDOUT, b"x" * (MAX_LINE_BYTES + 10) + b"tail\n")
+        assert matches == []
+        matcher.feed(domain.Stream.STDOUT, b"tail\n")
+        assert matches == [1]

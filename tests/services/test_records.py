@@ -33,6 +33,7 @@ from tests.system import process_alive
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 STARTED, EXITED = ProcessEventKind.STARTED, ProcessEventKind.EXITED
+READY, RESTARTED = ProcessEventKind.READY, ProcessEventKind.RESTARTED
 
 
 def running(capsule: CapsuleInfo, *, pid: int = 100, tag: str | None = None) -> ProcessInfo:
@@ -236,3 +237,73 @@ class TestReconcile:
                     teams.ours.processes.start(capsule.id, spec), teams.ours.processes.list(capsule.id)
                 )
                 assert (await stored(teams, started)).status is ProcessStatus.RUNNING
+
+
+class TestRecordRun:
+    """READY and RESTARTED: the record follows a process's runs (pid, restarts, ready), once."""
+
+    async def test_ready_then_a_restart_then_the_exit_each_once(self, teams: Teams) -> None:
+        records = teams.state.platform.records
+        other = ProcessRecords(db=teams.state.platform.db, bus=teams.state.platform.bus)  # a replica
+        capsule = await capsule_of(teams)
+        info = replace(running(capsule, pid=10), ready=False)
+        await records.record_start(teams.ours.team.id, info)
+        ready = replace(info, ready=True, ready_at=utcnow())
+        restarted = replace(info, pid=11, restarts=1, ready=False)
+        async with teams.events(capsule.id) as events:
+            assert sorted(await asyncio.gather(*(r.record_run(READY, ready) for r in (records, other)))) == [
+                False,
+                True,
+            ]
+            won = await asyncio.gather(*(r.record_run(RESTARTED, restarted) for r in (records, other)))
+            assert sorted(won) == [False, True]
+            assert not await records.record_run(READY, ready)  # the first run's, seen late: no change
+            assert await records.record_exit(ended(restarted, exit_code=3), team_id=None)
+            seen = await events.settled()
+        assert kinds(seen) == [(READY, info.tag), (RESTARTED, info.tag), (EXITED, info.tag)]
+        assert seen[0].process.ready and seen[0].process.ready_at == ready.ready_at
+        assert (seen[1].process.pid, seen[1].process.restarts, seen[1].process.ready) == (11, 1, False)
+        record = await stored(teams, info)
+        assert (record.pid, record.restarts, record.status, record.exit_code) == (
+            11,
+            1,
+            ProcessStatus.EXITED,
+            3,
+        )
+
+    async def test_a_restart_before_its_start_is_applied_once_the_start_is_recorded(
+        self, teams: Teams
+    ) -> None:
+        records = teams.state.platform.records
+        capsule = await capsule_of(teams)
+        info = running(capsule, pid=20)
+        async with teams.events(capsule.id) as events:
+            # It crashed and came back before the request that started it had written its record.
+            assert not await records.record_run(RESTARTED, replace(info, pid=21, restarts=1))
+            # An older process that had this tag left one too: not this one's (another start time).
+            stale = replace(info, pid=5, restarts=3, started_at=info.started_at.replace(year=2020))
+            assert not await records.record_run(RESTARTED, stale)
+            await records.record_start(teams.ours.team.id, info)
+            seen = await events.settled()
+        assert kinds(seen) == [(STARTED, info.tag), (RESTARTED, info.tag)]
+        record = await stored(teams, info)
+        assert (record.pid, record.restarts, record.status) == (21, 1, ProcessStatus.RUNNING)
+
+    async def test_reconcile_takes_a_restarted_run_for_the_same_process(self, teams: Teams) -> None:
+        records = teams.state.platform.records
+        capsule = await capsule_of(teams)
+        info = running(capsule, pid=30)
+        await records.record_start(teams.ours.team.id, info)
+        later = replace(info, pid=31, restarts=2)
+        await records.reconcile(capsule, running=await records.running(capsule), live=[later])
+        assert (await stored(teams, info)).status is ProcessStatus.RUNNING  # not lost: restarted
+        await records.reconcile(
+            capsule, running=await records.running(capsule), live=[ended(later, exit_code=1)]
+        )
+        record = await stored(teams, info)
+        assert (record.status, record.pid, record.restarts, record.exit_code) == (
+            ProcessStatus.EXITED,
+            31,
+            2,
+            1,
+        )
