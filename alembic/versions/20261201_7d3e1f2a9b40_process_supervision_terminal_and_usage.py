@@ -32,6 +32,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("memory_bytes", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("memory_peak_bytes", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("processes_alive", sa.Integer(), nullable=True))
+    # Processes recorded before readiness checks existed were ready once started.
+    op.execute("UPDATE process_record SET ready = true, ready_at = started_at")
 
 
 def downgrade() -> None:
