@@ -27,6 +27,7 @@ BUS_SCHEMES: Mapping[str, str] = {
 RUNTIMES = ("auto", "sandbox", "plain")
 # How a sandbox's limits are enforced: a cgroup per capsule, or rlimits where the host has no cgroups.
 SANDBOX_LIMITS = ("auto", "cgroup", "rlimit")
+LOG_FORMATS = ("plain", "json")
 
 
 class ConfigError(ValueError):
@@ -191,6 +192,10 @@ class Settings:
     # permessage-deflate on WebSockets (off: it costs each connection ~45 KiB and each message a
     # compression, for output that is read on loopback or a LAN far more often than over a slow link).
     ws_per_message_deflate: bool = False
+    # Operations: log lines as plain text or one JSON object each (CAPSULE_LOG_FORMAT), and traces
+    # sent over OTLP where OTEL_EXPORTER_OTLP_ENDPOINT names a collector (unset: no tracing at all).
+    log_format: str = "plain"
+    otel_endpoint: str = ""
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -251,6 +256,8 @@ class Settings:
             "max_body_bytes": _int(env, "CAPSULE_MAX_BODY_BYTES", 1 * MiB),
             "max_ws_message_bytes": _int(env, "CAPSULE_MAX_WS_MESSAGE_BYTES", 1 * MiB),
             "input_limits": _input_limits(env),
+            "log_format": (env.get("CAPSULE_LOG_FORMAT") or "plain").strip().lower(),
+            "otel_endpoint": (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip(),
         }
         settings = cls(**(values | overrides))
         bus_backend_kind(settings.bus_url)
@@ -263,6 +270,8 @@ class Settings:
                 f"CAPSULE_SANDBOX_LIMITS={settings.sandbox_limits!r}: use cgroup or rlimit "
                 "(unset: cgroups where the host has them)"
             )
+        if settings.log_format not in LOG_FORMATS:
+            raise ConfigError(f"CAPSULE_LOG_FORMAT={settings.log_format!r}: use plain or json")
         if settings.team_request_window_sec < 1:
             raise ConfigError("CAPSULE_TEAM_REQUEST_WINDOW_SEC must be 1 second or more")
         if settings.ws_init_timeout_sec <= 0:

@@ -7,13 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from app import metrics
 from app.api.graphiql import static_route
+from app.api.schema import schema
 from app.api.size_limits import SizeLimits
 from app.api.view import GraphQLView
 from app.api.viewer import ViewerPage
@@ -43,6 +46,12 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         max_subscriptions_per_connection=None,
     )
     viewer = ViewerPage(graphql_path="/graphql")
+    if settings.otel_endpoint:  # else nothing of OpenTelemetry is imported
+        from app import tracing
+
+        extension = tracing.enable(settings.otel_endpoint)
+        if extension not in schema.extensions:
+            schema.extensions = (*schema.extensions, extension)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -64,10 +73,30 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    return Starlette(
+    async def ready(request: Request) -> Response:
+        health = _state(request).health
+        assert health is not None
+        readiness = await health.readiness()
+        body: dict[str, object] = {
+            "status": "ready" if readiness.ready else "unready",
+            "checks": readiness.checks,
+        }
+        if not readiness.ready:
+            body["failed"] = readiness.failed
+        return JSONResponse(body, status_code=200 if readiness.ready else 503)
+
+    async def metrics_page(request: Request) -> Response:
+        health = _state(request).health
+        if health is not None:
+            await health.refresh_gauges()
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(
         routes=[
             Route("/", home),
             Route("/healthz", health),
+            Route("/readyz", ready),
+            Route("/metrics", metrics_page),
             Route("/graphql", view, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),
             Route("/viewer", viewer.page),
@@ -82,3 +111,10 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         ],
         lifespan=lifespan,
     )
+    app.state.going_away = view.going_away  # for `capsule serve`'s shutdown: WebSockets close with 1001
+    return app
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.capsule
+    return state

@@ -15,12 +15,14 @@ from app.hosts.pool import HostPool
 from app.services.events import EventPruner
 from app.services.fanout import OutputFanout
 from app.services.feeds import EventFeeds
+from app.services.health import Health
 from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.services.lifecycle import CapsuleLifecycle, ExitRecorder, IdleReaper, Reconciler
 from app.services.limits import TeamLimits
 from app.services.records import ProcessRecords
 from app.services.revocations import KeyRevocations
+from app.services.shutdown import end_embedded_host
 from app.services.team import Platform
 from app.store.session import Database
 
@@ -36,6 +38,7 @@ class AppState:
     settings: Settings
     platform: Platform
     agent: AgentHandle | None = None
+    health: Health | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -81,7 +84,9 @@ class AppState:
             )
             stack.push_async_callback(platform.fanout.close)  # its pumps end before the pool closes
             stack.push_async_callback(platform.feeds.close)  # its readers end before the bus and store close
-            state = cls(settings=settings, platform=platform, agent=agent)
+            state = cls(
+                settings=settings, platform=platform, agent=agent, health=Health(db=db, bus=bus, pool=pool)
+            )
             if agent is not None:  # capsules of a previous run get their place on the new agent back
                 await lifecycle.reconcile_host(EMBEDDED_HOST_ID)
             jobs = (
@@ -93,6 +98,10 @@ class AppState:
             )
             state.tasks = [asyncio.create_task(job.run(), name=type(job).__name__) for job in jobs]
             stack.push_async_callback(state.stop_jobs)
+            if agent is not None:  # first of all at shutdown: the exit recorder still records
+                stack.push_async_callback(
+                    end_embedded_host, db=db, records=records, host_id=EMBEDDED_HOST_ID, stop_agent=agent.stop
+                )
             yield state
 
     async def stop_jobs(self) -> None:

@@ -65,6 +65,16 @@ class Capsules:
         self._adopting: set[int] = set()
         self._uids = UidRegistry(UID_BASE, UID_COUNT - 1)
 
+    def stats(self) -> list[tuple[str, int, int | None]]:
+        """Each capsule's id, running processes and log bytes held (None: the sandbox holds them)."""
+        stats: list[tuple[str, int, int | None]] = []
+        for c in list(self._capsules.values()):
+            if c.sandbox is not None:
+                stats.append((c.capsule_id, len(c.sandbox.running), None))
+            elif c.supervisor is not None:
+                stats.append((c.capsule_id, c.supervisor.running_count(), c.supervisor.held_log_bytes()))
+        return stats
+
     @property
     def runtime(self) -> CapsuleRuntime:
         """Where this agent runs its capsules' processes."""

@@ -9,6 +9,7 @@ from array import array
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+from app.agent.metrics import TALLY
 from app.domain import (
     OutputChunk,
     OutputEvent,
@@ -143,6 +144,7 @@ class OutputLog:
 
     def append_output(self, stream: Stream, data: bytes) -> None:
         """Adds what was read from a stream, cut on a UTF-8 character boundary."""
+        TALLY.pipe_bytes += len(data)
         data = self._cutters[stream].feed(data)
         if data:
             self._append(OutputChunk(self._next_seq, stream, data))
@@ -193,8 +195,10 @@ class OutputLog:
             assert event is not None
             self._retained -= _cost(event)
             self._offsets.append(self._evicted_bytes)
+            TALLY.evicted_events += 1
             if isinstance(event, OutputChunk):
                 self._evicted_bytes += len(event.data)
+                TALLY.evicted_bytes += len(event.data)
             self._events[self._head] = None
             self._head += 1
             self._first_seq += 1

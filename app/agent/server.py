@@ -16,8 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from app import wire
+from app.agent import metrics as agent_metrics
 from app.agent.capsules import Capsules
 from app.agent.events import ProcessEvents
+from app.agent.metrics import counted_stream
 from app.agent.sandbox import SandboxRuntime
 from app.config import ConfigError, Settings
 from app.datadir import DirectoryLock, lock_agent_dir
@@ -247,6 +249,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         supervisor.resize_terminal(parse_selector(ref.selector), wire.terminal_size(request.size))
         return pb.Empty()
 
+    @counted_stream
     @abort_stream_on_capsule_error
     @routed_stream(_process_capsule)
     async def StreamOutput(
@@ -306,6 +309,7 @@ class AgentHandle:
         self._stopped = True
         try:
             await self._health.enter_graceful_shutdown()
+            agent_metrics.forget(self._capsules)
             await self._capsules.close()
             self._events.end()
             await self._server.stop(grace)
@@ -370,6 +374,7 @@ async def start_agent(address: str, settings: Settings) -> AgentHandle:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        agent_metrics.watch(capsules)
         target, socket_dir_fd = _bind_target(address)
         port = server.add_insecure_port(target)
         if socket_dir_fd is not None:
@@ -409,10 +414,11 @@ def _bind_target(address: str) -> tuple[str, int | None]:
     return f"unix:/proc/self/fd/{fd}/{path.name}", fd
 
 
-async def run_agent(address: str, settings: Settings) -> None:
+async def run_agent(address: str, settings: Settings, *, metrics: str | None = None) -> None:
     """Serves until cancelled, SIGTERM or SIGINT, then stops and kills every capsule's processes.
 
     The one place the agent's signals are handled, for `capsule agent` and for scripts alike.
+    metrics: HOST:PORT to serve the agent's Prometheus metrics on.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -426,6 +432,8 @@ async def run_agent(address: str, settings: Settings) -> None:
             pass
     try:
         handle = await start_agent(address, settings)
+        if metrics:
+            agent_metrics.serve(metrics)
         try:
             await stop.wait()
             logger.info("agent stopping")

@@ -98,6 +98,10 @@ class Supervisor:
         """How many background processes are running."""
         return sum(proc.is_running for proc in self._processes.values())
 
+    def held_log_bytes(self) -> int:
+        """What the output logs of its processes hold, against their caps (for the agent's metrics)."""
+        return sum(proc.log.retained_bytes for proc in self._processes.values())
+
     async def exec(self, spec: ExecSpec) -> ExecResult:
         """Runs a command to completion or timeout; the group is killed on timeout."""
         timeout_sec = check_timeout(spec.timeout_sec) or self._settings.exec_default_timeout_sec

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import strawberry
 from strawberry.permission import BasePermission
 
+from app import metrics
 from app.api.context import MISSING_KEY, Context, Info
 from app.domain import Team
 from app.errors import ErrorCode
 
 F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger(__name__)
 
 
 def bearer_key(value: object) -> str | None:
@@ -37,9 +40,11 @@ async def websocket_refusal(context: Context) -> str | None:
     if raw is None:
         raw, where = context.request.headers.get("authorization"), "the upgrade request's header"
     if raw is None:
+        _refused(context, "no key on a WebSocket")
         return NO_WS_KEY
     key = bearer_key(raw)
     if key is None:
+        _refused(context, f"an Authorization value that is not 'Bearer <key>' in {where}")
         return NOT_BEARER.format(where=where)
     if await authenticate(context, key) is None:
         return WRONG_KEY.format(where=where)
@@ -60,7 +65,19 @@ async def authenticate(context: Context, key: str | None) -> Team | None:
     credential = await context.platform.keys.credential(key)
     context.team = None if credential is None else credential.team
     context.key_id = None if credential is None else credential.key_id
+    if credential is None:
+        _refused(context, "wrong or revoked key")
     return context.team
+
+
+def _refused(context: Context, why: str) -> None:
+    """Counts and logs a refused key: where it came from, never the key."""
+    metrics.AUTH_FAILURES.inc()
+    client = context.request.client
+    address = f"{client.host}:{client.port}" if client is not None else "-"
+    logger.warning(
+        "authentication failed from %s: %s", address, why, extra={"event": "auth.failed", "client": address}
+    )
 
 
 class TeamRequired(BasePermission):

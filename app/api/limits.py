@@ -20,6 +20,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import Subscr
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMessage, StartMessage
 
+from app import metrics
 from app.api.context import Context
 from app.errors import RateLimited
 from app.services.limits import Slot
@@ -44,6 +45,7 @@ async def _operation_refusal(context: Context, in_flight: int) -> RateLimited | 
     """Why a connection may not start one more operation now; None when it may (then it is counted)."""
     limit = context.platform.settings.ws_max_subscriptions
     if limit > 0 and in_flight >= limit:
+        metrics.RATE_LIMITED.labels("operations_per_connection").inc()
         return RateLimited(
             f"this connection has {limit} operations in flight, its limit: complete one first, "
             "or open another connection"

@@ -13,6 +13,7 @@ from app.api.capsules import CapsuleMutation, CapsuleQuery
 from app.api.documents import Documents
 from app.api.errors import ErrorCodes, internal_error, is_bug
 from app.api.exec import ExecMutation
+from app.api.observe import OperationMetrics
 from app.api.output import OutputSubscription
 from app.api.processes import ProcessMutation, ProcessQuery, ProcessSubscription
 from app.api.shape import shape_rule
@@ -52,6 +53,8 @@ schema = Schema(
     mutation=Mutation,
     subscription=Subscription,
     extensions=[
+        # First, so that it sees each result last: its errors' codes as the client gets them.
+        OperationMetrics,
         ErrorCodes,
         # The token bound and the shape limits; each document parsed and validated once, not per request.
         lambda: Documents(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 from typing import Any, cast
 
@@ -21,6 +24,7 @@ from strawberry.subscriptions.protocols.graphql_ws.types import ConnectionInitMe
 from strawberry.types import ExecutionResult
 from strawberry.types.unset import UnsetType
 
+from app.api import observe
 from app.api.auth import authenticate, bearer_key, websocket_refusal
 from app.api.context import Context
 from app.api.graphiql import graphiql_page
@@ -33,6 +37,12 @@ from app.api.ws_messages import StrictGraphQLWS, StrictTransportWS
 from app.errors import ErrorCode, RateLimited
 from app.services.team import Platform
 
+logger = logging.getLogger(__name__)
+
+GOING_AWAY = 1001
+GOING_AWAY_REASON = (
+    "the server is shutting down: reconnect, and resume with fromSeq the last seq seen plus one"
+)
 ORIGIN_REFUSED = "this page's origin may not open a WebSocket here: see CAPSULE_WS_ALLOWED_ORIGINS"
 NOT_AN_OBJECT = (
     'expected a JSON object, got {kind}: a GraphQL request is {{"query": "...", "variables": {{...}}}}'
@@ -79,6 +89,10 @@ class GraphQLWSHandler(StrictGraphQLWS, LimitedGraphQLWS, RevocableGraphQLWS):
         super().__init__(*args, **kwargs)
         self.schema = cast("BaseSchema", _EveryOperation(self.schema))
 
+    async def handle(self) -> None:
+        with observe.connection("graphql-ws", cast("GraphQLView", self.view), self):
+            await super().handle()
+
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         payload = message.get("payload")
         self.context.connection_params = payload if isinstance(payload, dict) else None
@@ -95,6 +109,10 @@ class GraphQLTransportWSHandler(StrictTransportWS, LimitedTransportWS, Revocable
 
     Strawberry's own handler closes a rejected connection with the bare reason "Forbidden".
     """
+
+    async def handle(self) -> None:
+        with observe.connection("graphql-transport-ws", cast("GraphQLView", self.view), self):
+            await super().handle()
 
     async def handle_connection_init(self, message: TransportConnectionInitMessage) -> None:
         payload = message.get("payload", {})
@@ -119,6 +137,30 @@ class GraphQLView(GraphQL[Context, None]):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(schema, keep_alive=True, keep_alive_interval=15, **kwargs)
         self._platform: Platform | None = None
+        # The handlers of the WebSockets open now, so that a shutdown can close each with 1001.
+        self.sockets: set[Any] = set()
+        self._emptied: asyncio.Event | None = None
+
+    async def going_away(self, timeout_sec: float = 2.0) -> None:
+        """Closes every WebSocket with 1001 (going away), so that clients reconnect elsewhere or to
+        the restarted server and resume; returns once all have closed, or after timeout_sec."""
+        handlers = list(self.sockets)
+        if not handlers:
+            return
+        logger.info("closing %d WebSocket(s) with 1001 for the shutdown", len(handlers))
+        for handler in handlers:
+            with contextlib.suppress(Exception):  # a client that is gone already
+                await handler.websocket.close(code=GOING_AWAY, reason=GOING_AWAY_REASON)
+        self._emptied = asyncio.Event()
+        if self.sockets:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_sec):
+                    await self._emptied.wait()
+
+    def socket_closed(self) -> None:
+        """A WebSocket's handler has ended (see observe.connection)."""
+        if not self.sockets and self._emptied is not None:
+            self._emptied.set()
 
     @property
     def platform(self) -> Platform:

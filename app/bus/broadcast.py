@@ -12,12 +12,15 @@ from contextlib import AbstractAsyncContextManager
 from broadcaster import BroadcastBackend
 from broadcaster._backends.memory import MemoryBackend
 
+from app import metrics
 from app.config import bus_backend_kind
 from app.errors import BusUnavailable, RateLimited
 
 logger = logging.getLogger(__name__)
 
 
+# Readiness probes publish here; nobody subscribes to it.
+HEALTH_CHANNEL = "capsule.health"
 # Waits between tries to reach a backend that dropped or refused: fast at first, for a restart.
 RECONNECT_DELAYS_SEC = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
@@ -120,6 +123,7 @@ class Bus:
         self._orphans: set[_News] = set()
         self._reconnector: asyncio.Task[None] | None = None
         self._failures = 0
+        self._connections = 0  # how many times the backend was reached
         self._retry_at = 0.0  # before then, connecting is not tried again (the loop's clock)
 
     async def connect(self) -> None:
@@ -152,14 +156,29 @@ class Bus:
 
     async def publish(self, channel: str, message: str) -> None:
         """Sends a message to every subscriber of the channel on every replica."""
-        backend = await self._ensure()
+        try:
+            backend = await self._ensure()
+        except BusUnavailable:
+            metrics.BUS_PUBLISHES.labels("failed").inc()
+            raise
         try:
             async with asyncio.timeout(self._timeout):
                 await backend.publish(channel, message)
         except (BusUnavailable, TimeoutError) as exc:
+            metrics.BUS_PUBLISHES.labels("failed").inc()
             logger.warning("bus publish on %s failed: %s", channel, type(exc).__name__)
             await self._lose(backend, reason="publish failed")
             raise BusUnavailable() from exc
+        metrics.BUS_PUBLISHES.labels("ok").inc()
+
+    async def reachable(self, timeout_sec: float) -> bool:
+        """True when the backend takes a publish (on HEALTH_CHANNEL) within timeout_sec."""
+        try:
+            async with asyncio.timeout(timeout_sec):
+                await self.publish(HEALTH_CHANNEL, "")
+        except (BusUnavailable, TimeoutError):
+            return False
+        return True
 
     def subscribe(
         self, channel: str, *, queue_size: int | None = None
@@ -198,6 +217,9 @@ class Bus:
                     logger.warning("bus backend unreachable (%s): next try in %ss", type(exc).__name__, delay)
                     await self._close_quietly(backend)
                     raise BusUnavailable() from exc
+                if self._connections:  # connected before: this is a reconnection
+                    metrics.BUS_RECONNECTS.inc()
+                self._connections += 1
                 if self._failures:
                     logger.info("bus backend reachable again")
                 self._failures, self._retry_at = 0, 0.0
@@ -240,6 +262,7 @@ class Bus:
         try:
             while True:
                 event = await backend.next_published()
+                metrics.BUS_DELIVERIES.inc()
                 for subscriber in list(self._channels.get(event.channel, ())):
                     subscriber.push(event.message)
         except Exception as exc:

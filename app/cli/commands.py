@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import signal
+import socket
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import uvicorn
 
+from app import logs
 from app.bus.broadcast import Bus
 from app.config import Settings, bus_backend_kind
 from app.datadir import lock_data_dir
@@ -17,6 +23,8 @@ from app.services.hosts import HostService
 from app.services.keys import KeyInfo, KeyService
 from app.store.migrate import upgrade
 from app.store.session import Database
+
+logger = logging.getLogger(__name__)
 
 
 def migrate(settings: Settings) -> int:
@@ -133,16 +141,52 @@ def _serve(settings: Settings, *, host: str, port: int) -> int:
         print(f"  Authorization: Bearer {key}", flush=True)
         print('  (in GraphiQL, add it under Headers: {"Authorization": "Bearer <key>"})', flush=True)
     # uvicorn stops reading a frame past the message limit; the app refuses such a message on its own too.
-    uvicorn.run(
-        create_app(settings, freeze_gc=True),
+    app = create_app(settings, freeze_gc=True)
+    config = uvicorn.Config(
+        app,
         host=host,
         port=port,
         log_level="info",
+        log_config=logs.uvicorn_log_config(),  # its access log in the format of every other line
         lifespan="on",
         ws_max_size=settings.max_ws_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,
     )
-    return 0
+    server = GracefulServer(config, going_away=app.state.going_away)
+    # uvicorn raises the signal it caught again once it has shut down: SIGTERM and Ctrl-C are a
+    # clean exit here (0), once the shutdown has run.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if server.started else 3  # 3: it never started (uvicorn's own exit code for that)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown (SIGTERM, Ctrl-C) closes WebSockets with 1001, not 1012.
+
+    The order: stop accepting; close every WebSocket with 1001 (going away), so that clients
+    reconnect and resume with fromSeq; let HTTP requests in flight (mutations) finish, as uvicorn
+    does; then the lifespan's shutdown, which on the embedded default ends the agent's processes
+    and records their exits.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, going_away: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._going_away = going_away
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        try:
+            await self._going_away()
+        except Exception:  # the rest of the shutdown goes on whatever happened here
+            logger.exception("closing the WebSockets failed")
+        await super().shutdown(sockets)
 
 
 async def _dev_key(settings: Settings) -> tuple[str | None, bool]:

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from app import logs
 from app.config import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     agent = commands.add_parser("agent", help="run a host agent alone")
     agent.add_argument("--listen", required=True, metavar="ADDR", help="HOST:PORT to listen on")
+    agent.add_argument(
+        "--metrics", metavar="ADDR", help="HOST:PORT to serve the agent's Prometheus metrics on (/metrics)"
+    )
     commands.add_parser("migrate", help="apply the database migrations")
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True
@@ -46,21 +50,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Alembic narrates every plugin and step at INFO; a migration that happens is logged by app.store.
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"capsule: {exc}", file=sys.stderr)
         return 2
+    logs.configure(kind=settings.log_format, level=args.log_level)
+    # Alembic narrates every plugin and step at INFO; a migration that happens is logged by app.store.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if args.command == "agent":  # the agent alone: nothing of the API, the store or the bus loads
             from app.agent.server import run_agent
 
-            asyncio.run(run_agent(args.listen, settings))
+            asyncio.run(run_agent(args.listen, settings, metrics=args.metrics))
             return 0
         from app.cli import commands
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from app import domain, wire
+from app import domain, metrics, wire
 from app.config import Settings
 from app.errors import CapsuleError, ErrorCode, HostUnavailable, error_from_status
 from app.pb import agent_pb2 as pb
@@ -77,6 +79,11 @@ class AgentStub(Protocol):
     WatchProcesses: StreamRpc[pb.CapsuleRef, pb.ProcessEvent]
 
 
+def _count(rpc: str, status: str, start: float) -> None:
+    metrics.HOST_CALLS.labels(rpc, status).inc()
+    metrics.HOST_CALL_SECONDS.labels(rpc).observe(time.perf_counter() - start)
+
+
 def _cancelled_from_outside() -> bool:
     """True when a CancelledError came from gRPC (its channel closed), not from our own task."""
     task = asyncio.current_task()
@@ -91,6 +98,15 @@ class HostClient:
         self._channel = channel
         self._stub = stub
         self._settings = settings
+
+    async def answers(self, timeout_sec: float) -> bool:
+        """True when the agent answers its gRPC health check as SERVING within timeout_sec."""
+        stub: Any = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_sec)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def create_capsule(
         self, capsule_id: str, spec: domain.CapsuleSpec | None = None
@@ -213,9 +229,11 @@ class HostClient:
         """Calls method (the stub's, named rpc in the logs) once the channel is ready, with a deadline."""
         await self._connected(rpc)
         deadline = self._settings.host_call_timeout_sec if deadline_sec is None else deadline_sec
+        start = time.perf_counter()
         try:
-            return await method(request, timeout=deadline)
+            reply = await method(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
+            _count(rpc, exc.code().name, start)
             raise self._error(rpc, exc) from exc
         except grpc.aio.UsageError as exc:  # the pool closed this channel
             raise HostUnavailable(UNREACHABLE) from exc
@@ -223,6 +241,8 @@ class HostClient:
             if _cancelled_from_outside():
                 raise HostUnavailable(UNREACHABLE) from None
             raise
+        _count(rpc, "OK", start)
+        return reply
 
     async def _stream(
         self,
@@ -238,19 +258,23 @@ class HostClient:
             call = method(request)
         except grpc.aio.UsageError as exc:
             raise HostUnavailable(UNREACHABLE) from exc
+        status = "CANCELLED"  # ended by its caller, unless the agent says otherwise
         try:
             if subscribed is not None:  # the agent sends its headers once the stream is set up
                 await call.initial_metadata()
                 subscribed.set()
             async for message in call:
                 yield message
+            status = "OK"
         except grpc.aio.AioRpcError as exc:
+            status = exc.code().name
             raise self._error(rpc, exc) from exc
         except asyncio.CancelledError:
             if _cancelled_from_outside():
                 raise HostUnavailable(UNREACHABLE) from None
             raise
         finally:
+            metrics.HOST_CALLS.labels(rpc, status).inc()
             call.cancel()  # the caller stopped early or was cancelled: end the RPC on the agent too
 
     async def _connected(self, rpc: str) -> None:
@@ -270,6 +294,7 @@ class HostClient:
         except (TimeoutError, grpc.aio.UsageError, RuntimeError):
             state = _SHUTDOWN
         if state is not _READY:
+            metrics.HOST_CALLS.labels(rpc, "UNREACHABLE").inc()
             logger.warning("host %s: %s: cannot connect to the agent (%s)", self.host_id, rpc, state.name)
             raise HostUnavailable(UNREACHABLE)
 

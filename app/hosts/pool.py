@@ -74,6 +74,10 @@ class HostPool:
                 del self._hosts[host_id]
                 self._retire(host_id, host.channel)
 
+    def host_ids(self) -> list[str]:
+        """The ids of the hosts known now."""
+        return list(self._addresses)
+
     def client(self, host_id: str) -> HostClient:
         """A client for one host; an unknown host id raises HostUnavailable."""
         address = self._addresses.get(host_id)

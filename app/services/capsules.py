@@ -159,7 +159,13 @@ class CapsuleService:
                 )
             await capsules.add(row)
         capsule = await self._lifecycle.place(row.to_info())
-        logger.info("team %s created capsule %s on host %s", self._team.name, capsule.id, host_id)
+        logger.info(
+            "team %s created capsule %s on host %s",
+            self._team.name,
+            capsule.id,
+            host_id,
+            extra={"event": "capsule.created", "capsule": capsule.id, "host": host_id},
+        )
         return capsule
 
     async def destroy(self, capsule_id: str) -> CapsuleInfo:

@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
+from app import metrics
 from app.domain import (
     CapsuleInfo,
     OutputChunk,
@@ -35,6 +36,29 @@ def _merge(events: Sequence[OutputEvent]) -> list[OutputEvent]:
 
 def _size(event: OutputEvent) -> int:
     return len(event.data) if isinstance(event, OutputChunk) else 64
+
+
+class _Sent:
+    """What one batch delivered to one subscriber, added to the metrics at once."""
+
+    __slots__ = ("bytes", "events", "gaps")
+
+    def __init__(self) -> None:
+        self.events = self.bytes = self.gaps = 0
+
+    def add(self, event: OutputEvent) -> None:
+        self.events += 1
+        if isinstance(event, OutputChunk):
+            self.bytes += len(event.data)
+        elif isinstance(event, OutputGap):
+            self.gaps += 1
+
+    def count(self) -> None:
+        if self.events:
+            metrics.OUTPUT_EVENTS.inc(self.events)
+            metrics.OUTPUT_BYTES.inc(self.bytes)
+            if self.gaps:
+                metrics.OUTPUT_GAPS.inc(self.gaps)
 
 
 SHUTTING_DOWN = "the server is shutting down: subscribe again, with fromSeq the last seq seen plus one"
@@ -217,6 +241,7 @@ class OutputFanout:
 
     async def _pump(self, key: ProcessKey, upstream: _Upstream) -> None:
         stream = self._pool.client(key.host_id).stream_output(key.capsule_id, key.tag, upstream.from_seq)
+        metrics.OUTPUT_UPSTREAMS.inc()
         try:
             async with aclosing(stream):
                 async for batch in stream:
@@ -225,6 +250,7 @@ class OutputFanout:
         except CapsuleError as exc:
             upstream.error = exc
         finally:
+            metrics.OUTPUT_UPSTREAMS.dec()
             upstream.done = True
             upstream.notify()
 
@@ -240,23 +266,28 @@ class OutputFanout:
                     async for event in events:
                         yield event
                 return
-            for event in batch:
-                if isinstance(event, OutputGap):
-                    if event.seq <= next_seq:  # lost before this subscriber's from_seq: not its loss
-                        continue
-                    if event.from_seq != next_seq:
-                        # The agent counted this loss from another seq (where the shared stream
-                        # began), and how many bytes the events from next_seq on held only the
-                        # agent knows: this subscriber asks it on a stream of its own.
-                        async with aclosing(self._private(key, next_seq)) as events:
-                            async for own in events:
-                                yield own
+            sent = _Sent()  # counted for the metrics once per batch, not per event
+            try:
+                for event in batch:
+                    if isinstance(event, OutputGap):
+                        if event.seq <= next_seq:  # lost before this subscriber's from_seq: not its loss
+                            continue
+                        if event.from_seq != next_seq:
+                            # The agent counted this loss from another seq (where the shared stream
+                            # began), and how many bytes the events from next_seq on held only the
+                            # agent knows: this subscriber asks it on a stream of its own.
+                            async with aclosing(self._private(key, next_seq)) as events:
+                                async for own in events:
+                                    yield own
+                            return
+                    yield event
+                    sent.add(event)
+                    # After a gap, the next event may carry the gap's own seq: the first one retained.
+                    next_seq = event.seq if isinstance(event, OutputGap) else event.seq + 1
+                    if isinstance(event, ProcessExit):
                         return
-                yield event
-                # After a gap, the next event may carry the gap's own seq: the first one retained.
-                next_seq = event.seq if isinstance(event, OutputGap) else event.seq + 1
-                if isinstance(event, ProcessExit):
-                    return
+            finally:
+                sent.count()
             if finished:
                 if upstream.error is not None:
                     raise upstream.error
@@ -277,7 +308,12 @@ class OutputFanout:
         stream = self._pool.client(key.host_id).stream_output(key.capsule_id, key.tag, from_seq)
         async with aclosing(stream):
             async for batch in stream:
-                for event in _merge(batch):
-                    yield event
-                    if isinstance(event, ProcessExit):
-                        return
+                sent = _Sent()
+                try:
+                    for event in _merge(batch):
+                        yield event
+                        sent.add(event)
+                        if isinstance(event, ProcessExit):
+                            return
+                finally:
+                    sent.count()

@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Mapping
 
+from app import metrics
 from app.domain import check_id
 from app.errors import HostUnavailable, InvalidRequest
 from app.store import models
@@ -70,3 +71,36 @@ class HostService:
         async with self._db.session() as session:
             counts = await HostRepository(session).active_capsule_counts()
         return min(sorted(hosts), key=lambda host_id: counts.get(host_id, 0))
+
+
+class HostStates:
+    """Whether each host agent is reachable, as the exit recorder's stream to it says: one log line
+    when a host becomes unreachable and one when it is back, never one per retry."""
+
+    def __init__(self) -> None:
+        self._reachable: dict[str, bool] = {}
+
+    def up(self, host_id: str) -> None:
+        """The host's lifecycle stream is open."""
+        before = self._reachable.get(host_id)
+        self._reachable[host_id] = True
+        metrics.HOSTS_REACHABLE.labels(host_id).set(1)
+        if before is False:
+            logger.info("host %s is back", host_id, extra={"event": "host.back", "host": host_id})
+
+    def down(self, host_id: str, reason: object) -> None:
+        """The host's lifecycle stream failed or could not be opened."""
+        before = self._reachable.get(host_id)
+        self._reachable[host_id] = False
+        metrics.HOSTS_REACHABLE.labels(host_id).set(0)
+        if before is not False:
+            logger.warning(
+                "host %s is unreachable: %s",
+                host_id,
+                reason,
+                extra={"event": "host.unreachable", "host": host_id},
+            )
+
+    def reachable(self) -> set[str]:
+        """The hosts whose stream is open now."""
+        return {host_id for host_id, up in self._reachable.items() if up}

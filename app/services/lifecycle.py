@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Collection, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
 
+from app import metrics
 from app.domain import (
     CapsuleInfo,
     CapsuleRuntime,
@@ -28,7 +29,7 @@ from app.domain import (
 from app.errors import CapsuleError, HostUnavailable, NotFound
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
-from app.services.hosts import HostService
+from app.services.hosts import HostService, HostStates
 from app.services.records import ProcessRecords
 from app.store.repositories import CapsuleRepository, SystemRepository
 from app.store.session import Database
@@ -40,7 +41,7 @@ STOPPABLE = frozenset(
 )
 # A capsule STARTING for longer than this was left by a replica that died while creating it.
 STARTING_GRACE = timedelta(minutes=2)
-RETRY_DELAYS_SEC = (0.2, 0.5, 1.0, 2.0, 5.0)
+RETRY_DELAYS_SEC = (0.1, 0.25, 0.5)  # short: a restarted agent is noticed within 2 s
 # How often hosts registered or moved since the last round are noticed.
 HOSTS_CHECK_INTERVAL_SEC = 15.0
 
@@ -78,7 +79,8 @@ class CapsuleLifecycle:
         stopped = await self._transition(stopping, CapsuleStatus.STOPPED, only_from={CapsuleStatus.STOPPING})
         if stopped is None:
             return await self._current(capsule)
-        logger.info("capsule %s stopped on host %s", capsule.id, capsule.host_id)
+        event = {"event": "capsule.stopped", "capsule": capsule.id, "host": capsule.host_id}
+        logger.info("capsule %s stopped on host %s", capsule.id, capsule.host_id, extra=event)
         return stopped
 
     async def reconcile_host(self, host_id: str) -> None:
@@ -219,6 +221,7 @@ class ExitRecorder:
         self, *, pool: HostPool, hosts: HostService, records: ProcessRecords, lifecycle: CapsuleLifecycle
     ):
         self._pool, self._hosts, self._records, self._lifecycle = pool, hosts, records, lifecycle
+        self.states = HostStates()  # logs each host's unreachable and back, once each
 
     async def run(self) -> None:
         """Follows every known host until cancelled; hosts registered later are picked up."""
@@ -251,6 +254,7 @@ class ExitRecorder:
                 failures = 0
             except CapsuleError as exc:
                 logger.debug("host %s lifecycle stream: %s", host_id, exc)
+                self.states.down(host_id, exc)
             except Exception:  # the store, most likely; the stream is opened again after a pause
                 logger.exception("host %s: recording exits failed", host_id)
             await asyncio.sleep(RETRY_DELAYS_SEC[min(failures, len(RETRY_DELAYS_SEC) - 1)])
@@ -266,6 +270,7 @@ class ExitRecorder:
         try:
             await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if subscribed.is_set():
+                self.states.up(host_id)
                 await self._lifecycle.reconcile_host(host_id)
             await reader
         finally:
@@ -279,6 +284,7 @@ class ExitRecorder:
                 if event.kind is ProcessEventKind.EXITED:
                     await self._records.record_exit(event.process, team_id=None)
                 elif event.kind is ProcessEventKind.RESTARTED:  # a run its restart policy replaced
+                    metrics.PROCESSES_EXITED.labels("restarted").inc()
                     await self._records.record_run(event.kind, event.process)
                 elif event.kind is ProcessEventKind.READY:
                     await self._records.record_run(event.kind, event.process)

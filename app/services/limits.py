@@ -26,6 +26,7 @@ from limits.errors import StorageError
 from redis import asyncio as redis
 from redis.exceptions import RedisError
 
+from app import metrics
 from app.config import Settings, bus_backend_kind
 from app.errors import RateLimited
 
@@ -199,6 +200,7 @@ class TeamLimits:
             self._warn_unreachable(exc)
             return
         retry_after = _retry_after(stats.reset_time)
+        metrics.RATE_LIMITED.labels("operations").inc()
         raise RateLimited(
             f"this team is over its {item.amount} operations in any {item.multiples} s: "
             f"retry in {retry_after:g} s",
@@ -241,6 +243,7 @@ class TeamLimits:
             self._warn_unreachable(exc)
             return None
         if not taken:
+            metrics.RATE_LIMITED.labels(kind).inc()
             raise RateLimited(refusal, retry_after_sec=SLOT_RETRY_AFTER_SEC)
         self._held.setdefault(slot.key, set()).add(slot.member)
         return slot

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
-from app import domain
+from app import domain, metrics
 from app.bus.broadcast import Bus
 from app.domain import (
     CapsuleInfo,
@@ -121,6 +121,14 @@ class ProcessRecords:
             # Parked events of an older process that had this tag are not this one's.
             parked = self._early.pop((info.capsule_id, info.tag), [])
             early = [e for e in parked if e.process.started_at == info.started_at]
+        metrics.PROCESSES_STARTED.inc()
+        logger.info(
+            "process started: capsule %s tag %s pid %s",
+            info.capsule_id,
+            info.tag,
+            info.pid,
+            extra={"event": "process.started", "capsule": info.capsule_id, "tag": info.tag, "pid": info.pid},
+        )
         await self._events.announce(info.capsule_id, seq)
         for event in early:  # what happened before the start was recorded, in its order
             if event.kind is ProcessEventKind.EXITED:
@@ -155,7 +163,29 @@ class ProcessRecords:
                 )
         if record is None:
             return False
-        logger.info("capsule %s process %s (%s) exited", info.capsule_id, info.pid, info.tag)
+        outcome = metrics.exit_outcome(
+            exit_code=record.exit_code,
+            signal=record.signal,
+            timed_out=record.timed_out,
+            oom_killed=getattr(info, "oom_killed", False),
+        )
+        metrics.PROCESSES_EXITED.labels(outcome).inc()
+        logger.info(
+            "process exited: capsule %s tag %s pid %s outcome %s",
+            info.capsule_id,
+            info.tag,
+            info.pid,
+            outcome,
+            extra={
+                "event": "process.exited",
+                "capsule": info.capsule_id,
+                "tag": info.tag,
+                "pid": info.pid,
+                "outcome": outcome,
+                "exit_code": record.exit_code,
+                "signal": record.signal,
+            },
+        )
         await self._events.announce(info.capsule_id, seq)
         return True
 
