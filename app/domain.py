@@ -441,6 +441,10 @@ class ProcessInfo:
     restarts: int = 0  # runs after the first that the restart policy started; pid is the current run's
     ready: bool = True  # false until the current run passed its readiness check
     ready_at: datetime | None = None
+    oom_killed: bool = False  # the kernel's OOM killer ended it
+    # CPU and memory of the process and its children (the last run's totals once it has exited);
+    # None where the runtime cannot measure it.
+    usage: ResourceUsage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,6 +597,7 @@ class ProcessExit:
     signal: signal.Signals | None
     timed_out: bool
     ended_at: datetime
+    oom_killed: bool = False  # the kernel's OOM killer ended it (signal is SIGKILL then)
 
 
 @dataclass(frozen=True, slots=True)

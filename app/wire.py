@@ -211,6 +211,9 @@ def process_info_to_pb(info: domain.ProcessInfo) -> pb.ProcessInfo:
         message.exit_code = info.exit_code
     if info.ended_at is not None:
         message.ended_at.CopyFrom(timestamp(info.ended_at))
+    message.oom_killed = info.oom_killed
+    if info.usage is not None:
+        _fill_usage(message.usage, info.usage)
     return message
 
 
@@ -233,6 +236,22 @@ def process_info(message: pb.ProcessInfo) -> domain.ProcessInfo:
         restarts=message.restarts,
         ready=message.ready,
         ready_at=moment(message.ready_at) if message.HasField("ready_at") else None,
+        oom_killed=message.oom_killed,
+        usage=resource_usage(message.usage) if message.HasField("usage") else None,
+    )
+
+
+def _fill_usage(message: pb.ResourceUsage, usage: domain.ResourceUsage) -> None:
+    message.cpu_sec, message.processes = usage.cpu_sec, usage.processes
+    message.memory_bytes, message.memory_peak_bytes = usage.memory_bytes, usage.memory_peak_bytes
+
+
+def resource_usage(message: pb.ResourceUsage) -> domain.ResourceUsage:
+    return domain.ResourceUsage(
+        cpu_sec=message.cpu_sec,
+        memory_bytes=message.memory_bytes,
+        memory_peak_bytes=message.memory_peak_bytes,
+        processes=message.processes,
     )
 
 
@@ -280,14 +299,11 @@ def capsule_info_to_pb(info: domain.HostCapsule) -> pb.CapsuleInfo:
         limits=limits_to_pb(info.limits),
     )
     if info.usage is not None:
-        usage = message.usage
-        usage.cpu_sec, usage.processes = info.usage.cpu_sec, info.usage.processes
-        usage.memory_bytes, usage.memory_peak_bytes = info.usage.memory_bytes, info.usage.memory_peak_bytes
+        _fill_usage(message.usage, info.usage)
     return message
 
 
 def capsule_info(message: pb.CapsuleInfo) -> domain.HostCapsule:
-    usage = message.usage
     return domain.HostCapsule(
         capsule_id=message.capsule_id,
         workspace=message.workspace,
@@ -295,14 +311,7 @@ def capsule_info(message: pb.CapsuleInfo) -> domain.HostCapsule:
         runtime=_RUNTIME_FROM_PB.get(message.runtime, domain.CapsuleRuntime.PLAIN),
         network=message.network,
         limits=limits(message.limits),
-        usage=domain.ResourceUsage(
-            cpu_sec=usage.cpu_sec,
-            memory_bytes=usage.memory_bytes,
-            memory_peak_bytes=usage.memory_peak_bytes,
-            processes=usage.processes,
-        )
-        if message.HasField("usage")
-        else None,
+        usage=resource_usage(message.usage) if message.HasField("usage") else None,
     )
 
 
@@ -327,7 +336,7 @@ def _fill_output_event(message: pb.OutputEvent, event: domain.OutputEvent) -> No
             end = message.exit
             end.seq = event.seq
             end.signal = _signal_to_pb(event.signal)
-            end.timed_out = event.timed_out
+            end.timed_out, end.oom_killed = event.timed_out, event.oom_killed
             end.ended_at.CopyFrom(timestamp(event.ended_at))
             if event.exit_code is not None:
                 end.exit_code = event.exit_code
@@ -376,6 +385,7 @@ def output_event(message: pb.OutputEvent) -> domain.OutputEvent:
         signal=domain.to_signal(end.signal),
         timed_out=end.timed_out,
         ended_at=moment(end.ended_at),
+        oom_killed=end.oom_killed,
     )
 
 

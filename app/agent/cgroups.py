@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "capsule"  # every capsule's cgroup lives below <controller>/capsule/<agent scope>/
 V1_CONTROLLERS = ("pids", "memory", "cpu", "cpuacct")
+# Those whose capsule cgroup the sandbox's supervisor is given, to make a cgroup per process in (v1):
+# what measures a process, where cpu keeps the capsule's quota over them all.
+DELEGATED = ("memory", "pids", "cpuacct")
 CPU_PERIOD_US = 100_000
 # How long a kill goes on: a loaded host takes a while to end a few hundred processes.
 KILL_DEADLINE_SEC = 10.0
@@ -149,6 +152,21 @@ class CapsuleCgroup:
         new.limit(limits, own_tasks=own_tasks)
         return new
 
+    def delegate(self, uid: int) -> None:
+        """Gives the capsule's uid its cgroups of DELEGATED (v1): it may make cgroups below them, one
+        per process, and move its own processes between them and back; the limits stay root's. On v2
+        nothing is given (a cgroup with processes has no controllers below it): /proc measures."""
+        for path in self.delegated().values():
+            os.chown(path, uid, uid)
+            os.chown(path / "cgroup.procs", uid, uid)
+
+    def delegated(self) -> dict[str, Path]:
+        """The cgroups delegate() gives the capsule, by controller: the sandbox binds each at
+        /sys/fs/cgroup/<controller>."""
+        if self.host.version == 2:
+            return {}
+        return {name: self.host.base(name) / self.paths[0].name for name in DELEGATED}
+
     def tasks(self) -> int:
         """The processes and threads in the cgroup now: what pids.max counts."""
         if self.host.version == 2:
@@ -170,11 +188,12 @@ class CapsuleCgroup:
         return self.host.base(controller) / self.paths[0].name / name
 
     def pids(self) -> list[int]:
-        """The processes in the cgroup now."""
+        """The processes in the cgroup now, those in the cgroups below it (a process's own) included."""
         found: set[int] = set()
-        for procs in self.procs_files:
-            with contextlib.suppress(OSError):
-                found.update(int(line) for line in procs.read_text().split())
+        for path in self.paths:
+            for top, _, _ in os.walk(path):
+                with contextlib.suppress(OSError):
+                    found.update(int(line) for line in (Path(top) / "cgroup.procs").read_text().split())
         return sorted(found)
 
     def usage(self, *, own: int = 0) -> ResourceUsage:
@@ -206,8 +225,12 @@ class CapsuleCgroup:
         _kill_until_gone(self.pids, f"cgroup {self.paths[0]}")
 
     def remove(self) -> None:
-        """Removes the (empty) cgroup; what cannot be removed yet is logged and left."""
+        """Removes the (empty) cgroup, those below it first; what cannot be removed yet is logged and left."""
         for path in self.paths:
+            below = sorted((Path(top) for top, _, _ in os.walk(path)), key=lambda p: -len(p.parts))[:-1]
+            for nested in below:
+                with contextlib.suppress(OSError):
+                    nested.rmdir()
             try:
                 path.rmdir()
             except FileNotFoundError:
@@ -252,6 +275,13 @@ class UidGroup:
     def renamed(self, capsule_id: str, limits: CapsuleLimits, own_tasks: int) -> UidGroup:
         """The same uid: a spare's stays the capsule's, and its supervisor sets the limit."""
         return self
+
+    def delegate(self, uid: int) -> None:
+        """Nothing to give: /proc measures each process."""
+
+    def delegated(self) -> dict[str, Path]:
+        """No cgroups."""
+        return {}
 
     def pids(self) -> list[int]:
         """The processes whose real uid is the capsule's."""

@@ -8,15 +8,20 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import struct
 import subprocess
 import termios
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.domain import Stream, TerminalSize
 from app.errors import InvalidRequest, InvalidState
+
+if TYPE_CHECKING:
+    from app.agent.meter import Meter
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +87,10 @@ class Child:
         self._popen = popen
         self._terminal_fd = terminal_fd  # the pty's master, read as STDOUT (stdin writes to a dup of it)
         self.pid = popen.pid
+        # What wait4 said of the leader and the children it reaped, once it is reaped.
+        self.rusage: resource.struct_rusage | None = None
+        # What measures it and its children (app.agent.meter), for a background process's run.
+        self.meter: Meter | None = None
         self._sink = sink
         self._pipes = dict(pipes)
         self._read_sizes = dict.fromkeys(pipes, READ_BYTES)
@@ -244,7 +253,7 @@ class Child:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         try:
-            _, status = os.waitpid(self.pid, 0)
+            _, status, self.rusage = os.wait4(self.pid, 0)
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:  # reaped by someone else's waitpid(-1): the status is lost
             logger.warning("pid %d was reaped outside the agent; its exit status is unknown", self.pid)

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from app.agent.events import ProcessEvents
+from app.agent.meter import CgroupMeters, Meters
 from app.agent.supervisor import Supervisor
 from app.config import Settings
 from app.domain import CapsuleSpec, HostCapsule
@@ -53,11 +54,13 @@ def settings_argument(
     lifeline: int | None = None,
     rlimit: bool = False,
     max_processes: int | None = None,
+    cgroups: bool = False,
 ) -> str:
     """The one argument the supervisor inside is started with; lifeline, the descriptor it leaves on
     once it reads end of file there (the agent's process is gone); rlimit, that the host has no
     cgroups, so the supervisor sets RLIMIT_NPROC on itself: max_processes at once, or a spare's
-    on the CreateCapsule that makes it a capsule's."""
+    on the CreateCapsule that makes it a capsule's; cgroups, that the capsule's cgroups (v1) are
+    bound at /sys/fs/cgroup/<controller> for a cgroup per process."""
     passed = {name: getattr(settings, name) for name in PASSED_SETTINGS}
     return json.dumps(
         {
@@ -66,6 +69,7 @@ def settings_argument(
             "lifeline": lifeline,
             "rlimit": rlimit,
             "max_processes": max_processes,
+            "cgroups": cgroups,
         }
     )
 
@@ -100,12 +104,23 @@ class OneCapsule:
     """The Capsules of a sandbox: exactly its own capsule, at /workspace."""
 
     def __init__(
-        self, capsule_id: str, settings: Settings, events: ProcessEvents, *, rlimit: bool = False
+        self,
+        capsule_id: str,
+        settings: Settings,
+        events: ProcessEvents,
+        *,
+        rlimit: bool = False,
+        meters: Meters | None = None,
     ) -> None:
         self._capsule_id = capsule_id
         self._rlimit = rlimit
         self._supervisor = Supervisor(
-            capsule_id, WORKSPACE, settings, events.publish, sessions_file=RUN_DIR / "sessions"
+            capsule_id,
+            WORKSPACE,
+            settings,
+            events.publish,
+            sessions_file=RUN_DIR / "sessions",
+            meters=meters,
         )
 
     def supervisor(self, capsule_id: str) -> Supervisor:
@@ -156,7 +171,10 @@ async def serve(argument: str) -> None:
     events = ProcessEvents()
     if given.get("max_processes") is not None:
         limit_own_processes(int(given["max_processes"]))
-    capsule = OneCapsule(given["capsule_id"], settings, events, rlimit=bool(given.get("rlimit")))
+    meters = CgroupMeters() if given.get("cgroups") and CgroupMeters.usable() else None
+    capsule = OneCapsule(
+        given["capsule_id"], settings, events, rlimit=bool(given.get("rlimit")), meters=meters
+    )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsule, events), server)  # type: ignore[arg-type]
     with contextlib.suppress(FileNotFoundError):

@@ -166,14 +166,20 @@ class OutputLog:
         return event
 
     def close(
-        self, *, exit_code: int | None, signum: signal.Signals | None, timed_out: bool, ended_at: datetime
+        self,
+        *,
+        exit_code: int | None,
+        signum: signal.Signals | None,
+        timed_out: bool,
+        ended_at: datetime,
+        oom_killed: bool = False,
     ) -> ProcessExit:
         """Appends the exit event; nothing comes after it."""
         if self._exit is not None:
             return self._exit
         for stream in Stream:
             self.end_stream(stream)
-        self._exit = ProcessExit(self._next_seq, exit_code, signum, timed_out, ended_at)
+        self._exit = ProcessExit(self._next_seq, exit_code, signum, timed_out, ended_at, oom_killed)
         self._append(self._exit)
         return self._exit
 

@@ -19,6 +19,7 @@ from app.domain import (
     ProcessEventKind,
     ProcessInfo,
     ProcessStatus,
+    ResourceUsage,
     Stream,
     TerminalSize,
     to_signal,
@@ -68,6 +69,8 @@ class ManagedProcess:
         self._timer: asyncio.TimerHandle | None = None
         self._exited = asyncio.Event()
         self._input_lock = asyncio.Lock()
+        # The run whose leader was reaped last: its final usage, and whether the OOM killer ended it.
+        self._finished: tuple[Child, ResourceUsage | None, bool] | None = None
         self._supervision = supervision
         # Set before the service signals, stops or times the process out: no restart after that.
         self._for_good = asyncio.Event()
@@ -109,7 +112,31 @@ class ManagedProcess:
             restarts=self._restarts,
             ready=self._ready,
             ready_at=self._ready_at,
+            oom_killed=self._oom_killed(),
+            usage=self._usage(),
         )
+
+    def _current_finished(self) -> tuple[Child, ResourceUsage | None, bool] | None:
+        return self._finished if self._finished is not None and self._finished[0] is self._child else None
+
+    def _oom_killed(self) -> bool:
+        finished = self._current_finished()
+        return finished is not None and finished[2]
+
+    def _usage(self) -> ResourceUsage | None:
+        """The current run's usage now, or its final totals once its leader is reaped."""
+        finished = self._current_finished()
+        if finished is not None:
+            return finished[1]
+        return None if self._child.meter is None else self._child.meter.usage()
+
+    async def _finish_run(self, code: int) -> None:
+        """Keeps the ended run's final totals, and whether the kernel's OOM killer ended it."""
+        child = self._child
+        usage, oom = None, False
+        if child.meter is not None:
+            usage, oom = await child.meter.finish(child.rusage, code)
+        self._finished = (child, usage, oom)
 
     def limit_lifetime(self, timeout_sec: float) -> None:
         """Kills the group when the lifetime runs out."""
@@ -136,6 +163,7 @@ class ManagedProcess:
                     watch.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await watch
+            await self._finish_run(code)
             if self._supervision is None:
                 break
             self._supervision.run_ended(self._child.pid)
@@ -155,7 +183,11 @@ class ManagedProcess:
             self._timer.cancel()
         self._exit_code, self._signal = exit_fields(code)
         exit_event = self.log.close(
-            exit_code=self._exit_code, signum=self._signal, timed_out=self._timed_out, ended_at=utcnow()
+            exit_code=self._exit_code,
+            signum=self._signal,
+            timed_out=self._timed_out,
+            ended_at=utcnow(),
+            oom_killed=self._oom_killed(),
         )
         self._ended_at = exit_event.ended_at
         self._exited.set()

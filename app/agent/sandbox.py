@@ -26,7 +26,7 @@ import os
 import shlex
 import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,8 @@ CALL_MARGIN_SEC = 5.0
 RELAY_WAIT_SEC = 2.0
 # What gathers a capsule's processes: its cgroup, or its uid where the host has no cgroups.
 Group = CapsuleCgroup | UidGroup
+# Where the sandbox sees the capsule's cgroups (v1), one directory per controller.
+CGROUPS_INSIDE = Path("/sys/fs/cgroup")
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 
@@ -167,9 +169,17 @@ class SandboxRuntime:
         return ""
 
     def argv(
-        self, *, workspace: Path, run_dir: Path, uid: int, network: bool, command: list[str]
+        self,
+        *,
+        workspace: Path,
+        run_dir: Path,
+        uid: int,
+        network: bool,
+        command: list[str],
+        cgroups: Mapping[str, Path] | None = None,
     ) -> list[str]:
-        """bwrap, then the drop to the capsule's uid and user namespace, then the supervisor."""
+        """bwrap, then the drop to the capsule's uid and user namespace, then the supervisor; cgroups,
+        the capsule's own by controller, bound at /sys/fs/cgroup/<controller> (a cgroup per process)."""
         args = [self.bwrap, "--die-with-parent", "--new-session"]
         args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "capsule"]
         if not network:
@@ -185,6 +195,9 @@ class SandboxRuntime:
             args += [*_dirs_for(path), "--ro-bind", path, path]
         args += ["--bind", str(workspace), str(inner.WORKSPACE)]
         args += [*_dirs_for(str(inner.RUN_DIR)), "--bind", str(run_dir), str(inner.RUN_DIR)]
+        for controller, cgroup in (cgroups or {}).items():
+            inside = str(CGROUPS_INSIDE / controller)
+            args += [*_dirs_for(inside), "--bind", str(cgroup), inside]
         args += ["--chdir", str(inner.WORKSPACE), "--clearenv"]
         args += ["--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
         args += ["--setenv", "HOME", str(inner.WORKSPACE), "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
@@ -204,15 +217,24 @@ class SandboxRuntime:
         # Without cgroups, the supervisor limits its own processes; a spare, once it is a capsule's.
         rlimit = isinstance(cgroup, UidGroup)
         spare = capsule_id.startswith(inner.SPARE_PREFIX)
+        delegated = cgroup.delegated()
         argument = inner.settings_argument(
             self.settings,
             capsule_id,
             lifeline=self.lifeline,
             rlimit=rlimit,
             max_processes=spec.limits.max_processes if rlimit and not spare else None,
+            cgroups=bool(delegated),
         )
         command = ["-m", "app.agent.inner", argument]
-        argv = self.argv(workspace=workspace, run_dir=run_dir, uid=uid, network=spec.network, command=command)
+        argv = self.argv(
+            workspace=workspace,
+            run_dir=run_dir,
+            uid=uid,
+            network=spec.network,
+            command=command,
+            cgroups=delegated,
+        )
         # The launcher joins the cgroup, then becomes bwrap: nothing of the sandbox forks outside it.
         joins = "".join(f"echo $$ > {shlex.quote(str(f))} && " for f in cgroup.procs_files)
         spawn = asyncio.ensure_future(
@@ -262,6 +284,7 @@ def _prepare(workspace: Path, run_dir: Path, uid: int, cgroup: Group, spec: Caps
         (run_dir / "agent.sock").unlink()
     cgroup.kill()  # what a killed agent's sandbox left, if its cgroup outlived it
     cgroup.create(spec.limits)
+    cgroup.delegate(uid)  # the supervisor makes a cgroup per process below it
 
 
 @dataclass(eq=False)

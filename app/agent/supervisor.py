@@ -14,6 +14,7 @@ from app.agent import launch
 from app.agent.child import Child
 from app.agent.events import Publish
 from app.agent.leftovers import Sessions
+from app.agent.meter import Meters, ProcMeters
 from app.agent.output_log import OutputLog
 from app.agent.process import ManagedProcess
 from app.agent.supervision import LineMatcher, Supervision
@@ -83,6 +84,7 @@ class Supervisor:
         publish: Publish,
         *,
         sessions_file: Path | None = None,
+        meters: Meters | None = None,
     ) -> None:
         self.capsule_id = capsule_id
         self.workspace = workspace
@@ -93,6 +95,8 @@ class Supervisor:
         self._drops: dict[str, asyncio.TimerHandle] = {}
         self._execs: set[Child] = set()
         self.sessions = Sessions(sessions_file or workspace.parent / "sessions")
+        # What each run of a background process costs: /proc sums, unless given a cgroup per run.
+        self._meters: Meters = meters or ProcMeters()
 
     def running_count(self) -> int:
         """How many background processes are running."""
@@ -183,7 +187,9 @@ class Supervisor:
         sink = log.append_output if matcher is None else matcher.feed
 
         def spawn() -> Child:  # each run of the process, the first and every restart
-            child = Child.spawn(argv, env=env, cwd=cwd, stdin=stdin, sink=sink, terminal=terminal)
+            child = self._meters.spawn(
+                lambda: Child.spawn(argv, env=env, cwd=cwd, stdin=stdin, sink=sink, terminal=terminal)
+            )
             self.sessions.add(child.pid)
             return child
 

@@ -56,6 +56,7 @@ class ProcessExited:
     signal: Signal | None
     timed_out: bool
     ended_at: datetime
+    oom_killed: bool
 
 
 ProcessOutputEvent: TypeAlias = Annotated[
@@ -120,6 +121,7 @@ def _convert(event: domain.OutputEvent) -> GraphQLOutputEvent:
                 signal=Signal.of(event.signal),
                 timed_out=event.timed_out,
                 ended_at=event.ended_at,
+                oom_killed=event.oom_killed,
             )
 
 

@@ -21,6 +21,7 @@ from app.api.enums import (
     SignalScope,
     WaitCondition,
 )
+from app.api.usage import ResourceUsage
 
 
 @strawberry.input
@@ -165,6 +166,11 @@ class Process:
         description="How often its restart policy started it again; each run has a new pid, "
         "the tag and the output stream stay."
     )
+    oom_killed: bool = strawberry.field(description="True when the kernel's out-of-memory killer ended it.")
+    usage: ResourceUsage | None = strawberry.field(
+        description="CPU and memory of the process and its children (the last run's totals once it has "
+        "exited); null where the runtime cannot measure it."
+    )
 
     @classmethod
     def from_info(cls, info: domain.ProcessInfo) -> Process:
@@ -185,6 +191,8 @@ class Process:
             ready=info.ready,
             ready_at=info.ready_at,
             restarts=info.restarts,
+            oom_killed=info.oom_killed,
+            usage=ResourceUsage.of(info.usage),
         )
 
 

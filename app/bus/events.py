@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from datetime import datetime
@@ -42,6 +43,8 @@ def process_info_to_dict(info: domain.ProcessInfo) -> dict[str, Any]:
         "restarts": info.restarts,
         "ready": info.ready,
         "ready_at": _moment(info.ready_at),
+        "oom_killed": info.oom_killed,
+        "usage": None if info.usage is None else dataclasses.asdict(info.usage),
     }
 
 
@@ -68,6 +71,8 @@ def process_info_from_dict(data: dict[str, Any]) -> domain.ProcessInfo:
         restarts=int(data.get("restarts", 0)),
         ready=bool(data.get("ready", True)),
         ready_at=_parse_moment(data.get("ready_at")),
+        oom_killed=bool(data.get("oom_killed", False)),
+        usage=None if data.get("usage") is None else domain.ResourceUsage(**data["usage"]),
     )
 
 

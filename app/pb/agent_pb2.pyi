@@ -240,7 +240,7 @@ class Readiness(_message.Message):
     def __init__(self, port: _Optional[int] = ..., output_pattern: _Optional[str] = ..., timeout_sec: _Optional[float] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
-    __slots__ = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "status", "exit_code", "signal", "timed_out", "started_at", "ended_at", "stdin", "restarts", "ready", "ready_at", "terminal")
+    __slots__ = ("capsule_id", "pid", "tag", "cmd", "args", "cwd", "status", "exit_code", "signal", "timed_out", "started_at", "ended_at", "stdin", "restarts", "ready", "ready_at", "terminal", "usage", "oom_killed")
     CAPSULE_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +258,8 @@ class ProcessInfo(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     READY_AT_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
     capsule_id: str
     pid: int
     tag: str
@@ -275,7 +277,9 @@ class ProcessInfo(_message.Message):
     ready: bool
     ready_at: _timestamp_pb2.Timestamp
     terminal: bool
-    def __init__(self, capsule_id: _Optional[str] = ..., pid: _Optional[int] = ..., tag: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., status: _Optional[_Union[ProcessStatus, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdin: _Optional[bool] = ..., restarts: _Optional[int] = ..., ready: _Optional[bool] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., terminal: _Optional[bool] = ...) -> None: ...
+    usage: ResourceUsage
+    oom_killed: bool
+    def __init__(self, capsule_id: _Optional[str] = ..., pid: _Optional[int] = ..., tag: _Optional[str] = ..., cmd: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., status: _Optional[_Union[ProcessStatus, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdin: _Optional[bool] = ..., restarts: _Optional[int] = ..., ready: _Optional[bool] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., terminal: _Optional[bool] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
 
 class ProcessList(_message.Message):
     __slots__ = ("processes",)
@@ -360,18 +364,20 @@ class ProcessRestarted(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class ProcessExit(_message.Message):
-    __slots__ = ("seq", "exit_code", "signal", "timed_out", "ended_at")
+    __slots__ = ("seq", "exit_code", "signal", "timed_out", "ended_at", "oom_killed")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     exit_code: int
     signal: int
     timed_out: bool
     ended_at: _timestamp_pb2.Timestamp
-    def __init__(self, seq: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    oom_killed: bool
+    def __init__(self, seq: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
 
 class OutputEvent(_message.Message):
     __slots__ = ("chunk", "gap", "exit", "restarted")

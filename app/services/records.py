@@ -55,10 +55,25 @@ def record_to_info(record: models.ProcessRecord) -> ProcessInfo:
         restarts=record.restarts,
         ready=record.ready,
         ready_at=record.ready_at,
+        oom_killed=record.oom_killed,
+        usage=_usage_of(record),
+    )
+
+
+def _usage_of(record: models.ProcessRecord) -> domain.ResourceUsage | None:
+    """The final totals an exited record keeps; None while it runs, or where they were not measured."""
+    if record.cpu_sec is None or record.memory_peak_bytes is None:
+        return None
+    return domain.ResourceUsage(
+        cpu_sec=record.cpu_sec,
+        memory_bytes=record.memory_bytes or 0,
+        memory_peak_bytes=record.memory_peak_bytes,
+        processes=record.processes_alive or 0,
     )
 
 
 def _exit_record(info: ProcessInfo) -> ProcessExitRecord:
+    usage = info.usage
     return ProcessExitRecord(
         capsule_id=info.capsule_id,
         pid=info.pid,
@@ -70,6 +85,11 @@ def _exit_record(info: ProcessInfo) -> ProcessExitRecord:
         restarts=info.restarts,
         ready=info.ready,
         ready_at=info.ready_at,
+        oom_killed=info.oom_killed,
+        cpu_sec=None if usage is None else usage.cpu_sec,
+        memory_bytes=None if usage is None else usage.memory_bytes,
+        memory_peak_bytes=None if usage is None else usage.memory_peak_bytes,
+        processes_alive=None if usage is None else usage.processes,
     )
 
 

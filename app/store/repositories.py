@@ -379,6 +379,12 @@ class ProcessExitRecord:
     restarts: int = 0
     ready: bool = True
     ready_at: datetime | None = None
+    oom_killed: bool = False
+    # Final totals of the process and its children; None where they were not measured.
+    cpu_sec: float | None = None
+    memory_bytes: int | None = None
+    memory_peak_bytes: int | None = None
+    processes_alive: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +455,11 @@ async def _mark_exited(
             exit_code=exit.exit_code,
             signal=exit.signal,
             timed_out=exit.timed_out,
+            oom_killed=exit.oom_killed,
+            cpu_sec=exit.cpu_sec,
+            memory_bytes=exit.memory_bytes,
+            memory_peak_bytes=exit.memory_peak_bytes,
+            processes_alive=exit.processes_alive,
             ended_at=exit.ended_at,
         )
         .returning(record)

@@ -1,0 +1,305 @@
+"""What one background process and its children cost, and whether the kernel's OOM killer ended it.
+
+Two ways to measure, chosen per supervisor:
+
+- A cgroup per process (CgroupMeters), nested in the capsule's cgroup, where the supervisor can make
+  them: the sandbox runtime on a cgroup v1 host, whose agent binds the capsule's memory, pids and
+  cpuacct cgroups into the sandbox at /sys/fs/cgroup/<controller> and gives them to the capsule's
+  uid. The supervisor joins the new cgroup itself for the instant of the fork and leaves it at once,
+  so the child is born inside: nothing it forks, however early, escapes it. The kernel then counts
+  CPU (cpuacct.usage), memory now and at its peak (memory.usage_in_bytes, memory.max_usage_in_bytes),
+  the processes (cgroup.procs) and the OOM kills (memory.oom_control's oom_kill) of the process and
+  all its descendants.
+- /proc sums over the process's group otherwise (ProcMeters: the plain runtime, the rlimit mode and
+  cgroup v2): CPU of the group's live members and of the children they reaped, their resident memory,
+  the peak as sampled and as the kernel's high-water marks say, and at the exit the leader's rusage
+  from wait4. An OOM kill is not told apart from a SIGKILL there (false).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from app.agent.child import Child
+from app.domain import ResourceUsage
+
+logger = logging.getLogger(__name__)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+# The cgroup v1 controllers a process gets a cgroup of its own in (cpu keeps the capsule's quota).
+CONTROLLERS = ("memory", "pids", "cpuacct")
+# Where the sandbox sees its capsule's cgroups.
+SANDBOX_CGROUPS = Path("/sys/fs/cgroup")
+# A /proc scan serves the usage of every process asked about within this long after it (a list of many).
+SCAN_TTL_SEC = 0.005
+# How long an exit's final reading waits for the rest of its cgroup (killed with the leader) to go.
+SETTLE_SEC = 1.0
+SETTLE_ROUNDS = 100
+
+
+class Meter(Protocol):
+    """The usage of one run of a process."""
+
+    def usage(self) -> ResourceUsage | None:
+        """What the run and its children use now; None where it cannot be read."""
+
+    async def finish(
+        self, rusage: resource.struct_rusage | None, code: int
+    ) -> tuple[ResourceUsage | None, bool]:
+        """The run's final totals once its leader is reaped (code: -N for signal N), and whether
+        the kernel's OOM killer ended it."""
+
+
+class Meters(Protocol):
+    """Gives each run a meter."""
+
+    def spawn(self, spawn: Callable[[], Child]) -> Child:
+        """Runs spawn (which forks the run), and returns its Child with the meter set, measured from birth."""
+
+
+def _cpu_of(rusage: resource.struct_rusage | None) -> float:
+    return 0.0 if rusage is None else rusage.ru_utime + rusage.ru_stime
+
+
+def _peak_of(rusage: resource.struct_rusage | None) -> int:
+    return 0 if rusage is None else rusage.ru_maxrss * 1024  # Linux gives KiB
+
+
+@dataclass(frozen=True, slots=True)
+class _Stat:
+    pgrp: int
+    alive: bool  # not a zombie
+    cpu_ticks: int  # its own and its reaped children's user and system time
+    rss_pages: int
+
+
+def _scan(proc: Path = Path("/proc")) -> dict[int, _Stat]:
+    """Every process's /proc/PID/stat fields this needs, by pid."""
+    found: dict[int, _Stat] = {}
+    with os.scandir(proc) as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"{entry.path}/stat", "rb") as file:
+                    raw = file.read()
+            except OSError:  # ended while we looked
+                continue
+            fields = raw[raw.rfind(b")") + 2 :].split()
+            # After the command: state, ppid, pgrp, ... utime (11), stime, cutime, cstime, ... rss (21).
+            found[int(entry.name)] = _Stat(
+                pgrp=int(fields[2]),
+                alive=fields[0] not in (b"Z", b"X"),
+                cpu_ticks=sum(int(f) for f in fields[11:15]),
+                rss_pages=int(fields[21]),
+            )
+    return found
+
+
+def _high_water(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as file:
+            for line in file:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class ProcMeters:
+    """Meters that sum /proc over each process's group; one scan of /proc serves a burst of asks."""
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self._proc = proc
+        self._scanned_at = -1.0
+        self._table: dict[int, _Stat] = {}
+
+    def spawn(self, spawn: Callable[[], Child]) -> Child:
+        """Runs spawn; the meter follows the new process's group (its pid: it leads a new session)."""
+        child = spawn()
+        child.meter = ProcMeter(self, child.pid)
+        return child
+
+    def table(self, newer_than: float) -> dict[int, _Stat]:
+        """/proc as read after newer_than (monotonic), and at most SCAN_TTL_SEC ago."""
+        now = time.monotonic()
+        if self._scanned_at <= newer_than or now - self._scanned_at > SCAN_TTL_SEC:
+            self._table = _scan(self._proc)
+            self._scanned_at = time.monotonic()
+        return self._table
+
+
+class ProcMeter:
+    """One run's usage as /proc tells it: the sum over the live members of its process group."""
+
+    def __init__(self, meters: ProcMeters, pgid: int) -> None:
+        self._meters = meters
+        self._pgid = pgid
+        self._born = time.monotonic()
+        self._cpu = 0.0
+        self._peak = 0
+
+    def usage(self) -> ResourceUsage | None:
+        """Reads /proc (or the scan of a moment ago)."""
+        try:
+            table = self._meters.table(self._born)
+        except OSError:
+            return None
+        members = [(pid, stat) for pid, stat in table.items() if stat.pgrp == self._pgid]
+        alive = [pid for pid, stat in members if stat.alive]
+        memory = sum(stat.rss_pages for _, stat in members if stat.alive) * PAGE_BYTES
+        self._cpu = max(self._cpu, sum(stat.cpu_ticks for _, stat in members) / CLOCK_TICKS)
+        self._peak = max(self._peak, memory, *(_high_water(pid) for pid in alive))
+        return ResourceUsage(
+            cpu_sec=self._cpu, memory_bytes=memory, memory_peak_bytes=self._peak, processes=len(alive)
+        )
+
+    async def finish(
+        self, rusage: resource.struct_rusage | None, code: int
+    ) -> tuple[ResourceUsage | None, bool]:
+        """The most that was seen and what wait4 said of the leader and the children it reaped."""
+        final = ResourceUsage(
+            cpu_sec=max(self._cpu, _cpu_of(rusage)),
+            memory_bytes=0,
+            memory_peak_bytes=max(self._peak, _peak_of(rusage)),
+            processes=0,
+        )
+        return final, False
+
+
+class CgroupMeters:
+    """A cgroup v1 per process in each of CONTROLLERS below root (the capsule's cgroups, as the
+    sandbox sees them); /proc sums for a spawn whose cgroup cannot be made."""
+
+    def __init__(self, root: Path = SANDBOX_CGROUPS) -> None:
+        self._root = root
+        self._names = itertools.count(1)
+        self._fallback = ProcMeters()
+        self._warned = False
+
+    @classmethod
+    def usable(cls, root: Path = SANDBOX_CGROUPS) -> bool:
+        """True where every controller's cgroup is there for this process to make cgroups in."""
+        return all(os.access(root / name, os.W_OK) for name in CONTROLLERS)
+
+    def spawn(self, spawn: Callable[[], Child]) -> Child:
+        """Makes the run's cgroups, moves this process into them for the fork, and back."""
+        name = f"run-{next(self._names)}"
+        dirs: dict[str, Path] = {}
+        try:
+            for controller in CONTROLLERS:
+                path = self._root / controller / name
+                path.mkdir()
+                dirs[controller] = path
+            for path in dirs.values():
+                (path / "cgroup.procs").write_text("0")  # 0: the writer, all its threads
+        except OSError as exc:
+            self._home()
+            _remove(dirs.values())
+            if not self._warned:
+                logger.warning("no cgroup per process (%s): usage comes from /proc", exc)
+                self._warned = True
+            return self._fallback.spawn(spawn)
+        try:
+            child = spawn()
+        except BaseException:
+            self._home()
+            _remove(dirs.values())
+            raise
+        self._home()
+        child.meter = CgroupMeter(dirs)
+        return child
+
+    def _home(self) -> None:
+        """Back to the capsule's own cgroups, where the supervisor lives."""
+        for controller in CONTROLLERS:
+            try:
+                (self._root / controller / "cgroup.procs").write_text("0")
+            except OSError as exc:
+                logger.error("the supervisor could not go back to its %s cgroup: %s", controller, exc)
+
+
+class CgroupMeter:
+    """One run's usage as its cgroups count it."""
+
+    def __init__(self, dirs: dict[str, Path]) -> None:
+        self._dirs = dirs
+
+    def _read(self, controller: str, name: str) -> int:
+        return int((self._dirs[controller] / name).read_text())
+
+    def _processes(self) -> int:
+        count = 0
+        for top, _, _ in os.walk(self._dirs["pids"]):
+            with contextlib.suppress(OSError):
+                count += len((Path(top) / "cgroup.procs").read_text().split())
+        return count
+
+    def usage(self) -> ResourceUsage | None:
+        """A few small reads of the kernel's own files."""
+        try:
+            processes = self._processes()
+            return ResourceUsage(
+                cpu_sec=self._read("cpuacct", "cpuacct.usage") / 1e9,
+                memory_bytes=self._read("memory", "memory.usage_in_bytes") if processes else 0,
+                memory_peak_bytes=self._read("memory", "memory.max_usage_in_bytes"),
+                processes=processes,
+            )
+        except (OSError, ValueError):
+            return None
+
+    def oom_kills(self) -> int:
+        """How many processes of the run the kernel's OOM killer ended."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in (self._dirs["memory"] / "memory.oom_control").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        return 0
+
+    async def finish(
+        self, rusage: resource.struct_rusage | None, code: int
+    ) -> tuple[ResourceUsage | None, bool]:
+        """The totals once what was killed with the leader is gone, then the cgroups removed.
+
+        OOM-killed: the leader ended by SIGKILL and the kernel counted an OOM kill in the run."""
+        for _ in range(SETTLE_ROUNDS):  # the kernel's files tell no one when they change: look again
+            with contextlib.suppress(OSError, ValueError):
+                if not self._processes():
+                    break
+            await asyncio.sleep(SETTLE_SEC / SETTLE_ROUNDS)
+        oom = code == -signal.SIGKILL and self.oom_kills() > 0
+        usage = self.usage()
+        if usage is not None:
+            usage = ResourceUsage(
+                cpu_sec=max(usage.cpu_sec, _cpu_of(rusage)),
+                memory_bytes=usage.memory_bytes,
+                memory_peak_bytes=max(usage.memory_peak_bytes, _peak_of(rusage)),
+                processes=usage.processes,
+            )
+        if usage is None or not usage.processes:
+            _remove(self._dirs.values())
+        return usage, oom
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    """Removes empty cgroups, nested ones first; one still holding a process stays (the capsule's
+    removal takes it)."""
+    for path in paths:
+        for top, _, _ in sorted(os.walk(path), key=lambda walked: -len(walked[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(top)
