@@ -170,8 +170,9 @@ async def test_metrics_count_what_a_workload_did(server: Server, key: str, api: 
     # What runs, read from the store at the scrape; and the bus carried the lifecycle events.
     assert value(after, "capsule_processes_running", host="local") == 1
     assert value(after, "capsule_capsules", host="local", status="RUNNING") == 1
-    # One announcement per lifecycle event: 5 starts and 4 exits.
-    assert delta(before, after, "capsule_bus_publishes_total", outcome="ok") == 9
+    # At most one announcement per lifecycle event (5 starts, 4 exits); events written together
+    # share one.
+    assert 1 <= delta(before, after, "capsule_bus_publishes_total", outcome="ok") <= 9
     assert value(after, "capsule_host_reachable", host="local") == 1
     # The embedded agent's own metrics are on the same page.
     assert value(after, "capsule_agent_processes_running", capsule=capsule_id) == 1

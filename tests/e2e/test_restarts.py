@@ -6,6 +6,7 @@ with its log in JSON."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -176,7 +177,7 @@ async def follow(
 def assert_contiguous(events: list[dict[str, Any]]) -> None:
     # A merged chunk carries the seq of the last chunk it joins: seqs rise, by one or more.
     seqs = [e["seq"] for e in events]
-    assert all(a < b for a, b in zip(seqs, seqs[1:], strict=False)), "a duplicate seq"
+    assert all(a < b for a, b in itertools.pairwise(seqs)), "a duplicate seq"
     lines = "".join(e["data"] for e in events if e["__typename"] == "OutputChunk").splitlines()
     complete = lines[:-1]  # the last may be cut mid-line
     numbers = [int(line.removeprefix("line ")) for line in complete]
