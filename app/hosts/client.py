@@ -295,7 +295,10 @@ class HostClient:
             state = _SHUTDOWN
         if state is not _READY:
             metrics.HOST_CALLS.labels(rpc, "UNREACHABLE").inc()
-            logger.warning("host %s: %s: cannot connect to the agent (%s)", self.host_id, rpc, state.name)
+            # The exit recorder retries its stream twice a second and logs the host's state once;
+            # every other call that fails says so.
+            level = logging.DEBUG if rpc == "WatchProcesses" else logging.WARNING
+            logger.log(level, "host %s: %s: cannot connect to the agent (%s)", self.host_id, rpc, state.name)
             raise HostUnavailable(UNREACHABLE)
 
     def _error(self, rpc: str, exc: grpc.aio.AioRpcError) -> CapsuleError:

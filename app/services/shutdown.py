@@ -32,4 +32,7 @@ async def end_embedded_host(
         if running:
             await records.reconcile(capsule, running=running, live=(), killed=True)
             ended += len(running)
-    logger.info("the embedded agent stopped; %d process record(s) ended with it", ended)
+    logger.info(
+        "the embedded agent stopped; %d process record(s) it had not reported ended were recorded as killed",
+        ended,
+    )

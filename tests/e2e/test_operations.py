@@ -444,3 +444,23 @@ async def _reachable(server: Server, expected: int) -> bool:
     samples = await scrape(server)
     series = ("capsule_host_reachable", frozenset({("host", "h1")}))
     return series in samples and samples[series] == expected
+
+
+async def test_runs_replaced_by_a_restart_policy_are_counted_as_restarted(
+    server: Server, api: HttpClient
+) -> None:
+    before = await scrape(server)
+    capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
+    restart = {"policy": "ON_FAILURE", "maxRestarts": 2, "backoffSec": 0.01, "maxBackoffSec": 0.01}
+    await start(api, capsule_id, "sh", "-c", "exit 7", tag="flaky", restart=restart)
+    ended = await wait_for_status(api, capsule_id, "flaky", "EXITED")
+    assert ended["restarts"] == 2 and ended["exitCode"] == 7
+    after = await until(lambda: _exited_counted(server, before, "non_zero", 1), "the last run's exit counted")
+    assert delta(before, after, "capsule_processes_exited_total", outcome="restarted") == 2
+    assert delta(before, after, "capsule_processes_started_total") == 1
+
+
+async def _exited_counted(server: Server, before: Samples, outcome: str, count: int) -> Samples | None:
+    samples = await scrape(server)
+    done = delta(before, samples, "capsule_processes_exited_total", outcome=outcome) == count
+    return samples if done else None
