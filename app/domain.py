@@ -609,6 +609,7 @@ class ProcessRestarted:
     restarts: int
     exit_code: int | None
     signal: signal.Signals | None
+    oom_killed: bool = False  # the kernel's OOM killer ended the run before (signal is SIGKILL then)
 
 
 OutputEvent = OutputChunk | OutputGap | ProcessRestarted | ProcessExit

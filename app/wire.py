@@ -343,7 +343,7 @@ def _fill_output_event(message: pb.OutputEvent, event: domain.OutputEvent) -> No
         case domain.ProcessRestarted():
             restarted = message.restarted
             restarted.seq, restarted.pid, restarted.restarts = event.seq, event.pid, event.restarts
-            restarted.signal = _signal_to_pb(event.signal)
+            restarted.signal, restarted.oom_killed = _signal_to_pb(event.signal), event.oom_killed
             if event.exit_code is not None:
                 restarted.exit_code = event.exit_code
 
@@ -377,6 +377,7 @@ def output_event(message: pb.OutputEvent) -> domain.OutputEvent:
             restarts=restarted.restarts,
             exit_code=restarted.exit_code if restarted.HasField("exit_code") else None,
             signal=domain.to_signal(restarted.signal),
+            oom_killed=restarted.oom_killed,
         )
     end = message.exit
     return domain.ProcessExit(

@@ -156,12 +156,18 @@ class OutputLog:
             self._append(OutputChunk(self._next_seq, stream, data))
 
     def restarted(
-        self, *, pid: int, restarts: int, exit_code: int | None, signum: signal.Signals | None
+        self,
+        *,
+        pid: int,
+        restarts: int,
+        exit_code: int | None,
+        signum: signal.Signals | None,
+        oom_killed: bool = False,
     ) -> ProcessRestarted:
         """Marks where one run ended and the next (pid) began; what the last run held back goes out first."""
         for stream in Stream:
             self.end_stream(stream)
-        event = ProcessRestarted(self._next_seq, pid, restarts, exit_code, signum)
+        event = ProcessRestarted(self._next_seq, pid, restarts, exit_code, signum, oom_killed)
         self._append(event)
         return event
 

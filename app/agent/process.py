@@ -205,6 +205,7 @@ class ManagedProcess:
     def _next_run(self, code: int) -> bool:
         """Starts the next run; False (the reason in the log) when it cannot start."""
         assert self._supervision is not None
+        ended_oom_killed = self._oom_killed()  # the run that ended's, before the next is current
         try:
             child = self._supervision.respawn()
         except CapsuleError as exc:
@@ -219,7 +220,13 @@ class ManagedProcess:
             if self._supervision.matcher is not None:
                 self._supervision.matcher.rearm()
         exit_code, signum = exit_fields(code)
-        self.log.restarted(pid=child.pid, restarts=self._restarts, exit_code=exit_code, signum=signum)
+        self.log.restarted(
+            pid=child.pid,
+            restarts=self._restarts,
+            exit_code=exit_code,
+            signum=signum,
+            oom_killed=ended_oom_killed,
+        )
         logger.info(
             "capsule %s: process %s restarted (%d) as pid %d",
             self.capsule_id,

@@ -113,6 +113,7 @@ def _convert(event: domain.OutputEvent) -> GraphQLOutputEvent:
                 restarts=event.restarts,
                 exit_code=event.exit_code,
                 signal=Signal.of(event.signal),
+                oom_killed=event.oom_killed,
             )
         case domain.ProcessExit():
             return ProcessExited(

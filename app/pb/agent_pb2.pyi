@@ -350,18 +350,20 @@ class OutputGap(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., lost_events: _Optional[int] = ..., lost_bytes: _Optional[int] = ...) -> None: ...
 
 class ProcessRestarted(_message.Message):
-    __slots__ = ("seq", "pid", "restarts", "exit_code", "signal")
+    __slots__ = ("seq", "pid", "restarts", "exit_code", "signal", "oom_killed")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     pid: int
     restarts: int
     exit_code: int
     signal: int
-    def __init__(self, seq: _Optional[int] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ...) -> None: ...
+    oom_killed: bool
+    def __init__(self, seq: _Optional[int] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., oom_killed: _Optional[bool] = ...) -> None: ...
 
 class ProcessExit(_message.Message):
     __slots__ = ("seq", "exit_code", "signal", "timed_out", "ended_at", "oom_killed")

@@ -115,3 +115,24 @@ async def test_an_allocation_past_the_memory_limit_ends_oom_killed_and_the_capsu
     assert (await exec_sh(stub, "small", "echo still here")).stdout == b"still here\n"
     listed = wire.process_info(await stub.GetProcess(ref("small", hog.tag)))
     assert listed.oom_killed is True
+
+
+@needs_cgroups
+async def test_a_run_the_oom_killer_ended_is_restarted_and_says_so(make_stub: MakeStub) -> None:
+    stub = await make_stub()
+    limits = pb.CapsuleLimits(max_processes=64, memory_mib=64)
+    await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="small", limits=limits))
+    restart = pb.RestartPolicy(
+        policy=pb.RestartPolicy.ON_FAILURE, max_restarts=1, backoff_sec=0.01, max_backoff_sec=0.01
+    )
+    hog = await start_python(
+        stub, "small", "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096])", restart=restart
+    )
+    events = await read_output(stub, "small", hog.tag, within=30)
+    ends = [e for e in events if isinstance(e, domain.ProcessRestarted | domain.ProcessExit)]
+    assert [(type(e).__name__, e.signal, e.oom_killed) for e in ends] == [
+        ("ProcessRestarted", signal.SIGKILL, True),
+        ("ProcessExit", signal.SIGKILL, True),
+    ]
+    ended = await wait_exited(stub, "small", hog.tag)
+    assert (ended.restarts, ended.oom_killed) == (1, True), ended
