@@ -191,7 +191,7 @@ async def _settled(server: Server) -> Samples | None:
 
 
 async def test_rate_limit_refusals_and_auth_failures_are_counted(
-    settings: Settings, database_url: str
+    settings: Settings, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with running_server(
         replace(settings, team_requests_per_sec=1.0, team_request_window_sec=2)
@@ -211,6 +211,9 @@ async def test_rate_limit_refusals_and_auth_failures_are_counted(
         after = await scrape(server)
         assert delta(before, after, "capsule_rate_limit_refusals_total", limit="operations") == refused
         assert delta(before, after, "capsule_auth_failures_total") == 1
+    refusals = [r for r in caplog.records if getattr(r, "event", None) == "auth.failed"]
+    assert len(refusals) == 1 and refusals[0].levelname == "WARNING"
+    assert all("wrongwrong" not in r.getMessage() for r in caplog.records), "a key was logged"
 
 
 async def test_healthz_and_readyz_when_all_is_well(server: Server) -> None:

@@ -294,3 +294,25 @@ def test_an_unknown_log_format_is_refused_at_start(tmp_path: Path) -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "CAPSULE_LOG_FORMAT='xml': use plain or json" in result.stderr
+
+
+async def test_sigterm_lets_a_mutation_in_flight_finish(tmp_path: Path) -> None:
+    async with serving(tmp_path) as serve:
+        api = HttpClient(f"{serve.url}/graphql", serve.key)
+        try:
+            capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
+            workspace = serve.cwd / ".capsule" / "agent" / "capsules" / capsule_id / "workspace"
+            command = {"cmd": "sh", "args": ["-c", "touch started; sleep 1; echo finished"]}
+            call = asyncio.create_task(api.run("Exec", capsuleId=capsule_id, input=command))
+            async with asyncio.timeout(DEADLINE_SEC):
+                while not (workspace / "started").exists():
+                    assert not call.done(), call.result()
+                    await asyncio.sleep(0.02)
+            assert serve.process is not None
+            serve.process.send_signal(signal.SIGTERM)  # while the exec runs
+            answer = await asyncio.wait_for(call, DEADLINE_SEC)
+            assert answer.ok()["exec"]["stdout"] == "finished\n"
+        finally:
+            await api.aclose()
+        async with asyncio.timeout(DEADLINE_SEC):
+            assert await asyncio.to_thread(serve.process.wait) == 0
