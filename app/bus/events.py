@@ -40,6 +40,7 @@ def process_info_to_dict(info: domain.ProcessInfo) -> dict[str, Any]:
         "timed_out": info.timed_out,
         "ended_at": _moment(info.ended_at),
         "stdin": info.stdin,
+        "terminal": info.terminal,
         "restarts": info.restarts,
         "ready": info.ready,
         "ready_at": _moment(info.ready_at),
@@ -67,6 +68,7 @@ def process_info_from_dict(data: dict[str, Any]) -> domain.ProcessInfo:
         timed_out=bool(data["timed_out"]),
         ended_at=_parse_moment(data["ended_at"]),
         stdin=bool(data["stdin"]),
+        terminal=bool(data.get("terminal", False)),  # events stored before terminals hold none
         # Events stored before supervision existed hold none of these.
         restarts=int(data.get("restarts", 0)),
         ready=bool(data.get("ready", True)),

@@ -32,6 +32,7 @@ def running() -> domain.ProcessInfo:
         status=domain.ProcessStatus.RUNNING,
         started_at=STARTED_AT,
         stdin=True,
+        terminal=True,
     )
 
 
