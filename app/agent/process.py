@@ -69,6 +69,7 @@ class ManagedProcess:
         self._timer: asyncio.TimerHandle | None = None
         self._exited = asyncio.Event()
         self._input_lock = asyncio.Lock()
+        self._terminal_size: TerminalSize | None = None  # the last resizeTerminal's
         # The run whose leader was reaped last: its final usage, and whether the OOM killer ended it.
         self._finished: tuple[Child, ResourceUsage | None, bool] | None = None
         self._supervision = supervision
@@ -214,6 +215,8 @@ class ManagedProcess:
             self.log.append_output(Stream.STDERR, reason.encode())
             return False
         self._child, self.pid = child, child.pid
+        if self._terminal_size is not None:  # the new run's terminal: the size it was last given
+            child.resize(self._terminal_size)
         self._restarts += 1
         if self._supervision.readiness is not None:  # each run becomes ready anew
             self._run_ready.clear()
@@ -319,7 +322,9 @@ class ManagedProcess:
                 f"process {self.pid} ({self.tag}) has no terminal: start it with terminal set to resize it"
             )
         self._require_running()
-        self._child.resize(size)
+        self._terminal_size = size  # a restart's new terminal takes it too
+        if not self._child.has_exited:  # between runs: only remembered
+            self._child.resize(size)
 
     def _require_running(self) -> None:
         if not self.is_running:

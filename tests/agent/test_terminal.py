@@ -10,7 +10,7 @@ import grpc
 
 from app import domain, wire
 from app.pb import agent_pb2 as pb
-from tests.agent.helpers import grpc_error, joined, read_output, ref, start_sh, wait_output
+from tests.agent.helpers import eventually, grpc_error, joined, read_output, ref, start_sh, wait_output
 
 # A shell that reports its terminal's size on each SIGWINCH, and "int" on SIGINT before it exits 3.
 # sh runs a trap once its foreground command is done: the sleeps are short.
@@ -152,3 +152,40 @@ async def test_listed_processes_say_which_run_on_a_terminal(stub: Any, capsule: 
     await asyncio.gather(
         *(stub.StopProcess(pb.StopRequest(process=ref(capsule, p), grace_sec=0)) for p in infos)
     )
+
+
+async def test_a_restarted_process_gets_a_new_terminal_of_the_last_size(stub: Any, capsule: str) -> None:
+    restart = pb.RestartPolicy(
+        policy=pb.RestartPolicy.ON_FAILURE, max_restarts=1, backoff_sec=0.01, max_backoff_sec=0.01
+    )
+    info = await start_sh(
+        stub, capsule, "tty; read line; stty size; exit 1", terminal=terminal(80, 24), restart=restart
+    )
+    await wait_output(stub, capsule, info.tag, b"/dev/pts/")
+    await resize(stub, capsule, info.tag, 120, 40)
+    await send(stub, capsule, info.tag, b"\r")
+    await eventually(
+        lambda: output_count(stub, capsule, info.tag, b"/dev/pts/", 2), what="the second run's tty line"
+    )
+    await send(stub, capsule, info.tag, b"\r")
+    events = await read_output(stub, capsule, info.tag)
+    out = joined(events)
+    assert out.count(b"\r\n40 120\r\n") == 2, out  # the restart's terminal has the resized size
+    exit_event = events[-1]
+    assert isinstance(exit_event, domain.ProcessExit) and exit_event.exit_code == 1
+
+
+async def output_count(stub: Any, capsule: str, selector: str, needle: bytes, count: int) -> bool:
+    """True once the process's retained stdout holds needle count times."""
+    request = pb.OutputRequest(process=ref(capsule, selector), from_seq=0)
+    seen = b""
+    async with asyncio.timeout(0.5):
+        stream = stub.StreamOutput(request)
+        try:
+            async for batch in stream:
+                seen += joined(wire.output_events(batch))
+                if seen.count(needle) >= count:
+                    return True
+        finally:
+            stream.cancel()
+    return False
