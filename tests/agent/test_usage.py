@@ -80,6 +80,22 @@ async def test_usage_of_a_process_that_burns_cpu_and_touches_100_mib(stub: Any, 
     assert (final.memory_bytes, final.processes) == (0, 0), final
 
 
+@pytest.mark.skipif(
+    not sandboxed(), reason="the rlimit mode is the sandbox runtime's: it needs bwrap and root"
+)
+async def test_usage_in_the_rlimit_mode_is_summed_from_proc(make_stub: MakeStub) -> None:
+    stub = await make_stub(runtime="sandbox", sandbox_limits="rlimit", sandbox_spares=0)
+    await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="r1"))
+    started = await start_python(stub, "r1", HUNDRED_MIB, stdin=True)
+    await wait_output(stub, "r1", started.tag, b"touched")
+    running = (await get(stub, "r1", started.tag)).usage
+    assert running is not None and running.processes == 1, running
+    assert running.cpu_sec >= 0.25 and running.memory_peak_bytes >= 95 * MIB, running
+    await stub.CloseInput(ref("r1", started.tag))
+    final = (await wait_exited(stub, "r1", started.tag)).usage
+    assert final is not None and final.memory_peak_bytes >= 95 * MIB and final.processes == 0, final
+
+
 async def test_usage_counts_the_processes_of_the_group(stub: Any, capsule: str) -> None:
     started = await start_python(
         stub,
