@@ -15,7 +15,6 @@ from collections.abc import AsyncGenerator, Collection, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
 
-from app import metrics
 from app.domain import (
     CapsuleInfo,
     CapsuleRuntime,
@@ -283,10 +282,8 @@ class ExitRecorder:
             async for event in events:
                 if event.kind is ProcessEventKind.EXITED:
                     await self._records.record_exit(event.process, team_id=None)
-                elif event.kind is ProcessEventKind.RESTARTED:  # a run its restart policy replaced
-                    metrics.PROCESSES_EXITED.labels("restarted").inc()
-                    await self._records.record_run(event.kind, event.process)
-                elif event.kind is ProcessEventKind.READY:
+                elif event.kind in (ProcessEventKind.RESTARTED, ProcessEventKind.READY):
+                    # a run its restart policy replaced, or a run that passed its readiness check
                     await self._records.record_run(event.kind, event.process)
 
 

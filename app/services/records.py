@@ -235,6 +235,8 @@ class ProcessRecords:
                 )
         if record is None:
             return False
+        if kind is ProcessEventKind.RESTARTED:  # the run it replaced ended: counted once across replicas
+            metrics.PROCESSES_EXITED.labels("restarted").inc()
         logger.info(
             "capsule %s process %s (%s): %s, run %d",
             info.capsule_id,
