@@ -12,8 +12,9 @@ Two ways to measure, chosen per supervisor:
   all its descendants.
 - /proc sums over the process's group otherwise (ProcMeters: the plain runtime, the rlimit mode and
   cgroup v2): CPU of the group's live members and of the children they reaped, their resident memory,
-  the peak as sampled and as the kernel's high-water marks say, and at the exit the leader's rusage
-  from wait4. An OOM kill is not told apart from a SIGKILL there (false).
+  the peak as sampled (at each ask and every SAMPLE_SEC: the members' summed RSS and their VmHWM),
+  and at the exit the CPU wait4 counted for the leader and the children it reaped. An OOM kill is not
+  told apart from a SIGKILL there (false).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 CONTROLLERS = ("memory", "pids", "cpuacct")
 # Where the sandbox sees its capsule's cgroups.
 SANDBOX_CGROUPS = Path("/sys/fs/cgroup")
+# How often /proc is read for the peaks of the runs it measures.
+SAMPLE_SEC = 1.0
 # A /proc scan serves the usage of every process asked about within this long after it (a list of many).
 SCAN_TTL_SEC = 0.005
 # How long an exit's final reading waits for the rest of its cgroup (killed with the leader) to go.
@@ -71,10 +74,6 @@ class Meters(Protocol):
 
 def _cpu_of(rusage: resource.struct_rusage | None) -> float:
     return 0.0 if rusage is None else rusage.ru_utime + rusage.ru_stime
-
-
-def _peak_of(rusage: resource.struct_rusage | None) -> int:
-    return 0 if rusage is None else rusage.ru_maxrss * 1024  # Linux gives KiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +126,32 @@ class ProcMeters:
         self._proc = proc
         self._scanned_at = -1.0
         self._table: dict[int, _Stat] = {}
+        self._live: set[ProcMeter] = set()
+        self._sampler: asyncio.TimerHandle | None = None
 
     def spawn(self, spawn: Callable[[], Child]) -> Child:
         """Runs spawn; the meter follows the new process's group (its pid: it leads a new session)."""
         child = spawn()
-        child.meter = ProcMeter(self, child.pid)
+        meter = ProcMeter(self, child.pid)
+        child.meter = meter
+        meter.usage()  # its first high-water mark
+        self._live.add(meter)
+        if self._sampler is None:
+            self._sampler = asyncio.get_running_loop().call_later(SAMPLE_SEC, self._sample)
         return child
+
+    def ended(self, meter: ProcMeter) -> None:
+        """The meter's run has ended: no more samples of it."""
+        self._live.discard(meter)
+
+    def _sample(self) -> None:
+        """Every SAMPLE_SEC while runs are measured: one scan, each run's peak brought up to date
+        (nothing else keeps a peak where no cgroup counts it)."""
+        self._sampler = None
+        for meter in list(self._live):
+            meter.usage()
+        if self._live:
+            self._sampler = asyncio.get_running_loop().call_later(SAMPLE_SEC, self._sample)
 
     def table(self, newer_than: float) -> dict[int, _Stat]:
         """/proc as read after newer_than (monotonic), and at most SCAN_TTL_SEC ago."""
@@ -171,11 +190,14 @@ class ProcMeter:
     async def finish(
         self, rusage: resource.struct_rusage | None, code: int
     ) -> tuple[ResourceUsage | None, bool]:
-        """The most that was seen and what wait4 said of the leader and the children it reaped."""
+        """The CPU wait4 counted for the leader and the children it reaped (or the most seen), and the
+        peak as sampled: wait4's ru_maxrss is no measure, as it holds the supervisor's own size at
+        the fork."""
+        self._meters.ended(self)
         final = ResourceUsage(
             cpu_sec=max(self._cpu, _cpu_of(rusage)),
             memory_bytes=0,
-            memory_peak_bytes=max(self._peak, _peak_of(rusage)),
+            memory_peak_bytes=self._peak,
             processes=0,
         )
         return final, False
@@ -221,7 +243,7 @@ class CgroupMeters:
             _remove(dirs.values())
             raise
         self._home()
-        child.meter = CgroupMeter(dirs)
+        child.meter = CgroupMeter(dirs, child.pid)
         return child
 
     def _home(self) -> None:
@@ -236,18 +258,35 @@ class CgroupMeters:
 class CgroupMeter:
     """One run's usage as its cgroups count it."""
 
-    def __init__(self, dirs: dict[str, Path]) -> None:
+    def __init__(self, dirs: dict[str, Path], pgid: int) -> None:
         self._dirs = dirs
+        self._pgid = pgid  # the leader's group, SIGKILLed when the leader exits
 
     def _read(self, controller: str, name: str) -> int:
         return int((self._dirs[controller] / name).read_text())
 
-    def _processes(self) -> int:
-        count = 0
+    def _pids(self) -> list[int]:
+        found: list[int] = []
         for top, _, _ in os.walk(self._dirs["pids"]):
-            with contextlib.suppress(OSError):
-                count += len((Path(top) / "cgroup.procs").read_text().split())
-        return count
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(pid) for pid in (Path(top) / "cgroup.procs").read_text().split()]
+        return found
+
+    def _processes(self) -> int:
+        return len(self._pids())
+
+    def _dying(self) -> bool:
+        """True while a process of the leader's group, killed with it, is still in the cgroup (one
+        that left the group, a setsid one, is not waited for: it may run on)."""
+        for pid in self._pids():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as file:
+                    raw = file.read()
+            except OSError:
+                continue
+            if int(raw[raw.rfind(b")") + 2 :].split()[2]) == self._pgid:
+                return True
+        return False
 
     def usage(self) -> ResourceUsage | None:
         """A few small reads of the kernel's own files."""
@@ -278,9 +317,8 @@ class CgroupMeter:
 
         OOM-killed: the leader ended by SIGKILL and the kernel counted an OOM kill in the run."""
         for _ in range(SETTLE_ROUNDS):  # the kernel's files tell no one when they change: look again
-            with contextlib.suppress(OSError, ValueError):
-                if not self._processes():
-                    break
+            if not self._dying():
+                break
             await asyncio.sleep(SETTLE_SEC / SETTLE_ROUNDS)
         oom = code == -signal.SIGKILL and self.oom_kills() > 0
         usage = self.usage()
@@ -288,7 +326,7 @@ class CgroupMeter:
             usage = ResourceUsage(
                 cpu_sec=max(usage.cpu_sec, _cpu_of(rusage)),
                 memory_bytes=usage.memory_bytes,
-                memory_peak_bytes=max(usage.memory_peak_bytes, _peak_of(rusage)),
+                memory_peak_bytes=usage.memory_peak_bytes,
                 processes=usage.processes,
             )
         if usage is None or not usage.processes:

@@ -152,3 +152,10 @@ async def test_a_run_the_oom_killer_ended_is_restarted_and_says_so(make_stub: Ma
     ]
     ended = await wait_exited(stub, "small", hog.tag)
     assert (ended.restarts, ended.oom_killed) == (1, True), ended
+
+
+async def test_the_peak_of_a_small_process_is_its_own_not_the_supervisors(stub: Any, capsule: str) -> None:
+    # wait4's ru_maxrss would say the supervisor's size at the fork (tens of MiB): it is not used.
+    started = await start_python(stub, capsule, "import time; time.sleep(0.3)")
+    ended = await wait_exited(stub, capsule, started.tag)
+    assert ended.usage is not None and 0 < ended.usage.memory_peak_bytes < 20 * MIB, ended.usage
