@@ -529,3 +529,126 @@ async def page_configs(served: Served) -> tuple[dict[str, Any], dict[str, Any]]:
             assert found is not None, response.text
             configs.append(json.loads(found.group(1)))
     return configs[0], configs[1]
+
+
+async def terminal_lines(page: Page) -> list[str]:
+    """The lines of the page's terminal, scrollback included, trailing blanks left out."""
+    lines: list[str] = await page.evaluate("window.capsuleTerminal.text()")
+    return [line.rstrip() for line in lines]
+
+
+async def until_terminal_line(page: Page, text: str, count: int = 1) -> None:
+    """Waits until `count` lines of the page's terminal read exactly `text`."""
+    script = (
+        "([text, count]) => "
+        "window.capsuleTerminal?.text().filter((l) => l.trimEnd() === text).length >= count"
+    )
+    await page.wait_for_function(script, arg=[text, count], timeout=WAIT_MS)
+
+
+async def terminal_size(page: Page) -> str:
+    """The terminal's size as stty size prints it, once resizeTerminal has been given it."""
+    await expect(page.get_by_test_id("terminal-size")).not_to_be_empty(timeout=WAIT_MS)
+    rows, cols = await page.evaluate(
+        "[window.capsuleTerminal.terminal.rows, window.capsuleTerminal.terminal.cols]"
+    )
+    await expect(page.get_by_test_id("terminal-size")).to_have_text(f"{cols} \u00d7 {rows}", timeout=WAIT_MS)
+    return f"{rows} {cols}"
+
+
+async def open_shell(served: Served, viewer: Viewer) -> str:
+    """Starts sh on an 80x24 terminal in a new capsule and opens it in the viewer; the capsule's id."""
+    capsule_id = await served.capsule()
+    spec = {"cmd": "sh", "tag": "shell", "terminal": {"cols": 80, "rows": 24}}
+    (await served.api.run("StartProcess", capsuleId=capsule_id, input=spec)).ok()
+    page = viewer.page
+    await page.goto(f"{served.base}/viewer?{urlencode({'capsule': capsule_id, 'process': 'shell'})}")
+    await expect(page.get_by_test_id("terminal").locator(".xterm")).to_be_visible(timeout=WAIT_MS)
+    await expect(viewer.link).to_have_text("live", timeout=WAIT_MS)
+    await page.get_by_test_id("terminal").click()
+    return capsule_id
+
+
+async def test_a_terminal_process_in_xterm_takes_keys_and_the_window_size(
+    served: Served, viewer: Viewer
+) -> None:
+    await open_shell(served, viewer)
+    page = viewer.page
+    size = await terminal_size(page)
+    assert size != "24 80"  # the pane's, not the start's
+
+    await page.keyboard.type("echo hi\n")
+    await until_terminal_line(page, "hi")
+    await page.keyboard.type("stty size\n")
+    await until_terminal_line(page, size)
+
+    await page.set_viewport_size({"width": 900, "height": 500})  # the terminal follows the window
+    smaller = await terminal_size(page)
+    assert smaller != size
+    await page.keyboard.type("stty size\n")
+    await until_terminal_line(page, smaller)
+
+    # The job says it runs once it is the terminal's foreground job (a ^C typed before would go to the shell).
+    await page.keyboard.type("sh -c 'echo sleeping; exec sleep 300'\n")
+    await until_terminal_line(page, "sleeping")
+    await page.keyboard.press("Control+C")  # ^C: SIGINT of the foreground job, the shell prompts again
+    await page.keyboard.type("echo after-interrupt\n")
+    await until_terminal_line(page, "after-interrupt")
+    await viewer.shot("terminal")
+
+
+async def test_a_terminal_resumes_without_doubling_and_its_link_opens_the_same_session(
+    browser: Browser, served: Served, viewer: Viewer
+) -> None:
+    from_seqs: list[int] = []
+    sockets: list[WebSocketRoute] = []
+
+    async def route(socket: WebSocketRoute) -> None:
+        sockets.append(socket)
+        server = socket.connect_to_server()
+
+        def forward(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("type") == "subscribe" and "processOutput" in frame["payload"]["query"]:
+                from_seqs.append(frame["payload"]["variables"]["fromSeq"])
+            server.send(message)
+
+        socket.on_message(forward)
+
+    page = viewer.page
+    await page.route_web_socket(re.compile(r"/graphql$"), route)
+    capsule_id = await open_shell(served, viewer)
+    await page.keyboard.type("echo hi\n")
+    await until_terminal_line(page, "hi")
+
+    # A dropped socket: the output resumes after the last seq seen, nothing written twice.
+    await sockets[-1].close(code=1001, reason="going away")
+    await expect(viewer.link).to_contain_text("reconnecting", timeout=WAIT_MS)
+    await expect(viewer.link).to_have_text("live", timeout=WAIT_MS)
+    await page.keyboard.type("echo back\n")
+    await until_terminal_line(page, "back")
+    assert from_seqs[0] == 0 and len(from_seqs) >= 2 and from_seqs[-1] > 0, from_seqs
+    lines = await terminal_lines(page)
+    typed = [line for line in lines if line.endswith(" echo hi")]  # after the prompt, $ or #
+    assert lines.count("hi") == 1 and len(typed) == 1, lines
+
+    # The link opens the same session: its output so far, then what either page types.
+    context, other = await new_viewer(browser, served, viewer.shots, key=served.key)
+    try:
+        await other.page.goto(page.url)
+        await until_terminal_line(other.page, "back")
+        await other.page.get_by_test_id("terminal").click()
+        await other.page.keyboard.type("echo from-the-link\n")
+        await until_terminal_line(other.page, "from-the-link")
+        await until_terminal_line(page, "from-the-link")
+        assert not other.errors, other.errors
+    finally:
+        await context.close()
+
+    await page.keyboard.type("exit\n")
+    await served.exited(capsule_id, "shell")
+    screen = page.get_by_test_id("terminal").locator(".xterm-rows")
+    await expect(screen).to_contain_text("[process exited with code 0]", timeout=WAIT_MS)
+    await expect(page.locator(".toolbar").first.locator(".chip")).to_have_text("exit 0", timeout=WAIT_MS)
+    await expect(page.get_by_test_id("terminal")).to_be_visible()  # still the terminal, once it has ended
+    await viewer.shot("terminal-exited")

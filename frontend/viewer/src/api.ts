@@ -7,6 +7,8 @@ import capsulesDocument from '../../../graphql/Capsules.graphql?raw';
 import processEventsDocument from '../../../graphql/ProcessEvents.graphql?raw';
 import processOutputDocument from '../../../graphql/ProcessOutput.graphql?raw';
 import processesDocument from '../../../graphql/Processes.graphql?raw';
+import resizeTerminalDocument from '../../../graphql/ResizeTerminal.graphql?raw';
+import sendInputDocument from '../../../graphql/SendInput.graphql?raw';
 import signalProcessDocument from '../../../graphql/SignalProcess.graphql?raw';
 import stopProcessDocument from '../../../graphql/StopProcess.graphql?raw';
 
@@ -29,6 +31,8 @@ export const DOCUMENTS = {
   processes: withFragments(processesDocument),
   processEvents: withFragments(processEventsDocument),
   processOutput: withFragments(processOutputDocument),
+  resizeTerminal: withFragments(resizeTerminalDocument),
+  sendInput: withFragments(sendInputDocument),
   signalProcess: withFragments(signalProcessDocument),
   stopProcess: withFragments(stopProcessDocument),
 };
@@ -60,6 +64,8 @@ export interface Process {
   timedOut: boolean;
   startedAt: string;
   endedAt: string | null;
+  /** On a pseudo-terminal: shown in a terminal, keys typed go to it. */
+  terminal: boolean;
 }
 
 export interface ProcessEvent {

@@ -5,6 +5,7 @@ import { useCallback, useEffect, useMemo, useReducer, useRef, useState } from 'p
 import { Api, ApiError, type Capsule, DOCUMENTS, type Process, type ProcessEvent } from './api';
 import { type LinkState, resumable } from './resumable';
 import { OutputSession } from './session';
+import { TerminalSession } from './terminal';
 import {
   buildFilter,
   DEFAULT_CAP,
@@ -294,7 +295,17 @@ export function App({ config }: { config: Config }) {
           )}
         </aside>
         <main class="pane">
-          {page.capsule && page.process && processes !== null ? (
+          {page.capsule && page.process && processes !== null && selected?.terminal ? (
+            <TerminalPane
+              key={`${page.capsule}|${selected.tag}|${selected.startedAt}`}
+              api={api}
+              capsuleId={page.capsule}
+              // By tag: a restart gives the process a new PID, not a new terminal session.
+              selector={selected.tag}
+              process={selected}
+              toast={toast}
+            />
+          ) : page.capsule && page.process && processes !== null ? (
             <OutputPane
               key={`${page.capsule}|${selected?.pid ?? page.process}`}
               api={api}
@@ -356,7 +367,6 @@ function OutputPane(props: PaneProps) {
   const filterInput = useRef<HTMLInputElement>(null);
   const [session, setSession] = useState<OutputSession | null>(null);
   const [, tick] = useReducer((n: number) => n + 1, 0);
-  const [signal, setSignal] = useState('SIGTERM');
   const [matchIndex, setMatchIndex] = useState(-1);
   const filter = useMemo(() => buildFilter(page.query, page.regex, page.caseSensitive), [page.query, page.regex, page.caseSensitive]);
 
@@ -420,15 +430,6 @@ function OutputPane(props: PaneProps) {
     return () => window.removeEventListener('keydown', onKey);
   });
 
-  const act = async (what: string, query: string, variables: Record<string, unknown>) => {
-    try {
-      await api.request(query, { capsuleId, selector, ...variables });
-      toast(what);
-    } catch (error) {
-      toast(`${what} failed: ${error instanceof Error ? error.message : String(error)}`, true);
-    }
-  };
-
   const saveAs = (event: Event, keepAnsi: boolean) => {
     (event.currentTarget as HTMLElement).closest('details')?.removeAttribute('open');
     if (!session) return;
@@ -443,50 +444,10 @@ function OutputPane(props: PaneProps) {
   const link = session ? linkText(session.link, session.detached, Date.now()) : { text: '', kind: 'connecting' };
   const total = model?.lines.length ?? 0;
   const matches = model?.matches.length ?? 0;
-  const running = process?.status === 'RUNNING';
 
   return (
     <div class="output">
-      <div class="toolbar">
-        <div class="title">
-          <b>{process?.tag || `pid ${process?.pid ?? selector}`}</b>
-          {process && (
-            <>
-              <span class={`chip ${statusClass(process)}`}>{exitSummary(process)}</span>
-              <span class="muted mono ellipsis" title={commandLine(process)}>
-                PID {process.pid} · {commandLine(process)}
-              </span>
-              <span class="muted small nowrap">
-                started {time(process.startedAt)}
-                {process.endedAt && ` · ended ${time(process.endedAt)}`}
-              </span>
-            </>
-          )}
-        </div>
-        <div class="actions">
-          <select value={signal} onChange={(event) => setSignal(event.currentTarget.value)} title="Signal to send" disabled={!running}>
-            {SIGNALS.map((name) => (
-              <option key={name}>{name}</option>
-            ))}
-          </select>
-          <button
-            type="button"
-            disabled={!running}
-            onClick={() => act(`sent ${signal} to ${selector}`, DOCUMENTS.signalProcess, { signal })}
-          >
-            Send
-          </button>
-          <button
-            type="button"
-            class="danger"
-            disabled={!running}
-            title="SIGTERM, then SIGKILL after 10 s"
-            onClick={() => act(`stopping ${selector}`, DOCUMENTS.stopProcess, {})}
-          >
-            Stop
-          </button>
-        </div>
-      </div>
+      <ProcessBar api={api} capsuleId={capsuleId} selector={selector} process={process} toast={toast} />
       <div class="toolbar filters">
         <div class={`search${filter.error ? ' invalid' : ''}`}>
           <input
@@ -619,6 +580,131 @@ function OutputPane(props: PaneProps) {
         </span>
         {model && model.lastSeq >= 0 && <span class="muted">seq {model.lastSeq.toLocaleString()}</span>}
         <span class="muted">{session?.view.following ? 'following' : 'paused'}</span>
+      </footer>
+    </div>
+  );
+}
+
+interface BarProps {
+  api: Api;
+  capsuleId: string;
+  selector: string;
+  process: Process | undefined;
+  toast: (text: string, bad?: boolean) => void;
+}
+
+/** The process's name, state and command, and what can be done to it: a signal, a stop. */
+function ProcessBar({ api, capsuleId, selector, process, toast }: BarProps) {
+  const [signal, setSignal] = useState('SIGTERM');
+  const running = process?.status === 'RUNNING';
+  const act = async (what: string, query: string, variables: Record<string, unknown>) => {
+    try {
+      await api.request(query, { capsuleId, selector, ...variables });
+      toast(what);
+    } catch (error) {
+      toast(`${what} failed: ${error instanceof Error ? error.message : String(error)}`, true);
+    }
+  };
+  return (
+    <div class="toolbar">
+      <div class="title">
+        <b>{process?.tag || `pid ${process?.pid ?? selector}`}</b>
+        {process && (
+          <>
+            <span class={`chip ${statusClass(process)}`}>{exitSummary(process)}</span>
+            <span class="muted mono ellipsis" title={commandLine(process)}>
+              PID {process.pid} · {commandLine(process)}
+            </span>
+            <span class="muted small nowrap">
+              started {time(process.startedAt)}
+              {process.endedAt && ` · ended ${time(process.endedAt)}`}
+            </span>
+          </>
+        )}
+      </div>
+      <div class="actions">
+        <select value={signal} onChange={(event) => setSignal(event.currentTarget.value)} title="Signal to send" disabled={!running}>
+          {SIGNALS.map((name) => (
+            <option key={name}>{name}</option>
+          ))}
+        </select>
+        <button
+          type="button"
+          disabled={!running}
+          onClick={() => act(`sent ${signal} to ${selector}`, DOCUMENTS.signalProcess, { signal })}
+        >
+          Send
+        </button>
+        <button
+          type="button"
+          class="danger"
+          disabled={!running}
+          title="SIGTERM, then SIGKILL after 10 s"
+          onClick={() => act(`stopping ${selector}`, DOCUMENTS.stopProcess, {})}
+        >
+          Stop
+        </button>
+      </div>
+    </div>
+  );
+}
+
+interface TerminalPaneProps extends BarProps {
+  process: Process;
+}
+
+/** A process on a pseudo-terminal: a terminal of the pane's size, which sends what is typed. */
+function TerminalPane({ api, capsuleId, selector, process, toast }: TerminalPaneProps) {
+  const box = useRef<HTMLDivElement>(null);
+  const [session, setSession] = useState<TerminalSession | null>(null);
+  const [, tick] = useReducer((n: number) => n + 1, 0);
+  const running = useRef(process.status === 'RUNNING');
+  running.current = process.status === 'RUNNING';
+
+  useEffect(() => {
+    let pending = 0;
+    const created = new TerminalSession({
+      api,
+      capsuleId,
+      selector,
+      parent: box.current!,
+      running: () => running.current,
+      onChange: () => {
+        if (pending === 0) pending = requestAnimationFrame(() => ((pending = 0), tick(0)));
+      },
+      onError: (text) => toast(text, true),
+    });
+    setSession(created);
+    created.focus();
+    (window as unknown as { capsuleTerminal: TerminalSession }).capsuleTerminal = created; // for the browser tests
+    return () => {
+      cancelAnimationFrame(pending);
+      created.destroy();
+    };
+  }, [api, capsuleId, selector]);
+
+  useEffect(() => {
+    if (session?.link.kind !== 'retrying') return;
+    const timer = setInterval(() => tick(0), 500);
+    return () => clearInterval(timer);
+  }, [session?.link.kind]);
+
+  const link = session ? linkText(session.link, false, Date.now()) : { text: '', kind: 'connecting' };
+  return (
+    <div class="output">
+      <ProcessBar api={api} capsuleId={capsuleId} selector={selector} process={process} toast={toast} />
+      <div class="termbox" data-testid="terminal" onClick={() => session?.focus()}>
+        <div class="termscreen" ref={box} />
+      </div>
+      <footer class="status">
+        <span class={`dot ${link.kind}`} />
+        <span data-testid="link">{link.text}</span>
+        <span class="grow" />
+        <span class="muted" data-testid="terminal-size" title="The size of the process's terminal">
+          {session?.sentSize ? session.sentSize.replace('x', ' × ') : ''}
+        </span>
+        {session && session.lastSeq >= 0 && <span class="muted">seq {session.lastSeq.toLocaleString()}</span>}
+        <span class="muted">terminal</span>
       </footer>
     </div>
   );
