@@ -6,7 +6,7 @@ schema, an RPC of the agent, a host id from the operator's own configuration): n
 capsule id or client-chosen text ever becomes a label, so the series stay bounded.
 
 The gauges of what runs (capsules and processes per host) are read from the store when /metrics is
-scraped (app.services.health.MetricsReader), not counted here.
+scraped (app.services.health.Health.refresh_gauges), not counted here.
 """
 
 from __future__ import annotations
