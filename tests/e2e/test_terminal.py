@@ -6,6 +6,7 @@ import asyncio
 import re
 from typing import Any
 
+from app.services.events import encode_cursor
 from tests.e2e.client import HttpClient, subscribe, ws_session
 from tests.e2e.conftest import Server
 from tests.e2e.test_processes import collect_output, start, wait_for_status
@@ -104,3 +105,21 @@ async def test_resize_errors(api: HttpClient, capsule_id: str) -> None:
 
     answer = await resize(api, capsule_id, "no-such-process", 80, 24)
     assert answer.codes == ["NOT_FOUND"]
+
+
+async def test_process_events_say_terminal(
+    server: Server, key: str, api: HttpClient, capsule_id: str
+) -> None:
+    started = await start(api, capsule_id, "true", tag="term", terminal={"cols": 80, "rows": 24})
+    await wait_for_status(api, capsule_id, started["tag"], "EXITED")
+    seen: dict[str, bool] = {}
+    async with ws_session(server.ws_url, key, "graphql-transport-ws") as session:
+        async with asyncio.timeout(10):
+            # From the capsule's first event on: the stored STARTED and EXITED, replayed.
+            after = encode_cursor(capsule_id, 0)
+            async for result in subscribe(session, "ProcessEvents", capsuleId=capsule_id, after=after):
+                event = result["processEvents"]
+                seen[event["kind"]] = event["process"]["terminal"]
+                if event["kind"] == "EXITED":
+                    break
+    assert seen == {"STARTED": True, "EXITED": True}
