@@ -44,8 +44,10 @@ export class TerminalSession {
   private readonly observer: ResizeObserver;
   private stop: (() => void) | undefined;
   private resizeTimer: ReturnType<typeof setTimeout> | undefined;
-  // Keys go out one request at a time, in the order they were typed.
-  private sending: Promise<void> = Promise.resolve();
+  // Keys go out one request at a time, in the order they were typed; those typed while one is on
+  // its way go together in the next.
+  private readonly keys: { data: string; encoding: 'UTF8' | 'BASE64' }[] = [];
+  private sending = false;
   private destroyed = false;
 
   constructor(private readonly options: TerminalOptions) {
@@ -122,14 +124,27 @@ export class TerminalSession {
 
   private send(data: string, encoding: 'UTF8' | 'BASE64'): void {
     if (this.exited || !this.options.running()) return;
+    const last = this.keys[this.keys.length - 1];
+    if (last && last.encoding === 'UTF8' && encoding === 'UTF8') last.data += data;
+    else this.keys.push({ data, encoding });
+    void this.flush();
+  }
+
+  private async flush(): Promise<void> {
+    if (this.sending) return;
+    this.sending = true;
     const { api, capsuleId, selector } = this.options;
-    this.sending = this.sending.then(async () => {
-      try {
-        await api.request(DOCUMENTS.sendInput, { capsuleId, selector, data, encoding });
-      } catch (error) {
-        this.options.onError(`sendInput: ${error instanceof Error ? error.message : String(error)}`);
+    try {
+      for (let next = this.keys.shift(); next && !this.destroyed; next = this.keys.shift()) {
+        try {
+          await api.request(DOCUMENTS.sendInput, { capsuleId, selector, ...next });
+        } catch (error) {
+          this.options.onError(`sendInput: ${error instanceof Error ? error.message : String(error)}`);
+        }
       }
-    });
+    } finally {
+      this.sending = false;
+    }
   }
 
   private subscribe(): void {
