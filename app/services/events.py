@@ -11,7 +11,9 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -84,13 +86,28 @@ class EventLog:
         self, session: AsyncSession, *, team_id: int, kind: ProcessEventKind, process: ProcessInfo
     ) -> int:
         """Adds the event inside the caller's transaction (the one that writes the change); its seq."""
-        return await ProcessEventRepository(session, team_id).append(
-            process.capsule_id,
-            kind=kind,
-            at=_moment(kind, process),
-            process=process_info_to_dict(process),
-            keep=self._retention.max_per_capsule,
-        )
+        return (await self.append_many(session, [(team_id, kind, process)]))[process.capsule_id]
+
+    async def append_many(
+        self, session: AsyncSession, events: Sequence[tuple[int, ProcessEventKind, ProcessInfo]]
+    ) -> dict[str, int]:
+        """Adds (team, kind, process) events inside the caller's transaction, each capsule's in the order
+        given; each capsule's last seq.
+
+        The capsules' rows are locked in the order of their ids, so two transactions that write events
+        of the same capsules never wait for each other in a cycle.
+        """
+        by_capsule: dict[tuple[str, int], list[tuple[ProcessEventKind, datetime, dict[str, Any]]]] = {}
+        for team_id, kind, process in events:
+            by_capsule.setdefault((process.capsule_id, team_id), []).append(
+                (kind, _moment(kind, process), process_info_to_dict(process))
+            )
+        last: dict[str, int] = {}
+        for (capsule_id, team_id), appended in sorted(by_capsule.items()):
+            last[capsule_id] = await ProcessEventRepository(session, team_id).append_many(
+                capsule_id, appended, keep=self._retention.max_per_capsule
+            )
+        return last
 
     async def announce(self, capsule_id: str, seq: int) -> None:
         """Tells every replica that the capsule's history has grown to seq (after the commit)."""

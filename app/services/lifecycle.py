@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
+from typing import Any
 
 from app.domain import (
     CapsuleInfo,
@@ -43,6 +44,8 @@ STARTING_GRACE = timedelta(minutes=2)
 RETRY_DELAYS_SEC = (0.1, 0.25, 0.5)  # short: a restarted agent is noticed within 2 s
 # How often hosts registered or moved since the last round are noticed.
 HOSTS_CHECK_INTERVAL_SEC = 15.0
+# Record writes (exits, restarts, readiness) the exit recorder has queued and not yet seen committed.
+MAX_WRITES_IN_FLIGHT = 256
 
 
 class CapsuleLifecycle:
@@ -278,13 +281,59 @@ class ExitRecorder:
             await asyncio.gather(reader, waiter, return_exceptions=True)
 
     async def _record_exits(self, events: AsyncGenerator[ProcessEvent, None]) -> None:
-        async with aclosing(events):
-            async for event in events:
-                if event.kind is ProcessEventKind.EXITED:
-                    await self._records.record_exit(event.process, team_id=None)
-                elif event.kind in (ProcessEventKind.RESTARTED, ProcessEventKind.READY):
-                    # a run its restart policy replaced, or a run that passed its readiness check
-                    await self._records.record_run(event.kind, event.process)
+        # Each write is queued as its event arrives, without waiting for the one before, so that
+        # what arrives together is written together (in the order it came). A write that failed
+        # ends the stream: opening it again reconciles the host, which catches up on what was lost.
+        writes = _Writes()
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    writes.raise_failed()
+                    if event.kind is ProcessEventKind.EXITED:
+                        await writes.add(self._records.record_exit(event.process, team_id=None))
+                    elif event.kind in (ProcessEventKind.RESTARTED, ProcessEventKind.READY):
+                        # a run its restart policy replaced, or a run that passed its readiness check
+                        await writes.add(self._records.record_run(event.kind, event.process))
+            await writes.finish()
+        finally:
+            writes.cancel()
+
+
+class _Writes:
+    """Record writes in flight, at most MAX_WRITES_IN_FLIGHT of them; the first failure is kept."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._failure: BaseException | None = None
+
+    async def add(self, write: Coroutine[Any, Any, bool]) -> None:
+        """Queues the write (it runs up to its transaction at once); waits while too many are in flight."""
+        task = asyncio.ensure_future(write)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        while len(self._tasks) >= MAX_WRITES_IN_FLIGHT:
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+
+    def _done(self, task: asyncio.Task[bool]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+
+    def raise_failed(self) -> None:
+        """Raises the first write's failure, if one failed."""
+        if self._failure is not None:
+            raise self._failure
+
+    async def finish(self) -> None:
+        """Waits for every write in flight; raises the first failure."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        self.raise_failed()
+
+    def cancel(self) -> None:
+        """Stops waiting for the writes in flight (each still commits: the writer runs it to its end)."""
+        for task in self._tasks:
+            task.cancel()
 
 
 class Reconciler:

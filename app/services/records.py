@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from dataclasses import replace
 
 from app import domain, metrics
@@ -22,6 +20,7 @@ from app.domain import (
     utcnow,
 )
 from app.services.events import EventLog
+from app.services.writes import Batch, RecordWriter
 from app.store import models
 from app.store.repositories import (
     ProcessExitRecord,
@@ -105,11 +104,11 @@ class ProcessRecords:
         self._db = db
         self._events = EventLog(bus=bus, retention=retention or EventRetention())
         # Events (exits, restarts, readiness) that arrived before their start was recorded, by
-        # (capsule, tag): a restarted process's events name pids its start never had. A lock per
-        # process makes "insert the start, then apply what waits" and "find no record, park the
-        # event" exclusive, while writes about other processes go on at the same time.
+        # (capsule, tag): a restarted process's events name pids its start never had. The writer
+        # runs one write at a time, so "insert the start, then take what waits" and "find no
+        # record, park the event" never interleave; writes that arrive together share a transaction.
         self._early: OrderedDict[tuple[str, str], list[ProcessEvent]] = OrderedDict()
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._writer = RecordWriter(db=db, events=self._events)
 
     async def record_start(self, team_id: int, info: ProcessInfo) -> None:
         """Stores a record of a process that has just started and announces it."""
@@ -132,15 +131,19 @@ class ProcessRecords:
         started = replace(
             info, status=ProcessStatus.RUNNING, exit_code=None, signal=None, timed_out=False, ended_at=None
         )
-        async with self._locked(info):
-            async with self._db.transaction() as session:
-                await ProcessRecordRepository(session, team_id).add(record)
-                seq = await self._events.append(
-                    session, team_id=team_id, kind=ProcessEventKind.STARTED, process=started
-                )
+        key = (info.capsule_id, info.tag)
+
+        async def insert(batch: Batch) -> list[ProcessEvent]:
+            batch.session.add(record)  # flushed with the batch's next statement
+            batch.event(team_id, ProcessEventKind.STARTED, started)
+            parked = self._early.pop(key, None)
+            if parked is None:
+                return []
+            batch.on_rollback(lambda: self._early.setdefault(key, parked))
             # Parked events of an older process that had this tag are not this one's.
-            parked = self._early.pop((info.capsule_id, info.tag), [])
-            early = [e for e in parked if e.process.started_at == info.started_at]
+            return [e for e in parked if e.process.started_at == info.started_at]
+
+        early = await self._writer.run(insert, key=key)
         metrics.PROCESSES_STARTED.inc()
         logger.info(
             "process started: capsule %s tag %s pid %s",
@@ -149,7 +152,6 @@ class ProcessRecords:
             info.pid,
             extra={"event": "process.started", "capsule": info.capsule_id, "tag": info.tag, "pid": info.pid},
         )
-        await self._events.announce(info.capsule_id, seq)
         for event in early:  # what happened before the start was recorded, in its order
             if event.kind is ProcessEventKind.EXITED:
                 await self.record_exit(event.process, team_id=team_id)
@@ -166,7 +168,9 @@ class ProcessRecords:
         every team's processes on a host.
         """
         exit = _exit_record(info)
-        async with self._locked(info), self._db.transaction() as session:
+
+        async def claim(batch: Batch) -> models.ProcessRecord | None:
+            session = batch.session
             if team_id is not None:
                 record = await ProcessRecordRepository(session, team_id).record_exit(exit)
             else:
@@ -175,12 +179,10 @@ class ProcessRecords:
                 if record is None and not await system.has_record(info.capsule_id, info.pid, info.tag):
                     self._park(ProcessEvent(ProcessEventKind.EXITED, info))
             if record is not None:
-                seq = await self._events.append(
-                    session,
-                    team_id=record.team_id,
-                    kind=ProcessEventKind.EXITED,
-                    process=record_to_info(record),
-                )
+                batch.event(record.team_id, ProcessEventKind.EXITED, record_to_info(record))
+            return record
+
+        record = await self._writer.run(claim, key=(info.capsule_id, info.tag))
         if record is None:
             return False
         outcome = metrics.exit_outcome(
@@ -206,7 +208,6 @@ class ProcessRecords:
                 "signal": record.signal,
             },
         )
-        await self._events.announce(info.capsule_id, seq)
         return True
 
     async def record_run(self, kind: ProcessEventKind, info: ProcessInfo) -> bool:
@@ -220,8 +221,9 @@ class ProcessRecords:
             ready=info.ready,
             ready_at=info.ready_at,
         )
-        async with self._locked(info), self._db.transaction() as session:
-            system = SystemRepository(session)
+
+        async def advance(batch: Batch) -> models.ProcessRecord | None:
+            system = SystemRepository(batch.session)
             record = await system.record_run(run)
             if record is None:
                 known = await system.has_running(info.capsule_id, info.tag) or await system.has_record(
@@ -230,9 +232,10 @@ class ProcessRecords:
                 if not known:  # its start is not recorded yet
                     self._park(ProcessEvent(kind, info))
             else:
-                seq = await self._events.append(
-                    session, team_id=record.team_id, kind=kind, process=record_to_info(record)
-                )
+                batch.event(record.team_id, kind, record_to_info(record))
+            return record
+
+        record = await self._writer.run(advance, key=(info.capsule_id, info.tag))
         if record is None:
             return False
         if kind is ProcessEventKind.RESTARTED:  # the run it replaced ended: counted once across replicas
@@ -245,23 +248,7 @@ class ProcessRecords:
             kind.value,
             info.restarts,
         )
-        await self._events.announce(info.capsule_id, seq)
         return True
-
-    @asynccontextmanager
-    async def _locked(self, info: ProcessInfo) -> AsyncIterator[None]:
-        key = (info.capsule_id, info.tag)
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
     def _park(self, event: ProcessEvent) -> None:
         key = (event.process.capsule_id, event.process.tag)

@@ -181,36 +181,50 @@ class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
 
     model = models.ProcessEvent
 
-    async def append(
-        self, capsule_id: str, *, kind: ProcessEventKind, at: datetime, process: dict[str, Any], keep: int
+    async def append_many(
+        self,
+        capsule_id: str,
+        events: Sequence[tuple[ProcessEventKind, datetime, dict[str, Any]]],
+        *,
+        keep: int,
     ) -> int:
-        """Adds the capsule's next event and drops those more than keep behind it; returns its seq.
+        """Adds the capsule's next events, in order, and drops those more than keep behind the last;
+        returns the last one's seq.
 
-        The seq comes from the capsule's row, which stays locked until the transaction ends: events
-        of one capsule commit in the order of their seqs, so a reader that has seen seq n has seen
-        every seq below it (an autoincrement id would let a later commit land below a seen one).
+        The seqs come from the capsule's row (one counter update for all of them), which stays locked
+        until the transaction ends: events of one capsule commit in the order of their seqs, so a
+        reader that has seen seq n has seen every seq below it (an autoincrement id would let a later
+        commit land below a seen one).
         """
         capsule = models.Capsule
         counted = await self._session.exec(
             update(capsule)
             .where(col(capsule.team_id) == self._team_id, col(capsule.id) == capsule_id)
-            .values(last_event_seq=col(capsule.last_event_seq) + 1)
+            .values(last_event_seq=col(capsule.last_event_seq) + len(events))
             .returning(col(capsule.last_event_seq))
         )
-        seq = counted.scalar_one_or_none()
-        if seq is None:
-            raise LookupError(f"no capsule {capsule_id} of team {self._team_id} for its event")
-        event = models.ProcessEvent(
-            capsule_id=capsule_id, seq=seq, team_id=self._team_id, kind=kind, at=at, process=process
-        )
-        self._session.add(event)
-        await self._session.flush()
-        if seq > keep:  # a capsule's first events need no look for older ones
+        last = counted.scalar_one_or_none()
+        if last is None:
+            raise LookupError(f"no capsule {capsule_id} of team {self._team_id} for its events")
+        first = int(last) - len(events) + 1
+        rows = [
+            {
+                "capsule_id": capsule_id,
+                "seq": first + index,
+                "team_id": self._team_id,
+                "kind": kind,
+                "at": at,
+                "process": process,
+            }
+            for index, (kind, at, process) in enumerate(events)
+        ]
+        await self._session.exec(sa.insert(models.ProcessEvent), params=rows)
+        if last > keep:
             old = models.ProcessEvent
             await self._session.exec(
-                sa.delete(old).where(col(old.capsule_id) == capsule_id, col(old.seq) <= seq - keep)
+                sa.delete(old).where(col(old.capsule_id) == capsule_id, col(old.seq) <= last - keep)
             )
-        return int(seq)
+        return int(last)
 
     async def after(self, capsule_id: str, seq: int, *, limit: int) -> Sequence[models.ProcessEvent]:
         """The capsule's events past seq, oldest first, at most limit of them."""

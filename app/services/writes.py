@@ -1,0 +1,133 @@
+"""Group commit of process records: the writes that arrive while one store transaction runs share
+the next one, with their events.
+
+Each write is a function of the batch it runs in: its own statements on the batch's session, and the
+events it reports through Batch.event, which are added together once every write of the batch ran
+(one seq update and one insert per capsule). Writes run one after another, in the order they came
+(stable-sorted by process, so two replicas' batches lock the same records in the same order), so a
+write never sees another's half done. Nothing waits to fill a batch: the first write of a quiet
+moment commits at once, alone.
+
+A batch that fails is tried again one write at a time, so that one bad write fails alone; the
+undo callbacks of a rolled-back attempt restore what its writes changed outside the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.domain import ProcessEventKind, ProcessInfo
+from app.errors import Unavailable
+from app.services.events import EventLog
+from app.store.session import Database
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Writes one transaction holds at most.
+MAX_BATCH = 256
+
+
+class Batch:
+    """One transaction's session, and what its writes report: events, and how to undo side effects."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.events: list[tuple[int, ProcessEventKind, ProcessInfo]] = []
+        self.undo: list[Callable[[], object]] = []
+
+    def event(self, team_id: int, kind: ProcessEventKind, process: ProcessInfo) -> None:
+        """Adds the event to the batch's transaction, after the events reported before it."""
+        self.events.append((team_id, kind, process))
+
+    def on_rollback(self, undo: Callable[[], object]) -> None:
+        """Runs undo if the transaction is rolled back (for what a write changed outside the store)."""
+        self.undo.append(undo)
+
+
+@dataclass(eq=False)
+class _Pending(Generic[T]):
+    write: Callable[[Batch], Awaitable[T]]
+    key: tuple[str, str]
+    done: asyncio.Future[T] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class RecordWriter:
+    """Runs record writes in shared transactions, one transaction at a time, and announces their
+    events once committed."""
+
+    def __init__(self, *, db: Database, events: EventLog, max_batch: int = MAX_BATCH) -> None:
+        self._db, self._events, self._max_batch = db, events, max_batch
+        self._queue: list[_Pending[Any]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self, write: Callable[[Batch], Awaitable[T]], *, key: tuple[str, str]) -> T:
+        """Runs write in the next transaction; its result once that has committed and its events
+        are announced. key names the process it writes about (capsule, tag)."""
+        pending: _Pending[T] = _Pending(write, key)
+        self._queue.append(pending)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="process-record-writes")
+        # A caller that gives up leaves the write to finish: it may be what a host did already.
+        return await asyncio.shield(pending.done)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            batch.sort(key=lambda pending: pending.key)  # stable: one process's writes keep their order
+            try:
+                await self._commit(batch)
+            except asyncio.CancelledError:  # at shutdown: nobody is left waiting forever
+                for pending in batch + self._queue:
+                    _settle(pending, exc=Unavailable("the server is shutting down; retry"))
+                self._queue.clear()
+                raise
+
+    async def _commit(self, batch: list[_Pending[Any]]) -> None:
+        try:
+            results, last = await self._apply(batch)
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, Unavailable):
+                logger.info("a batch of %d record writes failed (%s): one by one now", len(batch), exc)
+                for pending in batch:
+                    await self._commit([pending])
+                return
+            for pending in batch:
+                _settle(pending, exc=exc)
+            return
+        try:
+            await asyncio.gather(*(self._events.announce(capsule, seq) for capsule, seq in last.items()))
+        except Exception:  # committed all the same: subscribers find the events on their next poll
+            logger.exception("announcing %d capsules' events failed", len(last))
+        for pending, result in zip(batch, results, strict=True):
+            _settle(pending, result=result)
+
+    async def _apply(self, batch: list[_Pending[Any]]) -> tuple[list[Any], dict[str, int]]:
+        undo: list[Callable[[], object]] = []
+        try:
+            async with self._db.transaction() as session:
+                context = Batch(session)
+                undo = context.undo
+                results = [await pending.write(context) for pending in batch]
+                last = await self._events.append_many(session, context.events) if context.events else {}
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        return results, last
+
+
+def _settle(pending: _Pending[Any], *, result: Any = None, exc: BaseException | None = None) -> None:
+    if pending.done.done():
+        return
+    if exc is not None:
+        pending.done.set_exception(exc)
+    else:
+        pending.done.set_result(result)

@@ -1,0 +1,157 @@
+"""Record writes that arrive together share one store transaction (group commit), on SQLite and
+PostgreSQL: each event still lands with its record change, once, in its capsule's order without holes;
+a write that fails fails alone; two replicas racing for the same exits each record every one once.
+
+The capsules are the store's alone (on a host nothing follows), as in test_records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from app.domain import (
+    CapsuleInfo,
+    CapsuleStatus,
+    EventRetention,
+    ProcessEventKind,
+    ProcessInfo,
+    ProcessStatus,
+    utcnow,
+)
+from app.services.events import EventLog
+from app.services.records import ProcessRecords
+from app.services.writes import Batch, RecordWriter
+from app.store import models
+from app.store.session import Database
+from tests.services.conftest import MISSING, Teams
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+STARTED, EXITED = ProcessEventKind.STARTED, ProcessEventKind.EXITED
+
+
+def running(capsule: CapsuleInfo, pid: int) -> ProcessInfo:
+    return ProcessInfo(
+        capsule_id=capsule.id,
+        pid=pid,
+        tag=f"proc-{secrets.token_hex(4)}",
+        cmd="true",
+        args=(),
+        cwd="",
+        status=ProcessStatus.RUNNING,
+        started_at=utcnow(),
+    )
+
+
+def ended(info: ProcessInfo, exit_code: int = 0) -> ProcessInfo:
+    return replace(info, status=ProcessStatus.EXITED, exit_code=exit_code, ended_at=utcnow())
+
+
+class _Counting(RecordWriter):
+    """A writer that remembers the size of each batch it committed (or tried to)."""
+
+    def __init__(self, *, db: Database, events: EventLog) -> None:
+        super().__init__(db=db, events=events)
+        self.batches: list[int] = []
+
+    async def _apply(self, batch: Any) -> Any:
+        self.batches.append(len(batch))
+        return await super()._apply(batch)
+
+
+async def test_starts_and_exits_at_once_share_transactions(teams: Teams) -> None:
+    platform = teams.state.platform
+    records = ProcessRecords(db=platform.db, bus=platform.bus)
+    counting = _Counting(db=platform.db, events=EventLog(bus=platform.bus, retention=EventRetention()))
+    records._writer = counting
+    capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)
+    infos = [running(capsule, pid) for pid in range(1000, 1050)]
+    async with teams.events(capsule.id) as events:
+        await asyncio.gather(*(records.record_start(teams.ours.team.id, info) for info in infos))
+        won = await asyncio.gather(*(records.record_exit(ended(info), team_id=None) for info in infos))
+        seen = await events.settled()  # in order, without a hole
+    assert all(won)
+    assert sorted((e.kind.value, e.process.tag) for e in seen) == sorted(
+        (kind.value, info.tag) for info in infos for kind in (STARTED, EXITED)
+    )
+    # The first write of a quiet moment goes alone; what came meanwhile shares the next transaction.
+    assert len(counting.batches) < len(infos), counting.batches
+    assert sum(counting.batches) == 2 * len(infos)
+    for info in infos:
+        record = await teams.record(capsule.id, info.tag)
+        assert record is not None and record.status is ProcessStatus.EXITED
+
+
+async def test_a_failing_write_fails_alone(teams: Teams) -> None:
+    records = teams.state.platform.records
+    capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)
+    good = [running(capsule, pid) for pid in (1, 2, 3)]
+    # A capsule nobody has: its record cannot be written, and its event has no capsule to count on.
+    bad = replace(running(capsule, 4), capsule_id=MISSING)
+    async with teams.events(capsule.id) as events:
+        outcomes = await asyncio.gather(
+            *(records.record_start(teams.ours.team.id, info) for info in (good[0], bad, *good[1:])),
+            return_exceptions=True,
+        )
+        seen = await events.settled()
+    assert [isinstance(outcome, Exception) for outcome in outcomes] == [False, True, False, False]
+    assert sorted(e.process.tag for e in seen) == sorted(info.tag for info in good)
+
+
+async def test_an_undone_write_puts_back_what_it_took(teams: Teams) -> None:
+    """A rolled-back batch runs its writes' undo steps (a start gives back the early exit it took)."""
+    platform = teams.state.platform
+    writer = RecordWriter(db=platform.db, events=EventLog(bus=platform.bus, retention=EventRetention()))
+    taken: list[str] = ["early exit"]
+
+    async def take_then_fail(batch: Batch) -> None:
+        kept = taken.pop()
+        batch.on_rollback(lambda: taken.append(kept))
+        raise RuntimeError("the write failed")
+
+    with pytest.raises(RuntimeError, match="the write failed"):
+        await writer.run(take_then_fail, key=("cap", "tag"))
+    assert taken == ["early exit"]
+
+
+async def test_two_replicas_racing_for_every_exit_record_each_once(teams: Teams) -> None:
+    platform = teams.state.platform
+    first, second = platform.records, ProcessRecords(db=platform.db, bus=platform.bus)
+    capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)
+    infos = [running(capsule, pid) for pid in range(2000, 2040)]
+    await asyncio.gather(*(first.record_start(teams.ours.team.id, info) for info in infos))
+    async with teams.events(capsule.id) as events:
+        # Both exit recorders see every exit, in the same order, and queue them without waiting.
+        won = await asyncio.gather(
+            *(
+                replica.record_exit(ended(info, exit_code=index), team_id=None)
+                for info in infos
+                for index, replica in enumerate((first, second))
+            )
+        )
+        seen = await events.settled()
+    assert sum(won) == len(infos)
+    assert sorted(e.process.tag for e in seen) == sorted(info.tag for info in infos)
+    assert all(e.kind is EXITED for e in seen)
+
+
+async def test_a_start_whose_exit_came_first_gets_it(teams: Teams) -> None:
+    """The exit recorder saw the exit before the start was written, and both are in flight at once."""
+    records = teams.state.platform.records
+    capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)
+    info = running(capsule, 77)
+    async with teams.events(capsule.id) as events:
+        early = asyncio.ensure_future(records.record_exit(ended(info, exit_code=5), team_id=None))
+        await asyncio.sleep(0)  # queued first
+        await records.record_start(teams.ours.team.id, info)
+        await early
+        seen = await events.settled()
+    assert [(e.kind, e.process.tag) for e in seen] == [(STARTED, info.tag), (EXITED, info.tag)]
+    record = await teams.record(capsule.id, info.tag)
+    assert isinstance(record, models.ProcessRecord)
+    assert (record.status, record.exit_code) == (ProcessStatus.EXITED, 5)
