@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,11 @@ KEY_RE = re.compile(r"cap_[A-Za-z0-9_-]{43}")
 SHOWN_PREFIX_LEN = 12
 DEFAULT_TEAM = "default"
 DEV_KEY_FILE = "dev-api-key"
+# How long a verified key is taken at its word without asking the store again. A revocation ends
+# that at once on this replica and, through the bus, on every other; one the bus could not carry
+# within this long (or KeyRevocations' next check, which looks at these keys too).
+VERIFIED_KEY_TTL_SEC = 2.0
+MAX_VERIFIED_KEYS = 10_000
 
 
 def new_key() -> str:
@@ -83,6 +89,10 @@ class KeyService:
         self._db, self._bus = db, bus
         # Connections opened at once with one key (viewers reconnecting) share one lookup.
         self._lookups: Flights[Credential | None] = Flights()
+        # Keys verified lately, by digest, until when; forget() bumps the generation, so that a
+        # lookup that began before a revocation is not kept after it.
+        self._verified: dict[str, tuple[Credential, float]] = {}
+        self._generation = 0
 
     async def create_key(self, team_name: str) -> tuple[Team, str]:
         """Creates the team if needed and a key for it; the plaintext key is returned here only."""
@@ -109,7 +119,29 @@ class KeyService:
         if not is_well_formed(key):
             return None
         digest = hash_key(key)
-        return await self._lookups.run(digest, lambda: self._credential(key, digest))
+        kept = self._verified.get(digest)
+        if kept is not None and kept[1] > time.monotonic():
+            return kept[0]
+        generation = self._generation
+        found = await self._lookups.run(digest, lambda: self._credential(key, digest))
+        if found is None:
+            self._verified.pop(digest, None)
+        elif generation == self._generation:
+            if len(self._verified) >= MAX_VERIFIED_KEYS:
+                self._verified.clear()
+            self._verified[digest] = (found, time.monotonic() + VERIFIED_KEY_TTL_SEC)
+        return found
+
+    def forget(self, key_id: int) -> None:
+        """Asks the store again about the key at its next use (it was revoked)."""
+        self._generation += 1
+        for digest in [d for d, (credential, _) in self._verified.items() if credential.key_id == key_id]:
+            del self._verified[digest]
+
+    @property
+    def verified_ids(self) -> frozenset[int]:
+        """The ids of the keys taken at their word now."""
+        return frozenset(credential.key_id for credential, _ in self._verified.values())
 
     async def _credential(self, key: str, digest: str) -> Credential | None:
         async with self._db.session() as session:
@@ -143,6 +175,7 @@ class KeyService:
                 raise NotFound(f"no API key {key_id}: `capsule keys list --team NAME` shows the ids")
             info = _info(row, team.name)
         if changed:
+            self.forget(key_id)
             logger.info("revoked API key %s (%s...) of team %s", key_id, info.prefix, info.team)
             await self._announce(key_id)
         return info, changed

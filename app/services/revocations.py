@@ -52,8 +52,9 @@ class KeyRevocations:
             group.create_task(self._check_every_interval(), name="key-revocations-check")
 
     async def check_once(self) -> set[int]:
-        """Wakes the watchers of every watched key the store has as revoked; returns those keys."""
-        key_ids = sorted(self._watchers)
+        """Wakes the watchers of every watched key the store has as revoked, and forgets every
+        verified key it has as revoked; returns those keys."""
+        key_ids = sorted(set(self._watchers) | self._keys.verified_ids)
         if not key_ids:
             return set()
         revoked = await self._keys.revoked_among(key_ids)
@@ -62,6 +63,7 @@ class KeyRevocations:
         return revoked
 
     def _wake(self, key_id: int) -> None:
+        self._keys.forget(key_id)
         watchers = self._watchers.get(key_id, set())
         if watchers:
             logger.info("API key %s is revoked: ending its %d open connection(s)", key_id, len(watchers))

@@ -80,3 +80,42 @@ async def test_the_periodic_check_wakes_them_without_a_bus_message(database: Dat
 async def test_check_once_without_watchers_asks_nothing(database: Database, bus: Bus) -> None:
     revocations = KeyRevocations(keys=KeyService(database), bus=bus, interval_sec=1)
     assert await revocations.check_once() == set()
+
+
+class TestVerifiedKeys:
+    """KeyService takes a verified key at its word for a moment, never past a revocation it hears of."""
+
+    async def test_a_revocation_here_is_refused_at_once(self, database: Database) -> None:
+        keys = KeyService(database)
+        _, key = await keys.create_key("acme")
+        assert await keys.authenticate(key) is not None
+        assert await keys.revoke(key) is True
+        assert await keys.authenticate(key) is None
+
+    async def test_a_revocation_elsewhere_is_refused_after_the_check_or_the_bus(
+        self, database: Database, bus: Bus
+    ) -> None:
+        here, elsewhere = KeyService(database, bus=bus), KeyService(database)  # elsewhere: no bus
+        _, by_check = await here.create_key("acme")
+        _, by_bus = await here.create_key("acme")
+        first, second = await here.credential(by_check), await here.credential(by_bus)
+        assert first is not None and second is not None
+        assert {first.key_id, second.key_id} <= here.verified_ids
+        revocations = KeyRevocations(keys=here, bus=bus, interval_sec=3600)
+        # Revoked in the store behind this replica's back: still taken at its word here, until the
+        # check, which looks at every verified key, not only those of open connections.
+        await elsewhere.revoke_id(first.key_id)
+        assert await here.authenticate(by_check) is not None
+        assert await revocations.check_once() == {first.key_id}
+        assert await here.authenticate(by_check) is None
+        # Announced on the bus: forgotten as soon as the message comes.
+        task = await _running(revocations)
+        try:
+            await elsewhere.revoke_id(second.key_id)
+            await bus.publish(KEY_REVOKED_CHANNEL, key_revoked_to_json(second.key_id))
+            async with asyncio.timeout(DEADLINE_SEC):
+                while second.key_id in here.verified_ids:
+                    await asyncio.sleep(0.01)
+            assert await here.authenticate(by_bus) is None
+        finally:
+            await _stop(task)
