@@ -4,16 +4,19 @@ by one inside its own sandbox (sandbox)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.agent import inner
 from app.agent.events import ProcessEvents
+from app.agent.metrics import CapsuleStat
 from app.agent.sandbox import UID_BASE, UID_COUNT, Sandbox, SandboxRuntime
 from app.agent.supervisor import Supervisor
 from app.agent.uids import UidRegistry
@@ -25,6 +28,12 @@ from app.errors import NotFound
 logger = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.json"
+# A sandbox's output counters are its supervisor's: while someone scrapes the agent's metrics (and
+# COUNTERS_IDLE_SEC after), each live sandbox is asked for them every COUNTERS_EVERY_SEC, waiting
+# COUNTERS_DEADLINE_SEC at most.
+COUNTERS_EVERY_SEC = 1.0
+COUNTERS_DEADLINE_SEC = 0.5
+COUNTERS_IDLE_SEC = 300.0
 
 
 def check_capsule_id(capsule_id: str) -> str:
@@ -64,16 +73,51 @@ class Capsules:
         self._closed = False
         self._adopting: set[int] = set()
         self._uids = UidRegistry(UID_BASE, UID_COUNT - 1)
+        # The sandboxes' output counters, asked for in the background (count_output).
+        self._counter: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scraped = asyncio.Event()
+        self._scraped_at = 0.0
 
-    def stats(self) -> list[tuple[str, int, int | None]]:
-        """Each capsule's id, running processes and log bytes held (None: the sandbox holds them)."""
-        stats: list[tuple[str, int, int | None]] = []
+    def stats(self) -> list[CapsuleStat]:
+        """Each capsule's id, running processes and output counters, without waiting on anything: a
+        sandbox's are what it last told (None before it has), and the scrape asks it for newer ones.
+        Called from any thread (the metrics server's own)."""
+        self._scraped_at = time.monotonic()
+        if self._loop is not None and not self._scraped.is_set():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to wake
+                self._loop.call_soon_threadsafe(self._scraped.set)
+        stats: list[CapsuleStat] = []
         for c in list(self._capsules.values()):
             if c.sandbox is not None:
-                stats.append((c.capsule_id, len(c.sandbox.running), None))
+                stats.append(CapsuleStat(c.capsule_id, len(c.sandbox.running), c.sandbox.output))
             elif c.supervisor is not None:
-                stats.append((c.capsule_id, c.supervisor.running_count(), c.supervisor.held_log_bytes()))
+                stats.append(
+                    CapsuleStat(c.capsule_id, c.supervisor.running_count(), c.supervisor.output_counts())
+                )
         return stats
+
+    def count_output(self) -> None:
+        """Keeps the sandboxes' output counters current while the agent's metrics are scraped
+        (sandbox runtime; a plain capsule's are read at the scrape itself)."""
+        if self._runtime is None or self._counter is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._counter = asyncio.create_task(self._count_output(), name="output-counters")
+
+    async def _count_output(self) -> None:
+        while True:
+            await self._scraped.wait()  # idle until a scrape
+            while time.monotonic() - self._scraped_at < COUNTERS_IDLE_SEC:
+                sandboxes = [c.sandbox for c in list(self._capsules.values()) if c.sandbox is not None]
+                results = await asyncio.gather(
+                    *(s.refresh_output(COUNTERS_DEADLINE_SEC) for s in sandboxes), return_exceptions=True
+                )
+                for result in results:
+                    if isinstance(result, Exception):
+                        logger.debug("output counters not refreshed: %r", result)
+                await asyncio.sleep(COUNTERS_EVERY_SEC)
+            self._scraped.clear()
 
     @property
     def runtime(self) -> CapsuleRuntime:
@@ -301,6 +345,9 @@ class Capsules:
 
     async def close(self) -> None:
         """Ends everything in every capsule; their directories stay on disk, the spare's goes."""
+        if self._counter is not None:
+            self._counter.cancel()
+            await asyncio.gather(self._counter, return_exceptions=True)
         capsules = list(self._capsules.values())
         self._capsules.clear()
         await asyncio.gather(*(_end(capsule) for capsule in capsules), self._drop_spare())

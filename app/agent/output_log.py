@@ -9,7 +9,7 @@ from array import array
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from app.agent.metrics import TALLY
+from app.agent.metrics import OutputTally
 from app.domain import (
     OutputChunk,
     OutputEvent,
@@ -106,8 +106,9 @@ class OutputLog:
     """The ordered events of one process: output chunks (a restarted event between two runs), then
     one exit event."""
 
-    def __init__(self, cap_bytes: int) -> None:
+    def __init__(self, cap_bytes: int, tally: OutputTally | None = None) -> None:
         self._cap = cap_bytes
+        self._tally = tally or OutputTally()  # its capsule's, for the agent's metrics
         # Evicted slots become None and are compacted away in bulk, so eviction stays O(1).
         self._events: list[OutputEvent | None] = []
         self._head = 0
@@ -144,7 +145,7 @@ class OutputLog:
 
     def append_output(self, stream: Stream, data: bytes) -> None:
         """Adds what was read from a stream, cut on a UTF-8 character boundary."""
-        TALLY.pipe_bytes += len(data)
+        self._tally.pipe_bytes += len(data)
         data = self._cutters[stream].feed(data)
         if data:
             self._append(OutputChunk(self._next_seq, stream, data))
@@ -207,10 +208,10 @@ class OutputLog:
             assert event is not None
             self._retained -= _cost(event)
             self._offsets.append(self._evicted_bytes)
-            TALLY.evicted_events += 1
+            self._tally.evicted_events += 1
             if isinstance(event, OutputChunk):
                 self._evicted_bytes += len(event.data)
-                TALLY.evicted_bytes += len(event.data)
+                self._tally.evicted_bytes += len(event.data)
             self._events[self._head] = None
             self._head += 1
             self._first_seq += 1

@@ -38,6 +38,7 @@ from app import wire
 from app.agent import inner
 from app.agent.cgroups import CapsuleCgroup, CgroupHost, RlimitHost, UidGroup, scope_of
 from app.agent.events import Publish
+from app.agent.metrics import OutputCounts
 from app.config import Settings
 from app.domain import CapsuleSpec, ProcessEventKind, ResourceUsage
 from app.errors import CapsuleError, HostUnavailable, Internal, NotFound, error_from_status
@@ -308,6 +309,9 @@ class Sandbox:
     _baseline: int = OWN_PROCESSES
     _own_tasks: int = 0
     _run_dir_fd: int | None = None
+    # Its supervisor's output counters as last told (refresh_output), for the agent's metrics.
+    output: OutputCounts | None = None
+    _asking: bool = False
 
     @property
     def is_alive(self) -> bool:
@@ -392,6 +396,29 @@ class Sandbox:
             raise self._error(exc) from None
         finally:
             call.cancel()
+
+    async def refresh_output(self, deadline_sec: float) -> None:
+        """Asks the supervisor for its output counters, within deadline_sec, into output; one ask at a
+        time, and a supervisor that does not answer in time keeps its last answer."""
+        if self._asking or self.stub is None or not self.is_alive:
+            return
+        self._asking = True
+        try:
+            reply = await self.stub.GetOutputCounters(
+                pb.CapsuleRef(capsule_id=self.capsule_id), timeout=deadline_sec
+            )
+        except grpc.aio.AioRpcError as exc:
+            if self.is_alive and exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                logger.debug("capsule %s: no output counters: %s", self.capsule_id, exc.code())
+            return
+        finally:
+            self._asking = False
+        self.output = OutputCounts(
+            pipe_bytes=reply.pipe_bytes,
+            log_bytes_held=reply.log_bytes_held,
+            evicted_events=reply.evicted_events,
+            evicted_bytes=reply.evicted_bytes,
+        )
 
     def _error(self, exc: grpc.aio.AioRpcError) -> CapsuleError:
         if not self.is_alive:

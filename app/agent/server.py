@@ -260,6 +260,17 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         async for batch in supervisor.output(parse_selector(ref.selector), request.from_seq):
             yield wire.output_batch(batch)
 
+    @abort_on_capsule_error
+    @routed(_capsule)
+    async def GetOutputCounters(self, request: pb.CapsuleRef, context: Context) -> pb.OutputCounters:
+        counts = self._capsules.supervisor(request.capsule_id).output_counts()
+        return pb.OutputCounters(
+            pipe_bytes=counts.pipe_bytes,
+            log_bytes_held=counts.log_bytes_held,
+            evicted_events=counts.evicted_events,
+            evicted_bytes=counts.evicted_bytes,
+        )
+
     @abort_stream_on_capsule_error
     async def WatchProcesses(
         self, request: pb.CapsuleRef, context: Context
@@ -375,6 +386,7 @@ async def start_agent(address: str, settings: Settings) -> AgentHandle:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         agent_metrics.watch(capsules)
+        capsules.count_output()
         target, socket_dir_fd = _bind_target(address)
         port = server.add_insecure_port(target)
         if socket_dir_fd is not None:

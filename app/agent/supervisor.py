@@ -15,6 +15,7 @@ from app.agent.child import Child
 from app.agent.events import Publish
 from app.agent.leftovers import Sessions
 from app.agent.meter import Meters, ProcMeters
+from app.agent.metrics import OutputCounts, OutputTally
 from app.agent.output_log import OutputLog
 from app.agent.process import ManagedProcess
 from app.agent.supervision import LineMatcher, Supervision
@@ -97,6 +98,7 @@ class Supervisor:
         self.sessions = Sessions(sessions_file or workspace.parent / "sessions")
         # What each run of a background process costs: /proc sums, unless given a cgroup per run.
         self._meters: Meters = meters or ProcMeters()
+        self.tally = OutputTally()  # what its processes' output cost, for the agent's metrics
 
     def running_count(self) -> int:
         """How many background processes are running."""
@@ -106,6 +108,16 @@ class Supervisor:
         """What the output logs of its processes hold, against their caps (for the agent's metrics)."""
         return sum(proc.log.retained_bytes for proc in self._processes.values())
 
+    def output_counts(self) -> OutputCounts:
+        """Its output counters now, with the log bytes held (for the agent's metrics)."""
+        tally = self.tally
+        return OutputCounts(
+            pipe_bytes=tally.pipe_bytes,
+            log_bytes_held=self.held_log_bytes(),
+            evicted_events=tally.evicted_events,
+            evicted_bytes=tally.evicted_bytes,
+        )
+
     async def exec(self, spec: ExecSpec) -> ExecResult:
         """Runs a command to completion or timeout; the group is killed on timeout."""
         timeout_sec = check_timeout(spec.timeout_sec) or self._settings.exec_default_timeout_sec
@@ -113,8 +125,14 @@ class Supervisor:
         env = launch.environment(self.workspace, spec.envs)
         cwd = launch.working_dir(self.workspace, spec.cwd)
         capture = _Capture(self._settings.exec_output_cap_bytes)
+        tally = self.tally
+
+        def sink(stream: Stream, data: bytes) -> None:
+            tally.pipe_bytes += len(data)
+            capture.add(stream, data)
+
         started = time.monotonic()
-        child = Child.spawn(argv, env=env, cwd=cwd, stdin=spec.stdin is not None, sink=capture.add)
+        child = Child.spawn(argv, env=env, cwd=cwd, stdin=spec.stdin is not None, sink=sink)
         self.sessions.add(child.pid)
         self._execs.add(child)
         feeder = (
@@ -181,7 +199,7 @@ class Supervisor:
             env = {**env, "TERM": TERM}
         restart = None if spec.restart is None else check_restart(spec.restart)
         readiness = None if spec.readiness is None else check_readiness(spec.readiness, InputLimits())
-        log = OutputLog(self._settings.output_cap_bytes)
+        log = OutputLog(self._settings.output_cap_bytes, self.tally)
         pattern = None if readiness is None else readiness.output_pattern
         matcher = None if pattern is None else LineMatcher(pattern, log.append_output)
         sink = log.append_output if matcher is None else matcher.feed

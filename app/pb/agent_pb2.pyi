@@ -406,3 +406,15 @@ class ProcessEvent(_message.Message):
     kind: ProcessEventKind
     process: ProcessInfo
     def __init__(self, kind: _Optional[_Union[ProcessEventKind, str]] = ..., process: _Optional[_Union[ProcessInfo, _Mapping]] = ...) -> None: ...
+
+class OutputCounters(_message.Message):
+    __slots__ = ("pipe_bytes", "log_bytes_held", "evicted_events", "evicted_bytes")
+    PIPE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOG_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    pipe_bytes: int
+    log_bytes_held: int
+    evicted_events: int
+    evicted_bytes: int
+    def __init__(self, pipe_bytes: _Optional[int] = ..., log_bytes_held: _Optional[int] = ..., evicted_events: _Optional[int] = ..., evicted_bytes: _Optional[int] = ...) -> None: ...

@@ -109,6 +109,11 @@ class AgentStub:
                 request_serializer=app_dot_pb_dot_agent__pb2.CapsuleRef.SerializeToString,
                 response_deserializer=app_dot_pb_dot_agent__pb2.ProcessEvent.FromString,
                 _registered_method=True)
+        self.GetOutputCounters = channel.unary_unary(
+                '/capsule.agent.v1.Agent/GetOutputCounters',
+                request_serializer=app_dot_pb_dot_agent__pb2.CapsuleRef.SerializeToString,
+                response_deserializer=app_dot_pb_dot_agent__pb2.OutputCounters.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -213,6 +218,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOutputCounters(self, request, context):
+        """What the capsule's output has cost so far, for the agent's metrics (a sandbox's supervisor counts
+        its own processes' pipes and logs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +303,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.WatchProcesses,
                     request_deserializer=app_dot_pb_dot_agent__pb2.CapsuleRef.FromString,
                     response_serializer=app_dot_pb_dot_agent__pb2.ProcessEvent.SerializeToString,
+            ),
+            'GetOutputCounters': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOutputCounters,
+                    request_deserializer=app_dot_pb_dot_agent__pb2.CapsuleRef.FromString,
+                    response_serializer=app_dot_pb_dot_agent__pb2.OutputCounters.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -697,6 +715,33 @@ class Agent:
             '/capsule.agent.v1.Agent/WatchProcesses',
             app_dot_pb_dot_agent__pb2.CapsuleRef.SerializeToString,
             app_dot_pb_dot_agent__pb2.ProcessEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOutputCounters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/capsule.agent.v1.Agent/GetOutputCounters',
+            app_dot_pb_dot_agent__pb2.CapsuleRef.SerializeToString,
+            app_dot_pb_dot_agent__pb2.OutputCounters.FromString,
             options,
             channel_credentials,
             insecure,
