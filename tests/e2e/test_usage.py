@@ -15,9 +15,11 @@ from typing import Any
 from tests.agent.test_usage import HUNDRED_MIB, MIB, needs_cgroups
 from tests.e2e.client import HttpClient, subscribe, ws_session
 from tests.e2e.conftest import Server
+from tests.e2e.test_operations import Samples, delta, scrape
 
 PYTHON = sys.executable
 DEADLINE_SEC = 15.0
+OUTCOMES = ("zero", "non_zero", "signal", "timed_out", "oom", "restarted", "unknown")
 
 
 async def process(api: HttpClient, capsule_id: str, selector: str) -> dict[str, Any]:
@@ -72,6 +74,7 @@ async def test_usage_of_a_running_process_and_its_final_totals_kept_in_the_store
 async def test_an_allocation_past_memory_mib_ends_oom_killed_and_the_capsule_answers(
     server: Server, key: str, api: HttpClient
 ) -> None:
+    before = await scrape(server)
     capsule_id = (await api.run("CreateCapsule", limits={"memoryMiB": 64})).ok()["createCapsule"]["id"]
     code = "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096])"
     (
@@ -98,3 +101,25 @@ async def test_an_allocation_past_memory_mib_ends_oom_killed_and_the_capsule_ans
     (await api.run("DestroyCapsule", id=capsule_id)).ok()
     kept = await process(api, capsule_id, "big")
     assert (kept["signal"], kept["oomKilled"]) == ("SIGKILL", True), kept
+    # /metrics counts the exit once, as oom, and as nothing else (a SIGKILL, but not one sent).
+    after = await exits_counted(server, before)
+    exits = {
+        outcome: delta(before, after, "capsule_processes_exited_total", outcome=outcome)
+        for outcome in OUTCOMES
+    }
+    assert exits == {outcome: 1 if outcome == "oom" else 0 for outcome in OUTCOMES}, exits
+    assert delta(before, after, "capsule_processes_started_total") == 1
+
+
+async def exits_counted(server: Server, before: Samples) -> Samples:
+    """/metrics once it counts an exit more than before (the exit recorder writes it; the same
+    replica counts it)."""
+    try:
+        async with asyncio.timeout(DEADLINE_SEC):
+            while True:
+                after = await scrape(server)
+                if sum(delta(before, after, "capsule_processes_exited_total", outcome=o) for o in OUTCOMES):
+                    return after
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"no exit counted on /metrics within {DEADLINE_SEC} s") from None
