@@ -652,3 +652,24 @@ async def test_a_terminal_resumes_without_doubling_and_its_link_opens_the_same_s
     await expect(page.locator(".toolbar").first.locator(".chip")).to_have_text("exit 0", timeout=WAIT_MS)
     await expect(page.get_by_test_id("terminal")).to_be_visible()  # still the terminal, once it has ended
     await viewer.shot("terminal-exited")
+
+
+async def test_a_restarted_process_shows_each_run_and_how_it_ended(served: Served, viewer: Viewer) -> None:
+    capsule_id = await served.capsule()
+    spec = {
+        "cmd": "sh",
+        "args": ["-c", "echo run; exit 3"],
+        "tag": "crasher",
+        "restart": {"policy": "ON_FAILURE", "maxRestarts": 2, "backoffSec": 0.05, "maxBackoffSec": 0.1},
+    }
+    (await served.api.run("StartProcess", capsuleId=capsule_id, input=spec)).ok()
+    await served.exited(capsule_id, "crasher")
+    await viewer.open(capsule_id, "crasher")
+    page = viewer.page
+    await expect(page.locator(".row.exit")).to_contain_text("exited with code 3", timeout=WAIT_MS)
+    restarts = page.locator(".row.restart")
+    await expect(restarts).to_have_count(2)
+    await expect(restarts.first).to_contain_text("exited with code 3; restarted as pid")
+    await expect(restarts.nth(1)).to_contain_text("(restart 2)")
+    assert await viewer.output() == ["run", "run", "run"]  # one stream, every run's output in it
+    await viewer.shot("restarted")

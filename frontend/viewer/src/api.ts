@@ -69,7 +69,7 @@ export interface Process {
 }
 
 export interface ProcessEvent {
-  kind: 'STARTED' | 'EXITED';
+  kind: 'STARTED' | 'EXITED' | 'READY' | 'RESTARTED';
   process: Process;
 }
 
@@ -77,12 +77,22 @@ export type OutputEvent =
   | { __typename: 'OutputChunk'; seq: number; stream: 'STDOUT' | 'STDERR'; data: string; encoding: 'UTF8' | 'BASE64' }
   | { __typename: 'OutputGap'; seq: number; lostEvents: number; lostBytes: number }
   | {
+      __typename: 'ProcessRestarted';
+      seq: number;
+      pid: number;
+      restarts: number;
+      exitCode: number | null;
+      signal: string | null;
+      oomKilled: boolean;
+    }
+  | {
       __typename: 'ProcessExited';
       seq: number;
       exitCode: number | null;
       signal: string | null;
       timedOut: boolean;
       endedAt: string;
+      oomKilled: boolean;
     };
 
 interface GraphQLErrorShape {

@@ -398,7 +398,7 @@ export class LogView {
 
   private row(line: Line, current: boolean): HTMLElement {
     const row = document.createElement('div');
-    const kind = ['out', 'err', 'gap', 'exit'][line.kind];
+    const kind = ['out', 'err', 'gap', 'exit', 'restart'][line.kind];
     row.className = `row ${kind}${line.binary ? ' bin' : ''}${current ? ' current' : ''}`;
     row.dataset.n = String(line.n);
     row.dataset.seq = String(line.seq);
@@ -415,7 +415,7 @@ export class LogView {
     }
     if (shown.includes('\x1b')) text.innerHTML = ansiHtml(shown);
     else setText(text, shown, line.binary);
-    if (this.highlight && line.kind !== Kind.Exit) markMatches(text, this.highlight);
+    if (this.highlight && line.kind < Kind.Exit) markMatches(text, this.highlight);
     if (cut > 0) {
       const more = document.createElement('span');
       more.className = 'cut';

@@ -9,6 +9,7 @@ export const enum Kind {
   Stderr = 1,
   Gap = 2,
   Exit = 3,
+  Restart = 4,
 }
 
 export interface Line {
@@ -113,11 +114,19 @@ export function formatBytes(bytes: number): string {
   return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
 }
 
+/** How a run ended: its exit code, or the signal that killed it and why. */
+function endText(event: { exitCode: number | null; signal: string | null; oomKilled: boolean }): string {
+  if (event.oomKilled) return `was killed by ${event.signal ?? 'SIGKILL'} (out of memory)`;
+  return event.signal !== null ? `was killed by ${event.signal}` : `exited with code ${event.exitCode ?? '?'}`;
+}
+
 function exitText(event: Extract<OutputEvent, { __typename: 'ProcessExited' }>): string {
-  const how =
-    event.signal !== null ? `was killed by ${event.signal}` : `exited with code ${event.exitCode ?? '?'}`;
   const why = event.timedOut ? ' (its lifetime ran out)' : '';
-  return `process ${how}${why} at ${new Date(event.endedAt).toLocaleString()}`;
+  return `process ${endText(event)}${why} at ${new Date(event.endedAt).toLocaleString()}`;
+}
+
+function restartText(event: Extract<OutputEvent, { __typename: 'ProcessRestarted' }>): string {
+  return `process ${endText(event)}; restarted as pid ${event.pid} (restart ${event.restarts.toLocaleString()})`;
 }
 
 export interface Changes {
@@ -193,6 +202,11 @@ export class OutputLog {
         this.lastSeq = Math.max(this.lastSeq, event.seq - 1);
         return true;
       }
+      case 'ProcessRestarted':
+        // The stream goes on with the next run's output, after a notice of how this one ended.
+        this.closeOpen();
+        this.push({ seq: event.seq, kind: Kind.Restart, text: restartText(event), binary: false });
+        break;
       case 'ProcessExited':
         this.closeOpen();
         this.exited = true;
@@ -208,7 +222,7 @@ export class OutputLog {
     const out: string[] = [];
     for (const absolute of absolutes) {
       const line = this.line(absolute);
-      if (line.kind === Kind.Gap || line.kind === Kind.Exit) out.push(`[${line.text}]`);
+      if (line.kind >= Kind.Gap) out.push(`[${line.text}]`);
       else out.push(keepAnsi ? line.text : stripAnsi(line.text));
     }
     return out.length ? `${out.join('\n')}\n` : '';
@@ -236,7 +250,7 @@ export class OutputLog {
   }
 
   private accepts(line: Line): boolean {
-    return this.matcher !== null && line.kind !== Kind.Exit && this.matcher(plainText(line));
+    return this.matcher !== null && line.kind < Kind.Exit && this.matcher(plainText(line));
   }
 
   private closeOpen(): void {

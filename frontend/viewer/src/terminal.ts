@@ -177,18 +177,17 @@ export class TerminalSession {
       this.terminal.write(event.encoding === 'BASE64' ? decodeBase64(event.data) : event.data);
       return;
     }
-    const kind: string = event.__typename;
-    if (kind === 'ProcessRestarted') {
+    if (event.__typename === 'ProcessRestarted') {
       // Its restart policy ran it again, on a new terminal: that one is given the page's size too.
-      const { pid } = event as unknown as { pid: number };
-      this.terminal.write(`\r\n${dim(`[restarted as pid ${pid}]`)}\r\n`);
+      this.terminal.write(`\r\n${dim(`[restarted as pid ${event.pid}]`)}\r\n`);
       this.sentSize = '';
       this.scheduleResize(0);
       return;
     }
-    if (kind !== 'ProcessExited') return; // an event this page does not know
+    if (event.__typename !== 'ProcessExited') return; // an event this page does not know
     this.exited = true;
-    const how = event.signal ? `ended by ${event.signal}` : `exited with code ${event.exitCode ?? '?'}`;
+    const oom = event.oomKilled ? ' (out of memory)' : '';
+    const how = event.signal ? `ended by ${event.signal}${oom}` : `exited with code ${event.exitCode ?? '?'}`;
     const ended = `[process ${how}${event.timedOut ? ', its time ran out' : ''}]`;
     this.terminal.write(`\r\n${dim(ended)}\r\n\x1b[?25l`); // the cursor goes: nothing is typed any more
     this.options.onChange();
