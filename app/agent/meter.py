@@ -134,7 +134,7 @@ class ProcMeters:
         child = spawn()
         meter = ProcMeter(self, child.pid)
         child.meter = meter
-        meter.usage()  # its first high-water mark
+        meter.first_peak()
         self._live.add(meter)
         if self._sampler is None:
             self._sampler = asyncio.get_running_loop().call_later(SAMPLE_SEC, self._sample)
@@ -171,6 +171,11 @@ class ProcMeter:
         self._born = time.monotonic()
         self._cpu = 0.0
         self._peak = 0
+
+    def first_peak(self) -> None:
+        """The leader's high-water mark as it starts, from its own status file alone: a scan of all
+        of /proc for each spawn would cost more than the spawn (its group holds just the leader yet)."""
+        self._peak = max(self._peak, _high_water(self._pgid))
 
     def usage(self) -> ResourceUsage | None:
         """Reads /proc (or the scan of a moment ago)."""
