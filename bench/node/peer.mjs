@@ -24,8 +24,11 @@ const schema = buildSchema(`
   enum Signal { SIGHUP SIGINT SIGQUIT SIGKILL SIGTERM SIGUSR1 SIGUSR2 SIGSTOP SIGCONT }
   type OutputChunk { seq: Int! stream: OutputStream! data: String! encoding: Encoding! }
   type OutputGap { seq: Int! lostEvents: Int! lostBytes: Float! }
-  type ProcessExited { seq: Int! exitCode: Int signal: Signal timedOut: Boolean! endedAt: DateTime! }
-  union ProcessOutputEvent = OutputChunk | OutputGap | ProcessExited
+  type ProcessRestarted { seq: Int! pid: Int! restarts: Int! exitCode: Int signal: Signal oomKilled: Boolean! }
+  type ProcessExited {
+    seq: Int! exitCode: Int signal: Signal timedOut: Boolean! endedAt: DateTime! oomKilled: Boolean!
+  }
+  union ProcessOutputEvent = OutputChunk | OutputGap | ProcessRestarted | ProcessExited
   type Query { ok: Boolean }
   type Subscription {
     processOutput(capsuleId: ID!, selector: String!, fromSeq: Int! = 0): ProcessOutputEvent!
@@ -49,7 +52,7 @@ child.stderr.on('data', chunk('STDERR'));
 child.on('close', (code) =>
   publish({
     __typename: 'ProcessExited', seq: ++seq, exitCode: code, signal: null, timedOut: false,
-    endedAt: new Date().toISOString(),
+    endedAt: new Date().toISOString(), oomKilled: false,
   }),
 );
 
