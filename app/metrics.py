@@ -12,8 +12,9 @@ scraped (app.services.health.Health.refresh_gauges), not counted here.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from prometheus_client import (
     REGISTRY,
@@ -50,6 +51,9 @@ PROCESSES_EXITED = Counter(
 OUTPUT_EVENTS = Counter("capsule_output_events", "Output events (chunks, gaps, exits) sent to subscribers")
 OUTPUT_BYTES = Counter("capsule_output_bytes", "Output bytes (chunk data) sent to subscribers")
 OUTPUT_GAPS = Counter("capsule_output_gaps", "OutputGap events sent to subscribers")
+# How many subscribers the output events a task reads go to: 1, or a multiplexed group's members
+# (api/multiplex.py), whose one stream counts each event once per member.
+OUTPUT_AUDIENCE: ContextVar[Callable[[], int] | None] = ContextVar("output_audience", default=None)
 OUTPUT_UPSTREAMS = Gauge("capsule_output_upstreams", "Output streams from host agents open now")
 WS_CONNECTIONS = Gauge("capsule_ws_connections", "WebSocket connections open now, by protocol", ["protocol"])
 WS_SUBSCRIPTIONS = Gauge(

@@ -26,7 +26,7 @@ _TYPES = {
 }
 
 
-def _code(errors: list[GraphQLError] | None) -> str:
+def error_code(errors: list[GraphQLError] | None) -> str:
     """The code of an operation's first error: none, one of ours, or OTHER."""
     if not errors:
         return "none"
@@ -44,6 +44,8 @@ class OperationMetrics(SchemaExtension):
     def on_validate(self) -> Iterator[None]:
         yield
         context = self.execution_context
+        if getattr(context.context, "multiplexed", False):
+            return  # a multiplexed group's own run: its members count themselves (api/multiplex.py)
         document = context.graphql_document
         if document is None:
             return
@@ -71,11 +73,13 @@ class OperationMetrics(SchemaExtension):
             if self._subscribed:
                 metrics.WS_SUBSCRIPTIONS.labels(self._field).dec()
             context = self.execution_context
-            result = context.result
-            errors = context.pre_execution_errors or (result.errors if result is not None else None)
-            metrics.GRAPHQL_OPERATIONS.labels(self._type, self._field, _code(errors)).inc()
-            if self._type in ("query", "mutation"):
-                metrics.GRAPHQL_SECONDS.labels(self._type, self._field).observe(time.perf_counter() - start)
+            if not getattr(context.context, "multiplexed", False):  # the group's members count
+                result = context.result
+                errors = context.pre_execution_errors or (result.errors if result is not None else None)
+                metrics.GRAPHQL_OPERATIONS.labels(self._type, self._field, error_code(errors)).inc()
+                if self._type in ("query", "mutation"):
+                    elapsed = time.perf_counter() - start
+                    metrics.GRAPHQL_SECONDS.labels(self._type, self._field).observe(elapsed)
 
 
 class Sockets(Protocol):

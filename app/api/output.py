@@ -135,5 +135,9 @@ class OutputSubscription:
     async def process_output(
         self, info: Info, capsule_id: ID, selector: str, from_seq: int = 0
     ) -> AsyncGenerator[ProcessOutputEvent, None]:
+        # A multiplexed group's context notes each event it executes (api/multiplex.py reads its seq).
+        track = getattr(info.context, "track_output", None)
         async for event in info.context.services.output.follow(capsule_id, selector, from_seq):
+            if track is not None:
+                track(event)
             yield to_graphql(event)

@@ -39,11 +39,12 @@ def shareable(kind: type, size: Callable[[Any], int] = lambda _event: 64) -> Non
     SHAREABLE[kind] = size
 
 
-def _frozen(value: Any) -> Hashable:
+def frozen(value: Any) -> Hashable:
+    """A hashable form of a JSON-like value (variables), equal for equal values."""
     if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+        return tuple(sorted((str(k), frozen(v)) for k, v in value.items()))
     if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
+        return tuple(frozen(v) for v in value)
     if isinstance(value, Hashable):
         return (type(value).__name__, value)
     return ("repr", repr(value))
@@ -137,7 +138,7 @@ class SharingExecutor(StrawberryGraphQLCoreExecutionContext):
 
     def _share_key(self, event: object) -> Hashable:
         if self._operation_key is None:
-            self._operation_key = (id(self.operation), _frozen(self.variable_values.coerced))
+            self._operation_key = (id(self.operation), frozen(self.variable_values.coerced))
         # The team is read each time: a connection whose key is revoked runs for nobody.
         return (id(event), self._operation_key, _team_of(self.context_value))
 

@@ -29,6 +29,7 @@ from app.api.auth import authenticate, bearer_key, websocket_refusal
 from app.api.context import Context
 from app.api.graphiql import graphiql_page
 from app.api.limits import LimitedGraphQLWS, LimitedTransportWS, count_operations, limit_error
+from app.api.multiplex import MultiplexedGraphQLWS, MultiplexedTransportWS
 from app.api.negotiation import GRAPHQL_RESPONSE_JSON, request_error_status, wants_graphql_response
 from app.api.revocation import FORBIDDEN, RevocableGraphQLWS, RevocableTransportWS
 from app.api.schema import schema
@@ -82,7 +83,7 @@ class _EveryOperation:
         return await self._schema.stream(**kwargs)
 
 
-class GraphQLWSHandler(StrictGraphQLWS, LimitedGraphQLWS, RevocableGraphQLWS):
+class GraphQLWSHandler(StrictGraphQLWS, LimitedGraphQLWS, RevocableGraphQLWS, MultiplexedGraphQLWS):
     """Legacy graphql-ws: a refused key closes with 4403 and says why, as graphql-transport-ws does."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -104,7 +105,9 @@ class GraphQLWSHandler(StrictGraphQLWS, LimitedGraphQLWS, RevocableGraphQLWS):
         await super().handle_connection_init(message)
 
 
-class GraphQLTransportWSHandler(StrictTransportWS, LimitedTransportWS, RevocableTransportWS):
+class GraphQLTransportWSHandler(
+    StrictTransportWS, LimitedTransportWS, RevocableTransportWS, MultiplexedTransportWS
+):
     """graphql-transport-ws: a refused key closes with 4403 and a reason that says which and where.
 
     Strawberry's own handler closes a rejected connection with the bare reason "Forbidden".

@@ -55,10 +55,14 @@ class _Sent:
 
     def count(self) -> None:
         if self.events:
-            metrics.OUTPUT_EVENTS.inc(self.events)
-            metrics.OUTPUT_BYTES.inc(self.bytes)
+            audience = metrics.OUTPUT_AUDIENCE.get()
+            times = 1 if audience is None else audience()
+            if times <= 0:
+                return
+            metrics.OUTPUT_EVENTS.inc(self.events * times)
+            metrics.OUTPUT_BYTES.inc(self.bytes * times)
             if self.gaps:
-                metrics.OUTPUT_GAPS.inc(self.gaps)
+                metrics.OUTPUT_GAPS.inc(self.gaps * times)
 
 
 SHUTTING_DOWN = "the server is shutting down: subscribe again, with fromSeq the last seq seen plus one"
