@@ -145,8 +145,8 @@ def _payload(result: ExecutionResult) -> str:
 class Group:
     """One operation run once for its members; its results as a log of encoded messages."""
 
-    def __init__(self, key: Hashable, query: str, *, cap: int) -> None:
-        self.key, self.query, self.cap = key, query, cap
+    def __init__(self, key: Hashable, *, cap: int) -> None:
+        self.key, self.cap = key, cap
         self.items: dict[int, _Item] = {}  # by absolute index
         self.first_index = self.end_index = 0
         self.size = 0
@@ -248,12 +248,10 @@ async def follow(
     kind: str,
     send: Send,
     cap: int,
-    adopt: Callable[[str], None] | None = None,
 ) -> object:
     """Serves one subscription from its group's log until the end; DONE, or the variables to go on
     with alone (the original ones where nothing was sent yet). Returns variables at once, unchanged,
-    for an operation that is not multiplexed. adopt gets the group's copy of the document's text, for
-    the caller to keep instead of its own (one copy for all the members)."""
+    for an operation that is not multiplexed."""
     shape = shape_of(query, operation_name)
     team = context.team
     if shape is None or team is None or (variables is not None and not isinstance(variables, dict)):
@@ -261,7 +259,7 @@ async def follow(
     key = (query, operation_name, frozen(variables or {}), team.id)
     group = GROUPS.get(key)
     if group is None or not group.joinable:
-        group = GROUPS[key] = Group(key, query, cap=cap)
+        group = GROUPS[key] = Group(key, cap=cap)
         own = GroupContext(
             request=context.request,
             response=None,
@@ -273,8 +271,6 @@ async def follow(
             group.pump(schema, own, query, variables, operation_name), name=f"multiplex-{team.id}"
         )
     group.members += 1
-    if adopt is not None:
-        adopt(group.query)
     gauge = metrics.WS_SUBSCRIPTIONS.labels(FIELD)
     gauge.inc()
     code: str | None = "none"  # how the operation ended here (None: it goes on alone, which counts it)
@@ -333,7 +329,6 @@ class MultiplexedTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
                 kind="next",
                 send=self._send_text,
                 cap=self.context.platform.settings.fanout_buffer_bytes,
-                adopt=lambda query: setattr(operation, "query", query),
             )
         except Exception as error:  # as strawberry's run_operation: logged, completed, forgotten
             await self.handle_task_exception(error)
