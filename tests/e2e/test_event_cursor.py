@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -13,7 +12,6 @@ from typing import Any
 
 import pytest
 from gql.transport.exceptions import TransportQueryError
-from redis import asyncio as redis
 
 from app.agent.server import AgentHandle
 from app.config import Settings
@@ -23,29 +21,11 @@ from tests.bus.test_broadcast import REDIS_URL
 from tests.e2e.client import HttpClient, subscribe, ws_session
 from tests.e2e.conftest import Server, running_server
 from tests.e2e.test_processes import start, wait_for_status
+from tests.redis_server import PrivateRedis, private_redis
 
 POSTGRES_BUS = "postgres://postgres@127.0.0.1:5432/test"
 DEADLINE_SEC = 30.0
 PROBE = "probe-"
-# How .ci/run starts the machine's Redis; a test that shuts it down starts it again the same way.
-REDIS_SERVER = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "-::1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/var/lib/redis",
-    "--logfile",
-    "/var/log/redis/ci.log",
-]
 on_postgres = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
 
@@ -206,39 +186,19 @@ async def test_events_whose_news_is_lost_come_by_the_poll(settings: Settings, ag
             await api.aclose()
 
 
-async def redis_answers() -> bool:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5)
-    try:
-        return bool(await client.execute_command("PING"))  # type: ignore[no-untyped-call]
-    except (OSError, redis.RedisError):
-        return False
-    finally:
-        await client.aclose()
-
-
-@asynccontextmanager
-async def redis_down() -> AsyncIterator[None]:
-    """Shuts the machine's Redis down for the block, then starts it again (always) and waits until it
-    answers. Other test runs share it: keep the block short."""
-    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], check=False, capture_output=True)
-    try:
-        async with asyncio.timeout(10):
-            while await redis_answers():
-                await asyncio.sleep(0.02)
-        yield
-    finally:
-        subprocess.run(REDIS_SERVER, check=True, capture_output=True)
-        async with asyncio.timeout(30):
-            while not await redis_answers():
-                await asyncio.sleep(0.05)
-
-
 @on_postgres
 async def test_a_redis_restart_loses_no_event(settings: Settings, agent: AgentHandle) -> None:
-    # No poll to speak of: what the outage held back must come once the bus is back.
-    shared = replace(
-        settings, hosts={"h1": f"127.0.0.1:{agent.port}"}, bus_url=REDIS_URL, events_poll_sec=3600.0
-    )
+    # No poll to speak of: what the outage held back must come once the bus is back. The Redis is the
+    # test's own, shut down and started again on its port (the machine's serves other tests).
+    async with private_redis() as bus:
+        await bus.start()
+        shared = replace(
+            settings, hosts={"h1": f"127.0.0.1:{agent.port}"}, bus_url=bus.url, events_poll_sec=3600.0
+        )
+        await _restart_loses_no_event(shared, bus)
+
+
+async def _restart_loses_no_event(shared: Settings, bus: PrivateRedis) -> None:
     async with running_server(shared) as first, running_server(shared) as second, AsyncExitStack() as stack:
         key = await first.new_key("team-a")
         api = HttpClient(first.url, key)
@@ -262,9 +222,12 @@ async def test_a_redis_restart_loses_no_event(settings: Settings, agent: AgentHa
             await run_to_exit(api, capsule_id, "before")
             await leaving.exited(["before"])
 
-        async with redis_down():
+        await bus.stop()
+        try:
             # Started and ended while the bus is down: recorded, announced to nobody.
             await run_to_exit(api, capsule_id, "during")
+        finally:
+            await bus.start()
         await run_to_exit(api, capsule_id, "after")
         tags = ["before", "during", "after"]
         resumed = await stack.enter_async_context(

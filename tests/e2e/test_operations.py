@@ -4,10 +4,7 @@ as the store, the bus and the hosts come and go, and a separate agent's restart 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +19,7 @@ from app.config import Settings
 from tests.e2e.client import HttpClient, subscribe, ws_session
 from tests.e2e.conftest import Server, running_server
 from tests.e2e.test_processes import start, wait_for_status
+from tests.redis_server import private_redis
 from tests.system import free_port
 
 DEADLINE_SEC = 15.0
@@ -248,71 +246,22 @@ async def test_readyz_names_migrations_that_are_not_current(server: Server) -> N
     assert (await readyz(server))[0] == 200
 
 
-@asynccontextmanager
-async def private_redis() -> AsyncIterator[tuple[int, Callable[[], subprocess.Popen[bytes]]]]:
-    """A redis-server of this test's own on a free port (the machine's Redis serves other tests);
-    yields its port and a function that starts it (again)."""
-    port = free_port()
-    directory = tempfile.mkdtemp(prefix="capsule-redis-")
-    running: list[subprocess.Popen[bytes]] = []
-
-    def launch() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                directory,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        running.append(process)
-        return process
-
-    try:
-        yield port, launch
-    finally:
-        for process in running:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-
-async def _redis_up(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
-
-
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_readyz_turns_unready_while_redis_is_down(settings: Settings, database_url: str) -> None:
     """A real redis-server of the test's own, stopped and started again on its port."""
-    async with private_redis() as (port, launch):
-        redis_server = launch()
-        await until(lambda: _redis_up(port), "the private redis-server")
-        async with running_server(replace(settings, bus_url=f"redis://127.0.0.1:{port}/0")) as server:
+    async with private_redis() as bus:
+        await bus.start()
+        async with running_server(replace(settings, bus_url=bus.url)) as server:
             status, body, _ = await readyz(server)
             assert status == 200, body
 
-            redis_server.terminate()
-            redis_server.wait()
+            await bus.stop()
             status, body, took = await until(lambda: _unready(server), "/readyz to turn unready")
             assert status == 503 and body["failed"] == ["bus"], body
             assert body["checks"]["store"] == "ok" and body["checks"]["hosts"] == "ok"
             assert took < 1.0
 
-            launch()
+            bus.launch()
             await until(lambda: _ready(server), "/readyz to be ready again")
 
 
