@@ -85,17 +85,24 @@ class KeyRevocations:
                     # Whatever was revoked while this replica was not listening.
                     await self.check_once()
                     async for message in messages:
-                        self._on_message(message)
+                        if (key_id := self._on_message(message)) is not None:
+                            await self._confirm(key_id)
             except BusUnavailable:
                 logger.warning("key revocations: the bus is unreachable; the periodic check goes on")
             except Exception:
                 logger.exception("key revocations: following the bus failed")
             await asyncio.sleep(self._interval)
 
-    def _on_message(self, message: str) -> None:
+    def _on_message(self, message: str) -> int | None:
         try:
-            key_id = key_revoked_from_json(message)
+            return key_revoked_from_json(message)
         except ValueError as exc:
             logger.warning("key revocations: ignored a malformed message: %s", exc)
-            return
-        self._wake(key_id)
+            return None
+
+    async def _confirm(self, key_id: int) -> None:
+        """Ends the key's connections once the store says it is revoked: the bus only says where to
+        look (a deployment of another store on the same Redis may name the same id)."""
+        self._keys.forget(key_id)
+        if key_id in self._watchers and key_id in await self._keys.revoked_among([key_id]):
+            self._wake(key_id)

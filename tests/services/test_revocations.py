@@ -44,14 +44,18 @@ async def _stop(task: asyncio.Task[None]) -> None:
 async def test_the_bus_wakes_the_key_s_watchers_only(database: Database, bus: Bus) -> None:
     keys = KeyService(database, bus=bus)
     revoked_id, kept_id = await _key_id(keys), await _key_id(keys)
-    # No periodic check within the test, and the store has nothing revoked: only the bus can wake anyone.
+    # No periodic check within the test: only a bus message can wake anyone, and only for a key the
+    # store has as revoked (a message naming a key it does not, as another deployment's would, is no
+    # reason to end a connection).
     revocations = KeyRevocations(keys=keys, bus=bus, interval_sec=3600)
     task = await _running(revocations)
     try:
         with revocations.watch(revoked_id) as revoked, revocations.watch(kept_id) as kept:
+            await KeyService(database).revoke_id(revoked_id)  # in the store, announced to nobody
             async with asyncio.timeout(DEADLINE_SEC):
                 while not revoked.is_set():  # until the job has subscribed and heard one
                     await bus.publish(KEY_REVOKED_CHANNEL, "not json")  # ignored, and the job goes on
+                    await bus.publish(KEY_REVOKED_CHANNEL, key_revoked_to_json(kept_id))
                     await bus.publish(KEY_REVOKED_CHANNEL, key_revoked_to_json(revoked_id))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(revoked.wait(), 0.1)
