@@ -9,14 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from app.agent.cgroups import CgroupHost, RlimitHost, UidGroup, scope_of
-from app.agent.sandbox import UID_BASE, SandboxRuntime
+from app.agent.sandbox import UID_BASE, UID_COUNT, SandboxRuntime
+from app.agent.uids import UidRegistry
 from app.domain import CapsuleSpec
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
@@ -78,7 +80,18 @@ async def test_an_agent_killed_outright_takes_its_sandboxes_with_it(tmp_path: Pa
             agent.wait()
 
 
-async def test_a_sandbox_ends_once_its_lifeline_is_cut(tmp_path: Path) -> None:
+@pytest.fixture
+def host_uid() -> Iterator[int]:
+    """A capsule uid held in the host-wide registry, as an agent would take it: agents of tests that
+    run at the same time never get it."""
+    registry = UidRegistry(UID_BASE, UID_COUNT - 1)
+    try:
+        yield registry.take()
+    finally:
+        registry.close()
+
+
+async def test_a_sandbox_ends_once_its_lifeline_is_cut(tmp_path: Path, host_uid: int) -> None:
     # A sandbox launched in the instant its agent died has no parent left for --die-with-parent to
     # watch: the lifeline alone must end it. Here the launcher's parent (this test) lives on.
     runtime, problem = await SandboxRuntime.probe(agent_settings(tmp_path))
@@ -89,7 +102,7 @@ async def test_a_sandbox_ends_once_its_lifeline_is_cut(tmp_path: Path) -> None:
     sandbox = await runtime.launch(
         capsule_id="cut",
         capsule_dir=tmp_path / "cut",
-        uid=UID_BASE + 7,
+        uid=host_uid,
         spec=CapsuleSpec(),
         publish=events.append,
     )
@@ -116,7 +129,7 @@ def started_from(directory: Path) -> list[int]:
     return found
 
 
-async def test_a_launch_cancelled_at_any_point_leaves_no_process(tmp_path: Path) -> None:
+async def test_a_launch_cancelled_at_any_point_leaves_no_process(tmp_path: Path, host_uid: int) -> None:
     # An agent that stops while a spare starts cancels that launch wherever it is: before the
     # launcher is forked, once it is (bwrap starting), or while the supervisor comes up.
     runtime, problem = await SandboxRuntime.probe(agent_settings(tmp_path))
@@ -128,17 +141,17 @@ async def test_a_launch_cancelled_at_any_point_leaves_no_process(tmp_path: Path)
         "socket bound": lambda directory: (directory / "run" / "agent.sock").exists(),
     }
     for n, (point, reached) in enumerate(points.items()):
-        await _cancel_launch(runtime, tmp_path / f"launch-{n}", reached, point)
+        await _cancel_launch(runtime, tmp_path / f"launch-{n}", host_uid, reached, point)
 
 
 async def _cancel_launch(
-    runtime: SandboxRuntime, directory: Path, reached: Callable[[Path], bool], point: str
+    runtime: SandboxRuntime, directory: Path, uid: int, reached: Callable[[Path], bool], point: str
 ) -> None:
     launch = asyncio.create_task(
         runtime.launch(
             capsule_id=directory.name,
             capsule_dir=directory,
-            uid=UID_BASE + 9,
+            uid=uid,
             spec=CapsuleSpec(),
             publish=lambda event: None,
         )
@@ -149,7 +162,7 @@ async def _cancel_launch(
     if not isinstance(done, BaseException):  # it was up before the cancel reached it
         await done.stop()
     await eventually(lambda: not started_from(directory), what=f"nothing left of a launch cancelled {point}")
-    await eventually(lambda: not uid_processes(UID_BASE + 9), what=f"no process of its uid ({point})")
+    await eventually(lambda: not uid_processes(uid), what=f"no process of its uid ({point})")
 
 
 async def test_spare_sandboxes_are_kept_ready_ahead(make_stub: MakeStub, tmp_path: Path) -> None:
