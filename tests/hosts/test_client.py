@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from dataclasses import replace
 
 import pytest
 
@@ -57,7 +58,8 @@ class TestProcesses:
             domain.ProcessStatus.RUNNING,
         )
         assert started.args == ("-c", "sleep 30") and started.started_at.tzinfo is not None
-        assert await client.get_process(capsule_id, "sleeper") == started
+        again = await client.get_process(capsule_id, "sleeper")  # usage is measured anew at each ask
+        assert replace(again, usage=started.usage) == started
         assert (await client.get_process(capsule_id, str(started.pid))).tag == "sleeper"
         assert [p.tag for p in await client.list_processes(capsule_id)] == ["sleeper"]
         await client.stop_process(capsule_id, "sleeper", grace_sec=1.0)
