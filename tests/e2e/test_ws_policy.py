@@ -109,13 +109,13 @@ async def test_allowed_origins_are_served(settings: Settings) -> None:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_no_connection_init_in_time_closes_4408(settings: Settings, protocol: str) -> None:
-    async with running_server(replace(settings, ws_init_timeout_sec=0.5)) as server:
+    async with running_server(replace(settings, ws_init_timeout_sec=1.0)) as server:
+        key = await server.new_key("team-a")  # before: the second socket initialises at once
         async with socket(server, protocol) as ws:
             code, reason = await close_of(ws)
         assert code == 4408
         assert "timeout" in reason
         # One that initialises in time is served.
-        key = await server.new_key("team-a")
         async with socket(server, protocol) as ws:
             assert (await init(ws, key))["type"] == "connection_ack"
             await operate(ws, protocol, "served", "ProcessEvents", capsuleId="none")
