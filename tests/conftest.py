@@ -21,6 +21,21 @@ from tests import databases
 
 T = TypeVar("T")
 
+TESTS = Path(__file__).resolve().parent
+# Test folders whose agents name their capsules themselves (c1, doomed, ...): a check that a capsule's
+# process is gone looks for that name host-wide, so these files run one after another on one worker.
+# Every other file runs whole on one worker (its module fixtures set up once), beside them.
+FIXED_CAPSULE_IDS = {"agent", "cli", "hosts"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups the tests for pytest-xdist's loadgroup scheduling (see pyproject.toml's addopts)."""
+    for item in items:
+        path = item.path.resolve().relative_to(TESTS)
+        group = "fixed-capsule-ids" if path.parts[0] in FIXED_CAPSULE_IDS else str(path)
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 def _in_thread(work: Callable[[], T]) -> T:
     """Runs blocking work that calls asyncio.run (alembic's env.py does) clear of pytest-asyncio's loop."""
