@@ -53,16 +53,28 @@ class OutputGap:
 
 
 @strawberry.type
+class ProcessRestarted:
+    seq: int
+    pid: int
+    restarts: int
+    exit_code: int | None
+    signal: str | None
+    oom_killed: bool
+
+
+@strawberry.type
 class ProcessExited:
     seq: int
     exit_code: int | None
     signal: str | None
     timed_out: bool
     ended_at: datetime
+    oom_killed: bool = False
 
 
+# The same union as the service's, so that both serve the one ProcessOutput.graphql.
 ProcessOutputEvent = Annotated[
-    OutputChunk | OutputGap | ProcessExited, strawberry.union("ProcessOutputEvent")
+    OutputChunk | OutputGap | ProcessRestarted | ProcessExited, strawberry.union("ProcessOutputEvent")
 ]
 
 

@@ -65,3 +65,12 @@ def test_grpc_stubs_match_the_proto(tmp_path: Path) -> None:
         assert (ROOT / "app" / "pb" / generated.name).read_text() == generated.read_text(), (
             f"app/pb/{generated.name} is stale: regenerate it (see README)"
         )
+
+
+def test_the_bench_peer_serves_the_same_output_document() -> None:
+    # bench/peers.py's bare Strawberry subscription stands beside ours in `python -m bench`: it must
+    # accept the very document clients use, whatever the union has gained.
+    from bench.peers import schema as peer_schema
+
+    errors = validate(peer_schema(1, 1)._schema, parse(document("ProcessOutput")))
+    assert not errors, errors
