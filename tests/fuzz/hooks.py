@@ -10,7 +10,8 @@ the request is sent, for one of a few programs that only print, or for a path th
 so `exec` and `startProcess` run for real with fuzzed args, envs, cwd and stdin. It also points half
 of the `capsuleId` and `selector` arguments at the capsule and processes that run.py prepared
 (FUZZ_CAPSULE_ID, FUZZ_SELECTORS), so that calls reach a running capsule's processes and not only
-NOT_FOUND; which half is fixed by the generated value, so a case replays alike.
+NOT_FOUND; which half is fixed by the generated value, so a case replays alike. A fuzzed
+waitForProcess waits at most MAX_WAIT_SEC, within the client's read timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ PLAIN_REFUSALS = frozenset({413})
 # The capsule and the selectors of its processes that run.py prepared, if any.
 CAPSULE_ID = os.environ.get("FUZZ_CAPSULE_ID", "")
 SELECTORS = tuple(filter(None, os.environ.get("FUZZ_SELECTORS", "").split(",")))
+# The longest a fuzzed waitForProcess may wait, in seconds.
+MAX_WAIT_SEC = 2
 
 
 def _digest(value: str) -> int:
@@ -58,6 +61,13 @@ class _Rewrite(graphql.Visitor):
         return None
 
     def enter_argument(self, node: graphql.ArgumentNode, *_: Any) -> graphql.ArgumentNode | None:
+        if node.name.value == "timeoutSec" and isinstance(node.value, graphql.IntValueNode):
+            # waitForProcess holds its answer for up to timeoutSec (3600 allowed), past the client's
+            # read timeout: fuzzed waits last at most MAX_WAIT_SEC; out-of-range values stay as they are.
+            if 0 < int(node.value.value) <= 3600:
+                value = str(min(int(node.value.value), MAX_WAIT_SEC))
+                return graphql.ArgumentNode(name=node.name, value=graphql.IntValueNode(value=value))
+            return None
         if not isinstance(node.value, graphql.StringValueNode) or _digest(node.value.value) % 2:
             return None
         if node.name.value == "capsuleId" and CAPSULE_ID:
