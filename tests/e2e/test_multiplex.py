@@ -195,7 +195,7 @@ async def test_a_slow_socket_goes_on_alone_with_its_gap_while_a_fast_one_keeps_u
         api = HttpClient(server.url, key)
         try:
             capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
-            size = 24 * MiB  # past the stalled socket's buffers and the output cap
+            size = 96 * MiB  # far past the stalled socket's buffers (the kernel's too) and the output cap
             writer = GATED.format(f"head -c {size} /dev/zero | tr '\\0' x")
             process = await start(api, capsule_id, "sh", "-c", writer, tag="bulk", stdin=True)
             async with (
