@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from app.agent.server import AgentHandle, start_agent
 from app.config import Settings
+from tests.agent.helpers import eventually
 from tests.e2e.client import HttpClient, subscribe, ws_session
 from tests.e2e.conftest import Server, running_server
 from tests.e2e.test_processes import start, wait_for_status
@@ -52,18 +53,8 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 
 async def until(check: Callable[[], Any], what: str, deadline: float = DEADLINE_SEC) -> Any:
-    """Polls an async or plain check until it is truthy."""
-    try:
-        async with asyncio.timeout(deadline):
-            while True:
-                result = check()
-                if asyncio.iscoroutine(result):
-                    result = await result
-                if result:
-                    return result
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"still waiting for {what}")
+    """Polls an async or plain check until it is truthy (tests/agent/helpers.py's eventually)."""
+    return await eventually(check, within=deadline, what=what)
 
 
 async def readyz(server: Server) -> tuple[int, dict[str, Any], float]:
