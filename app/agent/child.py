@@ -13,7 +13,7 @@ import signal
 import struct
 import subprocess
 import termios
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,45 @@ def _spawn_error(cmd: str, exc: OSError) -> InvalidRequest:
     if exc.errno == errno.ENOEXEC:
         return InvalidRequest(f"command {cmd!r} is not an executable (no #! line or wrong format)")
     return InvalidRequest(f"command {cmd!r} cannot be executed: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def _closed_on_failure(cmd: str, fds: list[int], *, terminal: bool = False) -> Iterator[None]:
+    """Closes fds, what was opened for the child so far, when starting cmd fails, and says why it did."""
+    try:
+        yield
+    except (OSError, subprocess.SubprocessError) as exc:
+        for fd in fds:
+            os.close(fd)
+        if isinstance(exc, OSError):
+            raise _spawn_error(cmd, exc) from exc
+        if terminal:  # from the preexec_fn: TIOCSCTTY failed in the child
+            raise InvalidRequest(f"command {cmd!r} cannot get a terminal: {exc}") from exc
+        raise
+
+
+def _popen(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path,
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """argv (no shell) as the leader of a new session, given only stdin, stdout and stderr."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=cwd,
+        env=dict(env),
+        close_fds=True,
+        start_new_session=True,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 - the terminal's alone, see _spawn_on_terminal
+    )
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -120,27 +159,14 @@ class Child:
         if terminal is not None:
             return cls._spawn_on_terminal(argv, env=env, cwd=cwd, sink=sink, size=terminal)
         fds: list[int] = []
-        try:
+        with _closed_on_failure(argv[0], fds):
             out_r, out_w = _pipe(grow=True)
             fds += [out_r, out_w]
             err_r, err_w = _pipe(grow=True)
             fds += [err_r, err_w]
             in_r, in_w = _pipe(grow=False) if stdin else (subprocess.DEVNULL, -1)
             fds += [fd for fd in (in_r, in_w) if fd >= 0]
-            popen = subprocess.Popen(
-                list(argv),
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=cwd,
-                env=dict(env),
-                close_fds=True,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            raise _spawn_error(argv[0], exc) from exc
+            popen = _popen(argv, env=env, cwd=cwd, stdin=in_r, stdout=out_w, stderr=err_w)
         for fd in (out_w, err_w, in_r):
             if fd >= 0:
                 os.close(fd)
@@ -158,30 +184,20 @@ class Child:
         slave of a new pty; the master carries its output (one stream, STDOUT) and its typed input."""
         master, slave = os.openpty()  # both close-on-exec: the child gets the slave as 0, 1 and 2 only
         fds = [master, slave]
-        try:
+        with _closed_on_failure(argv[0], fds, terminal=True):
             _set_size(master, size)
             fds.append(writer := os.dup(master))
-            popen = subprocess.Popen(
-                list(argv),
+            popen = _popen(
+                argv,
+                env=env,
+                cwd=cwd,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
-                cwd=cwd,
-                env=dict(env),
-                close_fds=True,
-                start_new_session=True,
                 # Python has no other way to TIOCSCTTY between setsid and exec. What runs in the
                 # forked child is one ioctl: it takes no lock another thread of the agent could hold.
-                preexec_fn=_take_terminal,  # noqa: PLW1509
+                preexec_fn=_take_terminal,
             )
-        except subprocess.SubprocessError as exc:  # TIOCSCTTY failed in the child
-            for fd in fds:
-                os.close(fd)
-            raise InvalidRequest(f"command {argv[0]!r} cannot get a terminal: {exc}") from exc
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            raise _spawn_error(argv[0], exc) from exc
         # Only the child holds the slave now: once every process on it has closed it, reading the
         # master fails with EIO, the terminal's end of output.
         os.close(slave)
