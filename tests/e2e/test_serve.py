@@ -1,9 +1,11 @@
-"""`capsule serve` run as the README says: embedded default, the key it writes, a clean Ctrl-C."""
+"""`capsule serve` run as the README says: embedded default, the key it writes, a clean Ctrl-C, and
+the README's curl and follow.py examples as written."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ from tests.e2e.client import HttpClient
 from tests.system import capsule_alive, command_env, free_port
 
 CAPSULE = Path(sys.executable).parent / "capsule"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 
 
 def _environment() -> dict[str, str]:
@@ -135,5 +139,62 @@ async def test_a_second_start_on_the_same_data_leaves_the_first_alone(tmp_path: 
             await api.aclose()
         assert await _stop(server) == 0
         assert not capsule_alive(capsule_id, pid)
+    finally:
+        _kill(server)
+
+
+def _readme_blocks(section: str) -> dict[str, list[str]]:
+    """The fenced blocks of one README section (from its heading to the next), by language."""
+    text = README.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    blocks: dict[str, list[str]] = {}
+    for match in re.finditer(r"^```(\w+)\n(.*?)^```$", text[start:end], re.S | re.M):
+        blocks.setdefault(match[1], []).append(match[2])
+    return blocks
+
+
+async def test_the_readmes_follow_example_runs_as_written(tmp_path: Path) -> None:
+    curl = _readme_blocks("Try it with curl")["sh"][0]
+    follow = _readme_blocks("Follow output from Python")
+    install, run = follow["sh"]
+    # Its own steps install what follow.py imports: the server's install alone has no gql.
+    assert "pip install" in install and "'gql[websockets]'" in install, install
+    assert run.strip() == ".venv/bin/python follow.py", run
+    (script,) = follow["python"]
+    assert "from gql.transport.websockets import" in script
+    __import__("gql.transport.websockets")  # what the install step gave this environment (the dev extra)
+
+    port = free_port()
+    (tmp_path / "graphql").symlink_to(ROOT / "graphql")  # as in the repository, where it is saved
+    (tmp_path / "follow.py").write_text(script.replace("localhost:8000", f"localhost:{port}"))
+    server, _ = await _start_serve(tmp_path, port)
+    try:
+        made = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-euo", "pipefail", "-c", curl.replace("localhost:8000", f"localhost:{port}")],
+            cwd=tmp_path,
+            env=_environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+        assert '"exitCode":0' in made.stdout and '"tag":"ticker"' in made.stdout, made.stdout
+        followed = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "follow.py"],
+            cwd=tmp_path,
+            env=_environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert followed.returncode == 0, followed.stderr
+        # Replayed output may arrive merged (several ticks in one chunk); the exit comes last, once.
+        for tick in ("tick 1\n", "tick 2\n", "tick 3\n"):
+            assert followed.stdout.count(tick) == 1, followed.stdout
+        assert followed.stdout.splitlines()[-1] == "exited: 0 None", followed.stdout
+        assert await _stop(server) == 0
     finally:
         _kill(server)
