@@ -189,7 +189,7 @@ class ProcessRecords:
             exit_code=record.exit_code,
             signal=record.signal,
             timed_out=record.timed_out,
-            oom_killed=getattr(info, "oom_killed", False),
+            oom_killed=info.oom_killed,
         )
         metrics.PROCESSES_EXITED.labels(outcome).inc()
         logger.info(
