@@ -6,77 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import replace
-from typing import Any
-
-import websockets
+from contextlib import AsyncExitStack
 
 from app.api import multiplex
 from app.config import Settings
-from tests.e2e.client import HttpClient, document
-from tests.e2e.conftest import Server, running_server
+from tests.e2e.client import HttpClient
+from tests.e2e.conftest import Server
+from tests.e2e.output_sockets import GATED, MiB, all_output, bulk_output, subscribed
 from tests.e2e.test_processes import start
-from tests.e2e.test_shared_output import GATED, total_bytes
-
-OUTPUT = document("ProcessOutput")
-MiB = 1024 * 1024
-KIND = {"graphql-transport-ws": ("subscribe", "next", "complete"), "graphql-ws": ("start", "data", "stop")}
-
-
-class Socket:
-    """One WebSocket with one processOutput subscription, over either protocol; keeps each text."""
-
-    def __init__(self, socket: Any, protocol: str, operation_id: str) -> None:
-        self.socket, self.protocol, self.id = socket, protocol, operation_id
-        self.texts: list[str] = []
-
-    async def message(self) -> dict[str, Any]:
-        while True:
-            text = await self.socket.recv()
-            message = json.loads(text)
-            if message["type"] != "ka":
-                self.texts.append(text)
-                return dict(message)
-
-    async def next_event(self) -> dict[str, Any]:
-        message = await self.message()
-        assert message["type"] == KIND[self.protocol][1], message
-        assert message["id"] == self.id
-        return dict(message["payload"]["data"]["processOutput"])
-
-    async def until_exited(self) -> list[dict[str, Any]]:
-        events = [await self.next_event()]
-        while events[-1]["__typename"] != "ProcessExited":
-            events.append(await self.next_event())
-        return events
-
-    async def unsubscribe(self) -> None:
-        await self.socket.send(json.dumps({"id": self.id, "type": KIND[self.protocol][2]}))
-
-
-@asynccontextmanager
-async def subscribed(
-    server: Server,
-    key: str,
-    capsule_id: str,
-    selector: str,
-    *,
-    from_seq: int = 0,
-    protocol: str = "graphql-transport-ws",
-    operation_id: str = "1",
-    **connect: Any,
-) -> AsyncIterator[Socket]:
-    async with websockets.connect(server.ws_url, subprotocols=[protocol], **connect) as socket:  # type: ignore[list-item]
-        await socket.send(
-            json.dumps({"type": "connection_init", "payload": {"Authorization": f"Bearer {key}"}})
-        )
-        assert json.loads(await socket.recv())["type"] == "connection_ack"
-        variables = {"capsuleId": capsule_id, "selector": selector, "fromSeq": from_seq}
-        payload = {"query": OUTPUT, "variables": variables}
-        await socket.send(json.dumps({"id": operation_id, "type": KIND[protocol][0], "payload": payload}))
-        yield Socket(socket, protocol, operation_id)
 
 
 def groups_of(capsule_id: str) -> list[multiplex.Group]:
@@ -190,36 +127,17 @@ async def test_a_slow_socket_goes_on_alone_with_its_gap_while_a_fast_one_keeps_u
     settings: Settings,
 ) -> None:
     # A small log, so that the stalled socket falls behind its group (and the agent's log too).
-    async with running_server(replace(settings, fanout_buffer_bytes=256 * 1024)) as server:
-        key = await server.new_key("team-a")
-        api = HttpClient(server.url, key)
-        try:
-            capsule_id = (await api.run("CreateCapsule")).ok()["createCapsule"]["id"]
-            size = 96 * MiB  # far past the stalled socket's buffers (the kernel's too) and the output cap
-            writer = GATED.format(f"head -c {size} /dev/zero | tr '\\0' x")
-            process = await start(api, capsule_id, "sh", "-c", writer, tag="bulk", stdin=True)
-            async with (
-                subscribed(server, key, capsule_id, "bulk", max_queue=1, max_size=None) as stalled,
-                subscribed(server, key, capsule_id, "bulk", max_size=None) as reader,
-                asyncio.timeout(90),
-            ):
-                assert (await stalled.next_event())["data"] == "ready\n"
-                assert (await reader.next_event())["data"] == "ready\n"
-                [group] = groups_of(capsule_id)
-                assert group.members == 2
-                (await api.run("CloseInput", capsuleId=capsule_id, selector=process["tag"])).ok()
-                # The reader gets to the exit while the stalled one has read nothing since "ready".
-                read = await reader.until_exited()
-                assert read[-1]["exitCode"] == 0
-                assert total_bytes(read) == size
-                rest = await stalled.until_exited()
-                assert rest[-1]["exitCode"] == 0
-                assert total_bytes(rest) == size
-                gaps = [e for e in rest if e["__typename"] == "OutputGap"]
-                assert gaps and gaps[0]["lostBytes"] > 0
-                # No duplicate: seqs rise (a merged chunk has its last part's); a gap's seq is the first
-                # event it kept, which the next event holds.
-                for before, after in itertools.pairwise(rest):
-                    assert after["seq"] >= before["seq"] + (before["__typename"] != "OutputGap")
-        finally:
-            await api.aclose()
+    size = 96 * MiB  # far past the stalled socket's buffers (the kernel's too) and the output cap
+    async with bulk_output(settings, size) as bulk:
+        [group] = groups_of(bulk.capsule_id)
+        assert group.members == 2
+        await bulk.release()
+        # The reader gets to the exit while the stalled one has read nothing since "ready".
+        await all_output(bulk.reader, size)
+        rest = await all_output(bulk.stalled, size)
+        gaps = [e for e in rest if e["__typename"] == "OutputGap"]
+        assert gaps and gaps[0]["lostBytes"] > 0
+        # No duplicate: seqs rise (a merged chunk has its last part's); a gap's seq is the first
+        # event it kept, which the next event holds.
+        for before, after in itertools.pairwise(rest):
+            assert after["seq"] >= before["seq"] + (before["__typename"] != "OutputGap")
