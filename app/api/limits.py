@@ -30,6 +30,17 @@ INIT_TIMEOUT = 4408
 INIT_TIMEOUT_REASON = "Connection initialisation timeout"
 
 
+async def refuse_connection_init(
+    handler: BaseGraphQLTransportWSHandler[Context, None], *, code: int, reason: str
+) -> None:
+    """Refuses a graphql-transport-ws connection_init, closing with code and reason: first, as
+    strawberry's own init does, the init counts as received and its timeout stops."""
+    handler.connection_init_received = True
+    if handler.connection_init_timeout_task:
+        handler.connection_init_timeout_task.cancel()
+    await handler.websocket.close(code=code, reason=reason)
+
+
 def limit_error(error: RateLimited) -> GraphQLError:
     """The GraphQL error of a refusal: its message, RATE_LIMITED and retryAfterSec where known."""
     return GraphQLError(str(error), extensions=error.extensions)
@@ -83,10 +94,7 @@ class LimitedTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
         if self._connection is None and not self.connection_init_received:
             self._connection, refusal = await _take_connection(self.context)
             if refusal is not None:
-                self.connection_init_received = True
-                if self.connection_init_timeout_task:
-                    self.connection_init_timeout_task.cancel()
-                await self.websocket.close(code=TRY_AGAIN_LATER, reason=refusal)
+                await refuse_connection_init(self, code=TRY_AGAIN_LATER, reason=refusal)
                 return
         await super().handle_connection_init(message)
 

@@ -28,7 +28,13 @@ from app.api import observe
 from app.api.auth import authenticate, bearer_key, websocket_refusal
 from app.api.context import Context
 from app.api.graphiql import graphiql_page
-from app.api.limits import LimitedGraphQLWS, LimitedTransportWS, count_operations, limit_error
+from app.api.limits import (
+    LimitedGraphQLWS,
+    LimitedTransportWS,
+    count_operations,
+    limit_error,
+    refuse_connection_init,
+)
 from app.api.multiplex import MultiplexedGraphQLWS, MultiplexedTransportWS
 from app.api.negotiation import GRAPHQL_RESPONSE_JSON, request_error_status, wants_graphql_response
 from app.api.revocation import FORBIDDEN, RevocableGraphQLWS, RevocableTransportWS
@@ -123,10 +129,7 @@ class GraphQLTransportWSHandler(
             self.context.connection_params = payload
             refusal = await websocket_refusal(self.context)
             if refusal is not None:
-                self.connection_init_received = True
-                if self.connection_init_timeout_task:
-                    self.connection_init_timeout_task.cancel()
-                await self.websocket.close(code=FORBIDDEN, reason=refusal)
+                await refuse_connection_init(self, code=FORBIDDEN, reason=refusal)
                 return
         await super().handle_connection_init(message)
 
