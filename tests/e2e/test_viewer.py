@@ -20,6 +20,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Locator, Page, WebSocketRoute, async_playwright, expect
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
 from app.config import Settings
 from tests.e2e.browser import WAIT_MS, launch
@@ -543,11 +544,34 @@ async def until_terminal_line(page: Page, text: str, count: int = 1) -> None:
         "([text, count]) => "
         "window.capsuleTerminal?.text().filter((l) => l.trimEnd() === text).length >= count"
     )
-    await page.wait_for_function(script, arg=[text, count], timeout=WAIT_MS)
+    try:
+        await page.wait_for_function(script, arg=[text, count], timeout=WAIT_MS)
+    except PlaywrightTimeoutError:
+        raise AssertionError(
+            f"no {count} line(s) {text!r} in the terminal: {await terminal_lines(page)}"
+        ) from None
 
 
-async def terminal_size(page: Page) -> str:
-    """The terminal's size as stty size prints it, once resizeTerminal has been given it."""
+async def until_prompt(page: Page) -> None:
+    """Waits until the shell's prompt ($ or #, nothing typed after it) is the terminal's last line."""
+    script = (
+        "() => { const lines = window.capsuleTerminal.text().map((l) => l.trimEnd()).filter((l) => l);"
+        " return ['$', '#'].includes(lines[lines.length - 1]); }"
+    )
+    try:
+        await page.wait_for_function(script, timeout=WAIT_MS)
+    except PlaywrightTimeoutError:
+        raise AssertionError(f"no prompt in the terminal: {await terminal_lines(page)}") from None
+
+
+async def terminal_size(page: Page, other_than: str | None = None) -> str:
+    """The terminal's size as stty size prints it, once resizeTerminal has been given it (and, with
+    `other_than`, once the terminal has left that size: the fit follows the window a frame later)."""
+    if other_than is not None:
+        script = (
+            "(old) => { const t = window.capsuleTerminal.terminal; return `${t.rows} ${t.cols}` !== old; }"
+        )
+        await page.wait_for_function(script, arg=other_than, timeout=WAIT_MS)
     await expect(page.get_by_test_id("terminal-size")).not_to_be_empty(timeout=WAIT_MS)
     rows, cols = await page.evaluate(
         "[window.capsuleTerminal.terminal.rows, window.capsuleTerminal.terminal.cols]"
@@ -583,7 +607,7 @@ async def test_a_terminal_process_in_xterm_takes_keys_and_the_window_size(
     await until_terminal_line(page, size)
 
     await page.set_viewport_size({"width": 900, "height": 500})  # the terminal follows the window
-    smaller = await terminal_size(page)
+    smaller = await terminal_size(page, other_than=size)
     assert smaller != size
     await page.keyboard.type("stty size\n")
     await until_terminal_line(page, smaller)
@@ -592,6 +616,7 @@ async def test_a_terminal_process_in_xterm_takes_keys_and_the_window_size(
     await page.keyboard.type("sh -c 'echo sleeping; exec sleep 300'\n")
     await until_terminal_line(page, "sleeping")
     await page.keyboard.press("Control+C")  # ^C: SIGINT of the foreground job, the shell prompts again
+    await until_prompt(page)  # as a person waits for it before typing on
     await page.keyboard.type("echo after-interrupt\n")
     await until_terminal_line(page, "after-interrupt")
     await viewer.shot("terminal")
