@@ -47,6 +47,11 @@ SANDBOX_CGROUPS = Path("/sys/fs/cgroup")
 SAMPLE_SEC = 1.0
 # A /proc scan serves the usage of every process asked about within this long after it (a list of many).
 SCAN_TTL_SEC = 0.005
+# A run younger than this that the last scan predates is read from its leader's stat alone: what it
+# forked in that instant is counted from the next scan on (the sampler's, a second later at most).
+# Every start answers with its usage, and a scan of all of /proc per start would cost more than the
+# spawn, growing with the host's processes.
+YOUNG_SEC = 0.05
 # How long an exit's final reading waits for the rest of its cgroup (killed with the leader) to go.
 SETTLE_SEC = 1.0
 SETTLE_ROUNDS = 100
@@ -84,26 +89,30 @@ class _Stat:
     rss_pages: int
 
 
+def _stat(path: str) -> _Stat | None:
+    """The fields this needs of one /proc/PID/stat; None once the process is gone."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError:  # ended while we looked
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    # After the command: state, ppid, pgrp, ... utime (11), stime, cutime, cstime, ... rss (21).
+    return _Stat(
+        pgrp=int(fields[2]),
+        alive=fields[0] not in (b"Z", b"X"),
+        cpu_ticks=sum(int(f) for f in fields[11:15]),
+        rss_pages=int(fields[21]),
+    )
+
+
 def _scan(proc: Path = Path("/proc")) -> dict[int, _Stat]:
     """Every process's /proc/PID/stat fields this needs, by pid."""
     found: dict[int, _Stat] = {}
     with os.scandir(proc) as entries:
         for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"{entry.path}/stat", "rb") as file:
-                    raw = file.read()
-            except OSError:  # ended while we looked
-                continue
-            fields = raw[raw.rfind(b")") + 2 :].split()
-            # After the command: state, ppid, pgrp, ... utime (11), stime, cutime, cstime, ... rss (21).
-            found[int(entry.name)] = _Stat(
-                pgrp=int(fields[2]),
-                alive=fields[0] not in (b"Z", b"X"),
-                cpu_ticks=sum(int(f) for f in fields[11:15]),
-                rss_pages=int(fields[21]),
-            )
+            if entry.name.isdigit() and (stat := _stat(f"{entry.path}/stat")) is not None:
+                found[int(entry.name)] = stat
     return found
 
 
@@ -153,9 +162,13 @@ class ProcMeters:
         if self._live:
             self._sampler = asyncio.get_running_loop().call_later(SAMPLE_SEC, self._sample)
 
-    def table(self, newer_than: float) -> dict[int, _Stat]:
-        """/proc as read after newer_than (monotonic), and at most SCAN_TTL_SEC ago."""
+    def table(self, newer_than: float, leader: int) -> dict[int, _Stat]:
+        """/proc as read after newer_than (monotonic), and at most SCAN_TTL_SEC ago; for a run born
+        YOUNG_SEC ago or less that the last scan predates, its leader's entry alone."""
         now = time.monotonic()
+        if self._scanned_at <= newer_than and now - newer_than <= YOUNG_SEC:
+            stat = _stat(f"{self._proc}/{leader}/stat")
+            return {} if stat is None else {leader: stat}
         if self._scanned_at <= newer_than or now - self._scanned_at > SCAN_TTL_SEC:
             self._table = _scan(self._proc)
             self._scanned_at = time.monotonic()
@@ -180,7 +193,7 @@ class ProcMeter:
     def usage(self) -> ResourceUsage | None:
         """Reads /proc (or the scan of a moment ago)."""
         try:
-            table = self._meters.table(self._born)
+            table = self._meters.table(self._born, self._pgid)
         except OSError:
             return None
         members = [(pid, stat) for pid, stat in table.items() if stat.pgrp == self._pgid]

@@ -9,6 +9,8 @@ sandbox runtime on a host with cgroups (this one: v1) and skip elsewhere, saying
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 import sys
 import tempfile
@@ -18,10 +20,11 @@ from typing import Any
 import pytest
 
 from app import domain, wire
+from app.agent import meter
 from app.agent.cgroups import CgroupHost, scope_of
 from app.pb import agent_pb2 as pb
 from tests.agent.conftest import MakeStub
-from tests.agent.helpers import exec_sh, read_output, ref, wait_exited, wait_output
+from tests.agent.helpers import eventually, exec_sh, read_output, ref, wait_exited, wait_output
 from tests.system import sandboxed
 
 MIB = 1024 * 1024
@@ -159,3 +162,39 @@ async def test_the_peak_of_a_small_process_is_its_own_not_the_supervisors(stub: 
     started = await start_python(stub, capsule, "import time; time.sleep(0.3)")
     ended = await wait_exited(stub, capsule, started.tag)
     assert ended.usage is not None and 0 < ended.usage.memory_peak_bytes < 20 * MIB, ended.usage
+
+
+class TestProcMeters:
+    """The /proc meter's own rules, on real processes."""
+
+    async def test_a_run_just_started_is_read_from_its_leader_alone_and_later_from_a_scan(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        scans: list[int] = []
+        real_scan = meter._scan
+
+        def counted(proc: Path = Path("/proc")) -> dict[int, Any]:
+            scans.append(1)
+            return real_scan(proc)
+
+        monkeypatch.setattr(meter, "_scan", counted)
+        meters = meter.ProcMeters()
+        child = await asyncio.create_subprocess_exec(
+            "sh", "-c", "sleep 30 & sleep 30", start_new_session=True
+        )
+        try:
+            run = meter.ProcMeter(meters, child.pid)
+            young = run.usage()
+            # Every start answers with its usage: no scan of all of /proc for it.
+            assert scans == [] and young is not None
+            assert young.processes == 1 and young.memory_bytes > 0
+
+            async def both_counted() -> bool:
+                usage = run.usage()
+                return usage is not None and usage.processes == 3  # sh and its two sleeps
+
+            await eventually(both_counted, within=10, what="the scan to count the run's whole group")
+            assert scans, "a run older than YOUNG_SEC is read from a scan of /proc"
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            await child.wait()
