@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -31,6 +32,32 @@ logger = logging.getLogger(__name__)
 MAX_CAPSULE_TIMEOUT_SEC = 7 * 24 * 3600
 
 
+class CapsuleActivity:
+    """When this replica last began to mark each capsule active."""
+
+    # Marks older than this are forgotten once there are more than MAX_MARKS.
+    FORGET_SEC = 60.0
+    MAX_MARKS = 10_000
+
+    def __init__(self) -> None:
+        self._marked: dict[str, float] = {}
+
+    def claim(self, capsule_id: str, every: float) -> bool:
+        """True (the capsule's turn taken) when this replica marked it `every` seconds ago or more."""
+        now = time.monotonic()
+        last = self._marked.get(capsule_id)
+        if last is not None and now - last < every:
+            return False
+        if len(self._marked) >= self.MAX_MARKS:
+            self._marked = {key: at for key, at in self._marked.items() if now - at < self.FORGET_SEC}
+        self._marked[capsule_id] = now
+        return True
+
+    def release(self, capsule_id: str) -> None:
+        """The mark claimed was not written: the next call tries again."""
+        self._marked.pop(capsule_id, None)
+
+
 class CapsuleService:
     """Capsule use cases for one team; built per request."""
 
@@ -41,11 +68,13 @@ class CapsuleService:
         pool: HostPool,
         hosts: HostService,
         lifecycle: CapsuleLifecycle,
+        activity: CapsuleActivity,
         team: Team,
         max_capsules: int,
         default_limits: CapsuleLimits,
     ) -> None:
         self._db, self._pool, self._hosts, self._lifecycle, self._team = db, pool, hosts, lifecycle, team
+        self._activity = activity
         self._max_capsules = max_capsules
         self._default_limits = default_limits
 
@@ -73,9 +102,16 @@ class CapsuleService:
         if capsule.status is not CapsuleStatus.RUNNING:
             raise InvalidState(f"capsule {capsule_id} is {capsule.status.value}, not RUNNING")
         now = utcnow()
-        # One write per busy stretch, not per call: a tenth of the idle timeout, a second at most.
-        if (now - capsule.last_active_at).total_seconds() >= min(1.0, capsule.timeout_sec / 10):
-            await self._touch(capsule_id, now)
+        # One write per busy stretch, not per call: a tenth of the idle timeout, a second at most; and
+        # of the calls that arrive together (all of them read the same lastActiveAt), one writes.
+        every = min(1.0, capsule.timeout_sec / 10)
+        idle_for = (now - capsule.last_active_at).total_seconds()
+        if idle_for >= every and self._activity.claim(capsule_id, every):
+            try:
+                await self._touch(capsule_id, now)
+            except BaseException:
+                self._activity.release(capsule_id)
+                raise
         return capsule
 
     async def _touch(self, capsule_id: str, now: datetime) -> None:

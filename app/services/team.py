@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.bus.broadcast import Bus
 from app.config import Settings
 from app.domain import Team
 from app.hosts.pool import HostPool
-from app.services.capsules import CapsuleService
+from app.services.capsules import CapsuleActivity, CapsuleService
 from app.services.exec import ExecService
 from app.services.fanout import OutputFanout
 from app.services.feeds import EventFeeds
@@ -39,6 +39,7 @@ class Platform:
     fanout: OutputFanout
     feeds: EventFeeds
     limits: TeamLimits
+    activity: CapsuleActivity = field(default_factory=CapsuleActivity)
 
     def for_team(self, team: Team) -> TeamServices:
         """The use cases, acting for one team."""
@@ -47,6 +48,7 @@ class Platform:
             pool=self.pool,
             hosts=self.hosts,
             lifecycle=self.lifecycle,
+            activity=self.activity,
             team=team,
             max_capsules=self.settings.max_capsules_per_team,
             default_limits=self.settings.capsule_limits,

@@ -64,6 +64,13 @@ class TeamScoped(Generic[M]):
         return added
 
 
+# Built once: every request looks its capsule up, and building the statement cost more than running it.
+_CAPSULE_OF_TEAM = select(models.Capsule).where(
+    col(models.Capsule.team_id) == sa.bindparam("team_id"),
+    col(models.Capsule.id) == sa.bindparam("capsule_id"),
+)
+
+
 class CapsuleRepository(TeamScoped[models.Capsule]):
     """One team's capsules."""
 
@@ -71,8 +78,8 @@ class CapsuleRepository(TeamScoped[models.Capsule]):
 
     async def get(self, capsule_id: str) -> models.Capsule | None:
         """The team's capsule, or None (another team's capsule is None too)."""
-        statement = self._select().where(col(models.Capsule.id) == capsule_id)
-        return (await self._session.exec(statement)).one_or_none()
+        params = {"team_id": self._team_id, "capsule_id": capsule_id}
+        return (await self._session.exec(_CAPSULE_OF_TEAM, params=params)).one_or_none()
 
     async def list(self) -> Sequence[models.Capsule]:
         """The team's capsules, newest first."""

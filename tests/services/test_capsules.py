@@ -9,6 +9,7 @@ import signal
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from app.domain import (
     CapsuleLimits,
@@ -224,6 +225,29 @@ class TestRequireRunning:
         # Within one busy stretch, no second write.
         await teams.ours.capsules.require_running(capsule.id)
         assert (await teams.stored(capsule.id)).last_active_at == touched
+
+    async def test_calls_arriving_together_mark_it_active_with_one_write(self, teams: Teams) -> None:
+        capsule = await teams.capsule()
+        await age(teams, capsule.id, by=timedelta(minutes=1))
+        before = utcnow()
+        updates: list[str] = []
+
+        def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if statement.lstrip().upper().startswith("UPDATE CAPSULE"):
+                updates.append(statement)
+
+        engine = teams.state.platform.db.engine.sync_engine
+        sa.event.listen(engine, "before_cursor_execute", seen)
+        try:
+            # All of them read the same old lastActiveAt; one of them writes the new one.
+            found = await asyncio.gather(
+                *(teams.ours.capsules.require_running(capsule.id) for _ in range(20))
+            )
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", seen)
+        assert {c.id for c in found} == {capsule.id}
+        assert len(updates) == 1, updates
+        assert (await teams.stored(capsule.id)).last_active_at >= before
 
 
 class TestInUse:
