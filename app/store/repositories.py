@@ -141,7 +141,7 @@ class ProcessRecordRepository(TeamScoped[models.ProcessRecord]):
 
     async def record_exit(self, exit: ProcessExitRecord) -> models.ProcessRecord | None:
         """Marks the team's RUNNING record EXITED; the record for the caller that changed it, else None."""
-        return await _mark_exited(self._session, exit, col(models.ProcessRecord.team_id) == self._team_id)
+        return await _mark_exited(self._session, exit, self._team_id)
 
     async def running(self, capsule_id: str) -> Sequence[models.ProcessRecord]:
         """The capsule's RUNNING records, oldest first."""
@@ -449,43 +449,65 @@ async def _advance_run(session: AsyncSession, run: ProcessRunRecord) -> models.P
     return changed
 
 
+_EXIT_FIELDS = (
+    "pid",
+    "restarts",
+    "ready",
+    "ready_at",
+    "exit_code",
+    "signal",
+    "timed_out",
+    "oom_killed",
+    "cpu_sec",
+    "memory_bytes",
+    "memory_peak_bytes",
+    "processes_alive",
+    "ended_at",
+)
+
+
+def _exit_statement(*, team_scoped: bool) -> Any:
+    """The conditional UPDATE of _mark_exited, built once per scope: every exit runs it, and building
+    it cost more than running it. Its parameters are the exit's fields, prefixed with x_."""
+    record = models.ProcessRecord
+    scope = [col(record.team_id) == sa.bindparam("x_team_id")] if team_scoped else []
+    return (
+        update(record)
+        .where(
+            *scope,
+            col(record.capsule_id) == sa.bindparam("x_capsule_id"),
+            sa.or_(
+                col(record.pid) == sa.bindparam("x_pid"), col(record.restarts) < sa.bindparam("x_restarts")
+            ),
+            col(record.tag) == sa.bindparam("x_tag"),
+            col(record.status) == ProcessStatus.RUNNING,
+        )
+        .values(status=ProcessStatus.EXITED, **{name: sa.bindparam(f"x_{name}") for name in _EXIT_FIELDS})
+        .returning(record)
+    )
+
+
+_EXIT_OF_TEAM = _exit_statement(team_scoped=True)
+_EXIT_OF_ANY_TEAM = _exit_statement(team_scoped=False)
+
+
 async def _mark_exited(
-    session: AsyncSession, exit: ProcessExitRecord, *scope: sa.ColumnElement[bool]
+    session: AsyncSession, exit: ProcessExitRecord, team_id: int | None = None
 ) -> models.ProcessRecord | None:
-    """Marks the RUNNING record EXITED; the record for the one caller that changed it, else None.
+    """Marks the RUNNING record EXITED (of the team, when given); the record for the one caller that
+    changed it, else None.
 
     A conditional UPDATE, so when several replicas see the same exit only one of them wins:
     PostgreSQL re-checks the WHERE after the first writer commits, SQLite has one writer at a time.
     """
-    record = models.ProcessRecord
-    statement = (
-        update(record)
-        .where(
-            *scope,
-            col(record.capsule_id) == exit.capsule_id,
-            sa.or_(col(record.pid) == exit.pid, col(record.restarts) < exit.restarts),
-            col(record.tag) == exit.tag,
-            col(record.status) == ProcessStatus.RUNNING,
-        )
-        .values(
-            pid=exit.pid,
-            restarts=exit.restarts,
-            ready=exit.ready,
-            ready_at=exit.ready_at,
-            status=ProcessStatus.EXITED,
-            exit_code=exit.exit_code,
-            signal=exit.signal,
-            timed_out=exit.timed_out,
-            oom_killed=exit.oom_killed,
-            cpu_sec=exit.cpu_sec,
-            memory_bytes=exit.memory_bytes,
-            memory_peak_bytes=exit.memory_peak_bytes,
-            processes_alive=exit.processes_alive,
-            ended_at=exit.ended_at,
-        )
-        .returning(record)
-    )
-    result = await session.exec(statement, execution_options={"populate_existing": True})
+    params: dict[str, Any] = {
+        f"x_{name}": getattr(exit, name) for name in (*_EXIT_FIELDS, "capsule_id", "tag")
+    }
+    statement = _EXIT_OF_ANY_TEAM
+    if team_id is not None:
+        params["x_team_id"] = team_id
+        statement = _EXIT_OF_TEAM
+    result = await session.exec(statement, params=params, execution_options={"populate_existing": True})
     # A tag is unique among a capsule's running processes, so at most one row matches.
     changed: models.ProcessRecord | None = result.scalars().first()
     return changed
