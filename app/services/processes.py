@@ -71,8 +71,7 @@ class ProcessService:
         info = await self._pool.client(capsule.host_id).start_process(
             capsule_id, spec, max_running=self._max_processes
         )
-        logger.info("capsule %s started process %s (%s)", capsule_id, info.pid, info.tag)
-        await self._records.record_start(self._team_id, info)
+        await self._records.record_start(self._team_id, info)  # which logs the start, once
         return info
 
     async def list(self, capsule_id: str, status: ProcessStatus | None = None) -> list[ProcessInfo]:
