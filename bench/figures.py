@@ -659,10 +659,11 @@ async def unwatched(ctx: Context) -> list[Figure]:
     cap = 16 * MiB  # CAPSULE_OUTPUT_CAP_BYTES's default
     limit = 2 * cap + 50 * MB
     with tempfile.TemporaryDirectory(prefix="capsule-bench-unwatched-") as tmp:
-        # No spare sandboxes: the agent's tree is then the agent and this capsule's supervisor alone.
-        env = {"CAPSULE_SANDBOX_SPARES": "0"}
-        with agent_process(ctx.runtime, Path(tmp)) as (agent, address):
-            async with serving(ctx.runtime, env=env | {"CAPSULE_HOSTS": f"bench={address}"}) as serve:
+        # No spare sandboxes (the agent makes them): its tree is then the agent and this capsule's
+        # supervisor alone.
+        spares = {"CAPSULE_SANDBOX_SPARES": "0"}
+        with agent_process(ctx.runtime, Path(tmp), env=spares) as (agent, address):
+            async with serving(ctx.runtime, env={"CAPSULE_HOSTS": f"bench={address}"}) as serve:
                 capsule_id = await _capsule(serve, ctx)
                 base = rss_bytes(agent.pid)
 

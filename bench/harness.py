@@ -323,10 +323,12 @@ async def serving(
 
 
 @contextlib.contextmanager
-def agent_process(runtime: str | None, directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """A `capsule agent` alone on a free loopback port: the process and its address."""
+def agent_process(
+    runtime: str | None, directory: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A `capsule agent` alone on a free loopback port (with env besides): the process and its address."""
     address = f"127.0.0.1:{free_port()}"
-    extra = BENCH_ENV | {"CAPSULE_DATA_DIR": str(directory / "agent-data")}
+    extra = BENCH_ENV | {"CAPSULE_DATA_DIR": str(directory / "agent-data")} | dict(env or {})
     if runtime:
         extra["CAPSULE_RUNTIME"] = runtime
     log = directory / "agent.log"
