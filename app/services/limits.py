@@ -17,14 +17,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
-from redis import asyncio as redis
-from redis.exceptions import RedisError
+
+if TYPE_CHECKING:  # redis is loaded where the bus is Redis only: the default server goes without it
+    from redis import asyncio as redis
 
 from app import metrics
 from app.config import Settings, bus_backend_kind
@@ -144,10 +145,15 @@ class TeamLimits:
         # Teams are a database's: deployments that share a Redis but not a database share no budget.
         database = hashlib.sha256(settings.database_url.encode()).hexdigest()[:16]
         self._prefix = f"capsule-limits:{database}"
+        # What a call to the limits' store raises when the store cannot be reached.
+        self._unreachable: tuple[type[Exception], ...] = (OSError,)
         if client is None:
             storage: MemoryStorage | RedisStorage = MemoryStorage()
             self._slots: _Slots = _MemorySlots()
         else:
+            from redis.exceptions import RedisError
+
+            self._unreachable = (RedisError, OSError)
             storage = RedisStorage(
                 "async+redis://",
                 implementation="redispy",
@@ -172,6 +178,8 @@ class TeamLimits:
         if bus_backend_kind(settings.bus_url) != "redis":
             yield cls(settings)
             return
+        from redis import asyncio as redis
+
         client = redis.Redis.from_url(
             settings.bus_url,
             socket_connect_timeout=REDIS_TIMEOUT_SEC,
@@ -239,7 +247,7 @@ class TeamLimits:
         slot = Slot(self, f"{self._prefix}:{kind}:{team_id}")
         try:
             taken = await self._slots.acquire(slot.key, limit, slot.member)
-        except (RedisError, OSError) as exc:
+        except self._unreachable as exc:
             self._warn_unreachable(exc)
             return None
         if not taken:
@@ -256,7 +264,7 @@ class TeamLimits:
             self._held.pop(slot.key, None)
         try:
             await self._slots.release(slot.key, slot.member)
-        except (RedisError, OSError) as exc:  # its lease runs out instead
+        except self._unreachable as exc:  # its lease runs out instead
             self._warn_unreachable(exc)
 
     async def renew_forever(self) -> None:
@@ -268,7 +276,7 @@ class TeamLimits:
                     continue
                 try:
                     await self._slots.renew(key, list(members))
-                except (RedisError, OSError) as exc:
+                except self._unreachable as exc:
                     self._warn_unreachable(exc)
 
     def _warn_unreachable(self, error: Exception) -> None:
