@@ -47,11 +47,6 @@ SANDBOX_CGROUPS = Path("/sys/fs/cgroup")
 SAMPLE_SEC = 1.0
 # A /proc scan serves the usage of every process asked about within this long after it (a list of many).
 SCAN_TTL_SEC = 0.005
-# A run younger than this that the last scan predates is read from its leader's stat alone: what it
-# forked in that instant is counted from the next scan on (the sampler's, a second later at most).
-# Every start answers with its usage, and a scan of all of /proc per start would cost more than the
-# spawn, growing with the host's processes.
-YOUNG_SEC = 0.05
 # How long an exit's final reading waits for the rest of its cgroup (killed with the leader) to go.
 SETTLE_SEC = 1.0
 SETTLE_ROUNDS = 100
@@ -60,8 +55,10 @@ SETTLE_ROUNDS = 100
 class Meter(Protocol):
     """The usage of one run of a process."""
 
-    def usage(self) -> ResourceUsage | None:
-        """What the run and its children use now; None where it cannot be read."""
+    def usage(self, *, at_start: bool = False) -> ResourceUsage | None:
+        """What the run and its children use now; None where it cannot be read. at_start: the
+        reading its start (or restart) answers with, the instant after the fork, when the run is its
+        leader alone: a meter may then spare itself a costly read."""
 
     async def finish(
         self, rusage: resource.struct_rusage | None, code: int
@@ -132,7 +129,7 @@ class ProcMeters:
     """Meters that sum /proc over each process's group; one scan of /proc serves a burst of asks."""
 
     def __init__(self, proc: Path = Path("/proc")) -> None:
-        self._proc = proc
+        self.proc = proc
         self._scanned_at = -1.0
         self._table: dict[int, _Stat] = {}
         self._live: set[ProcMeter] = set()
@@ -162,15 +159,11 @@ class ProcMeters:
         if self._live:
             self._sampler = asyncio.get_running_loop().call_later(SAMPLE_SEC, self._sample)
 
-    def table(self, newer_than: float, leader: int) -> dict[int, _Stat]:
-        """/proc as read after newer_than (monotonic), and at most SCAN_TTL_SEC ago; for a run born
-        YOUNG_SEC ago or less that the last scan predates, its leader's entry alone."""
+    def table(self, newer_than: float) -> dict[int, _Stat]:
+        """/proc as read after newer_than (monotonic), and at most SCAN_TTL_SEC ago."""
         now = time.monotonic()
-        if self._scanned_at <= newer_than and now - newer_than <= YOUNG_SEC:
-            stat = _stat(f"{self._proc}/{leader}/stat")
-            return {} if stat is None else {leader: stat}
         if self._scanned_at <= newer_than or now - self._scanned_at > SCAN_TTL_SEC:
-            self._table = _scan(self._proc)
+            self._table = _scan(self.proc)
             self._scanned_at = time.monotonic()
         return self._table
 
@@ -190,10 +183,16 @@ class ProcMeter:
         of /proc for each spawn would cost more than the spawn (its group holds just the leader yet)."""
         self._peak = max(self._peak, _high_water(self._pgid))
 
-    def usage(self) -> ResourceUsage | None:
-        """Reads /proc (or the scan of a moment ago)."""
+    def usage(self, *, at_start: bool = False) -> ResourceUsage | None:
+        """Reads /proc (or the scan of a moment ago); at the start, the leader's own stat alone
+        (every start answers with its usage, and a scan of all of /proc for each would cost more than
+        the spawn, growing with the host's processes)."""
         try:
-            table = self._meters.table(self._born, self._pgid)
+            if at_start:
+                stat = _stat(f"{self._meters.proc}/{self._pgid}/stat")
+                table = {} if stat is None else {self._pgid: stat}
+            else:
+                table = self._meters.table(self._born)
         except OSError:
             return None
         members = [(pid, stat) for pid, stat in table.items() if stat.pgrp == self._pgid]
@@ -306,8 +305,8 @@ class CgroupMeter:
                 return True
         return False
 
-    def usage(self) -> ResourceUsage | None:
-        """A few small reads of the kernel's own files."""
+    def usage(self, *, at_start: bool = False) -> ResourceUsage | None:
+        """A few small reads of the kernel's own files (as cheap at the start as later)."""
         try:
             processes = self._processes()
             return ResourceUsage(

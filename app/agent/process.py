@@ -93,8 +93,9 @@ class ManagedProcess:
         """When the process was spawned."""
         return self._started_at
 
-    def info(self) -> ProcessInfo:
-        """A snapshot of what is known of the process."""
+    def info(self, *, just_started: bool = False) -> ProcessInfo:
+        """A snapshot of what is known of the process (just_started: as its start or restart
+        answers, the instant after the fork)."""
         return ProcessInfo(
             capsule_id=self.capsule_id,
             pid=self.pid,
@@ -114,7 +115,7 @@ class ManagedProcess:
             ready=self._ready,
             ready_at=self._ready_at,
             oom_killed=self._oom_killed(),
-            usage=self._usage(),
+            usage=self._usage(just_started),
         )
 
     def _current_finished(self) -> tuple[Child, ResourceUsage | None, bool] | None:
@@ -124,12 +125,12 @@ class ManagedProcess:
         finished = self._current_finished()
         return finished is not None and finished[2]
 
-    def _usage(self) -> ResourceUsage | None:
+    def _usage(self, just_started: bool = False) -> ResourceUsage | None:
         """The current run's usage now, or its final totals once its leader is reaped."""
         finished = self._current_finished()
         if finished is not None:
             return finished[1]
-        return None if self._child.meter is None else self._child.meter.usage()
+        return None if self._child.meter is None else self._child.meter.usage(at_start=just_started)
 
     async def _finish_run(self, code: int) -> None:
         """Keeps the ended run's final totals, and whether the kernel's OOM killer ended it."""
@@ -237,7 +238,7 @@ class ManagedProcess:
             self._restarts,
             self.pid,
         )
-        self._supervision.publish(ProcessEvent(ProcessEventKind.RESTARTED, self.info()))
+        self._supervision.publish(ProcessEvent(ProcessEventKind.RESTARTED, self.info(just_started=True)))
         return True
 
     def _watch_readiness(self) -> asyncio.Task[None] | None:

@@ -233,7 +233,7 @@ class Supervisor:
         if timeout_sec:  # 0, like absent, sets no lifetime limit
             proc.limit_lifetime(timeout_sec)
         self._processes[tag] = proc
-        info = proc.info()
+        info = proc.info(just_started=True)
         logger.info("capsule %s: started pid %d tag %s (%s)", self.capsule_id, proc.pid, tag, argv[0])
         self._publish(ProcessEvent(ProcessEventKind.STARTED, info))
         reaper = asyncio.create_task(self._reap(proc), name=f"reap-{self.capsule_id}-{proc.pid}")
