@@ -7,6 +7,7 @@ import signal
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import datetime
 
 from app import domain, metrics
 from app.bus.broadcast import Bus
@@ -92,6 +93,31 @@ def _exit_record(info: ProcessInfo) -> ProcessExitRecord:
     )
 
 
+def _only_exit(events: list[ProcessEvent]) -> ProcessInfo | None:
+    """The exit, where the events of a run are its exit alone (nothing to apply before it)."""
+    if len(events) == 1 and events[0].kind is ProcessEventKind.EXITED:
+        return events[0].process
+    return None
+
+
+def _set_exit(record: models.ProcessRecord, exit: ProcessExitRecord) -> None:
+    """Writes the exit into a record not yet stored (what the exit's conditional UPDATE sets)."""
+    record.status = ProcessStatus.EXITED
+    record.pid = exit.pid
+    record.restarts = exit.restarts
+    record.ready = exit.ready
+    record.ready_at = exit.ready_at
+    record.exit_code = exit.exit_code
+    record.signal = exit.signal
+    record.timed_out = exit.timed_out
+    record.oom_killed = exit.oom_killed
+    record.cpu_sec = exit.cpu_sec
+    record.memory_bytes = exit.memory_bytes
+    record.memory_peak_bytes = exit.memory_peak_bytes
+    record.processes_alive = exit.processes_alive
+    record.ended_at = exit.ended_at
+
+
 class ProcessRecords:
     """Writes each start and exit to the store once, its event in the same transaction, and then
     announces the event on the bus.
@@ -108,10 +134,17 @@ class ProcessRecords:
         # runs one write at a time, so "insert the start, then take what waits" and "find no
         # record, park the event" never interleave; writes that arrive together share a transaction.
         self._early: OrderedDict[tuple[str, str], list[ProcessEvent]] = OrderedDict()
+        # Starts of this replica whose insert has not run yet: their started_at by (capsule, tag).
+        # An event of such a process that arrives meanwhile waits in _early at once, with no store
+        # write of its own, and the insert takes it (it runs in the writer, which pops _early and
+        # this together).
+        self._starting: dict[tuple[str, str], list[datetime]] = {}
         self._writer = RecordWriter(db=db, events=self._events)
 
     async def record_start(self, team_id: int, info: ProcessInfo) -> None:
-        """Stores a record of a process that has just started and announces it."""
+        """Stores a record of a process that has just started and announces it; an exit known by
+        then (the start's own answer, or the host's event that came first) goes in with it, in the
+        same transaction."""
         record = models.ProcessRecord(
             team_id=team_id,
             capsule_id=info.capsule_id,
@@ -132,18 +165,33 @@ class ProcessRecords:
             info, status=ProcessStatus.RUNNING, exit_code=None, signal=None, timed_out=False, ended_at=None
         )
         key = (info.capsule_id, info.tag)
+        folded: list[ProcessInfo] = []  # the exit that went in with the start
 
         async def insert(batch: Batch) -> list[ProcessEvent]:
+            self._done_starting(key, info.started_at)
+            batch.on_rollback(lambda: self._now_starting(key, info.started_at))
+            parked = self._early.pop(key, None)
+            if parked is not None:
+                batch.on_rollback(lambda: self._early.setdefault(key, parked))
+            # Parked events of an older process that had this tag are not this one's.
+            mine = [e for e in parked or [] if e.process.started_at == info.started_at]
+            ended = _only_exit(mine) or (info if info.status is ProcessStatus.EXITED and not mine else None)
             batch.session.add(record)  # flushed with the batch's next statement
             batch.event(team_id, ProcessEventKind.STARTED, started)
-            parked = self._early.pop(key, None)
-            if parked is None:
-                return []
-            batch.on_rollback(lambda: self._early.setdefault(key, parked))
-            # Parked events of an older process that had this tag are not this one's.
-            return [e for e in parked if e.process.started_at == info.started_at]
+            folded.clear()
+            if ended is None:
+                return mine
+            _set_exit(record, _exit_record(ended))
+            batch.event(team_id, ProcessEventKind.EXITED, record_to_info(record))
+            folded.append(ended)
+            return []
 
-        early = await self._writer.run(insert, key=key)
+        self._now_starting(key, info.started_at)
+        try:
+            early = await self._writer.run(insert, key=key)
+        except BaseException:
+            self._done_starting(key, info.started_at)  # where the insert ran, its rollback gave it back
+            raise
         metrics.PROCESSES_STARTED.inc()
         logger.info(
             "process started: capsule %s tag %s pid %s",
@@ -152,14 +200,30 @@ class ProcessRecords:
             info.pid,
             extra={"event": "process.started", "capsule": info.capsule_id, "tag": info.tag, "pid": info.pid},
         )
+        if folded:
+            self._exited(record, folded[0])
         for event in early:  # what happened before the start was recorded, in its order
             if event.kind is ProcessEventKind.EXITED:
                 await self.record_exit(event.process, team_id=team_id)
             else:
                 await self.record_run(event.kind, event.process)
-        ended = any(e.kind is ProcessEventKind.EXITED for e in early)
+        ended = folded or any(e.kind is ProcessEventKind.EXITED for e in early)
         if info.status is ProcessStatus.EXITED and not ended:  # it ended before it was recorded
             await self.record_exit(info, team_id=team_id)
+
+    def _now_starting(self, key: tuple[str, str], started_at: datetime) -> None:
+        self._starting.setdefault(key, []).append(started_at)
+
+    def _done_starting(self, key: tuple[str, str], started_at: datetime) -> None:
+        pending = self._starting.get(key, [])
+        if started_at in pending:
+            pending.remove(started_at)
+        if not pending:
+            self._starting.pop(key, None)
+
+    def _start_waits(self, info: ProcessInfo) -> bool:
+        """True when this replica's record of the process's start is still to be inserted."""
+        return info.started_at in self._starting.get((info.capsule_id, info.tag), ())
 
     async def record_exit(self, info: ProcessInfo, *, team_id: int | None) -> bool:
         """Marks the process EXITED once across every replica; True for the call that did.
@@ -168,6 +232,10 @@ class ProcessRecords:
         every team's processes on a host.
         """
         exit = _exit_record(info)
+        key = (info.capsule_id, info.tag)
+        if team_id is None and self._start_waits(info):  # its start's insert takes it
+            self._park(ProcessEvent(ProcessEventKind.EXITED, info))
+            return False
 
         async def claim(batch: Batch) -> models.ProcessRecord | None:
             session = batch.session
@@ -182,9 +250,14 @@ class ProcessRecords:
                 batch.event(record.team_id, ProcessEventKind.EXITED, record_to_info(record))
             return record
 
-        record = await self._writer.run(claim, key=(info.capsule_id, info.tag))
+        record = await self._writer.run(claim, key=key)
         if record is None:
             return False
+        self._exited(record, info)
+        return True
+
+    def _exited(self, record: models.ProcessRecord, info: ProcessInfo) -> None:
+        """Counts and logs an exit this replica recorded."""
         outcome = metrics.exit_outcome(
             exit_code=record.exit_code,
             signal=record.signal,
@@ -208,7 +281,6 @@ class ProcessRecords:
                 "signal": record.signal,
             },
         )
-        return True
 
     async def record_run(self, kind: ProcessEventKind, info: ProcessInfo) -> bool:
         """Moves the record to a later run (RESTARTED) or to ready (READY) once across every replica,
@@ -221,6 +293,10 @@ class ProcessRecords:
             ready=info.ready,
             ready_at=info.ready_at,
         )
+
+        if self._start_waits(info):  # its start's insert takes it
+            self._park(ProcessEvent(kind, info))
+            return False
 
         async def advance(batch: Batch) -> models.ProcessRecord | None:
             system = SystemRepository(batch.session)

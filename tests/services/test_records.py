@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import pytest
+import sqlalchemy as sa
+from sqlmodel import col, select
 
 from app.domain import (
     CapsuleEvent,
@@ -69,6 +73,22 @@ async def stored(teams: Teams, info: ProcessInfo) -> models.ProcessRecord:
 
 def kinds(events: list[CapsuleEvent]) -> list[tuple[ProcessEventKind, str]]:
     return [(e.kind, e.process.tag) for e in events]
+
+
+@asynccontextmanager
+async def statements(teams: Teams) -> AsyncIterator[list[str]]:
+    """The SQL statements the store runs meanwhile, each from its first word on."""
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(" ".join(statement.split()))
+
+    engine = teams.state.platform.db.engine.sync_engine
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
 
 
 class TestRecordStart:
@@ -162,6 +182,75 @@ class TestRecordExit:
         assert kinds(seen) == [(STARTED, info.tag), (EXITED, info.tag)]
         record = await stored(teams, info)
         assert (record.status, record.exit_code) == (ProcessStatus.EXITED, 9)
+
+    async def test_an_exit_known_by_the_start_goes_in_with_it_in_one_write(self, teams: Teams) -> None:
+        """The start's answer says it ended, or the host's exit came first: the start writes the
+        record once (no UPDATE after its INSERT), with both events in order."""
+        records = teams.state.platform.records
+        capsule = await capsule_of(teams)
+        answered, first = ended(running(capsule), exit_code=3), running(capsule)
+        writes: list[str] = []
+        async with teams.events(capsule.id) as events:
+            async with statements(teams) as seen_statements:
+                await records.record_start(teams.ours.team.id, answered)
+            writes += seen_statements
+            assert not await records.record_exit(ended(first, exit_code=5), team_id=None)
+            async with statements(teams) as seen_statements:
+                await records.record_start(teams.ours.team.id, first)
+            writes += seen_statements
+            seen = await events.settled()
+        assert kinds(seen) == [(kind, info.tag) for info in (answered, first) for kind in (STARTED, EXITED)]
+        assert [e.seq for e in seen] == list(range(seen[0].seq, seen[0].seq + 4))
+        assert (seen[1].process.exit_code, seen[3].process.exit_code) == (3, 5)
+        written = [s.split()[0] for s in writes if "process_record" in s.split("WHERE")[0] and s[0] != "S"]
+        assert written == ["INSERT", "INSERT"], writes
+        for info, code in ((answered, 3), (first, 5)):
+            record = await stored(teams, info)
+            assert (record.status, record.exit_code) == (ProcessStatus.EXITED, code)
+            assert record.ended_at is not None
+
+    async def test_an_exit_while_the_start_waits_to_be_written_waits_with_no_write_of_its_own(
+        self, teams: Teams
+    ) -> None:
+        records = teams.state.platform.records
+        capsule = await capsule_of(teams)
+        info = running(capsule)
+        async with teams.events(capsule.id) as events, statements(teams) as seen_statements:
+            start = asyncio.create_task(records.record_start(teams.ours.team.id, info))
+            await asyncio.sleep(0)  # the start is queued for the writer, its insert not yet run
+            assert not await records.record_exit(ended(info, exit_code=8), team_id=None)
+            assert seen_statements == []
+            await start
+            seen = await events.settled()
+        assert kinds(seen) == [(STARTED, info.tag), (EXITED, info.tag)]
+        assert (await stored(teams, info)).exit_code == 8
+
+    async def test_an_older_processs_exit_while_a_start_with_its_tag_waits_is_recorded(
+        self, teams: Teams
+    ) -> None:
+        records = teams.state.platform.records
+        capsule = await capsule_of(teams)
+        older = running(capsule, pid=1)
+        await records.record_start(teams.ours.team.id, older)
+        # The older process with this tag ended and a new one took the tag; its exit comes late.
+        newer = replace(running(capsule, pid=2, tag=older.tag), started_at=utcnow())
+        start = asyncio.create_task(records.record_start(teams.ours.team.id, newer))
+        await asyncio.sleep(0)
+        assert await records.record_exit(ended(older, exit_code=1), team_id=None)
+        await start
+        async with teams.state.platform.db.session() as session:
+            rows = (
+                await session.exec(
+                    select(models.ProcessRecord).where(
+                        col(models.ProcessRecord.capsule_id) == capsule.id,
+                        col(models.ProcessRecord.tag) == older.tag,
+                    )
+                )
+            ).all()
+        assert sorted((r.pid, r.status) for r in rows) == [
+            (1, ProcessStatus.EXITED),
+            (2, ProcessStatus.RUNNING),
+        ]
 
     async def test_another_teams_record_cannot_be_ended(self, teams: Teams) -> None:
         records = teams.state.platform.records
