@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import functools
 import os
 import re
 import socket
+import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,3 +120,23 @@ def processes_under(directory: Path) -> list[int]:
             if cwd == str(directory) or cwd.startswith(f"{directory}/"):
                 found.append(int(entry.name))
     return found
+
+
+def modules_of_the_default_server(*prefixes: str) -> list[str]:
+    """The modules under any of prefixes that a server on the embedded default has loaded once built
+    (with the CLI, and no CAPSULE_* or OpenTelemetry setting of the caller's), in a fresh interpreter."""
+    probe = (
+        "import sys\n"
+        "from app.config import Settings\n"
+        "from app.main import create_app\n"
+        "import app.cli.commands\n"
+        "create_app(Settings())\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))\n"
+    )
+    env = {k: v for k, v in command_env().items() if not k.startswith("CAPSULE_")}
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded: list[str] = ast.literal_eval(result.stdout.strip())
+    return loaded

@@ -170,26 +170,24 @@ async def test_the_readmes_follow_example_runs_as_written(tmp_path: Path) -> Non
     (tmp_path / "follow.py").write_text(script.replace("localhost:8000", f"localhost:{port}"))
     server, _ = await _start_serve(tmp_path, port)
     try:
-        made = await asyncio.to_thread(
-            subprocess.run,
-            ["bash", "-euo", "pipefail", "-c", curl.replace("localhost:8000", f"localhost:{port}")],
-            cwd=tmp_path,
-            env=_environment(),
-            capture_output=True,
-            text=True,
-            timeout=60,
+
+        async def execute(*argv: str) -> subprocess.CompletedProcess[str]:
+            return await asyncio.to_thread(
+                subprocess.run,
+                argv,
+                cwd=tmp_path,
+                env=_environment(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        made = await execute(
+            "bash", "-euo", "pipefail", "-c", curl.replace("localhost:8000", f"localhost:{port}")
         )
         assert made.returncode == 0, made.stderr
         assert '"exitCode":0' in made.stdout and '"tag":"ticker"' in made.stdout, made.stdout
-        followed = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "follow.py"],
-            cwd=tmp_path,
-            env=_environment(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        followed = await execute(sys.executable, "follow.py")
         assert followed.returncode == 0, followed.stderr
         # Replayed output may arrive merged (several ticks in one chunk); the exit comes last, once.
         for tick in ("tick 1\n", "tick 2\n", "tick 3\n"):
