@@ -100,24 +100,6 @@ def _only_exit(events: list[ProcessEvent]) -> ProcessInfo | None:
     return None
 
 
-def _set_exit(record: models.ProcessRecord, exit: ProcessExitRecord) -> None:
-    """Writes the exit into a record not yet stored (what the exit's conditional UPDATE sets)."""
-    record.status = ProcessStatus.EXITED
-    record.pid = exit.pid
-    record.restarts = exit.restarts
-    record.ready = exit.ready
-    record.ready_at = exit.ready_at
-    record.exit_code = exit.exit_code
-    record.signal = exit.signal
-    record.timed_out = exit.timed_out
-    record.oom_killed = exit.oom_killed
-    record.cpu_sec = exit.cpu_sec
-    record.memory_bytes = exit.memory_bytes
-    record.memory_peak_bytes = exit.memory_peak_bytes
-    record.processes_alive = exit.processes_alive
-    record.ended_at = exit.ended_at
-
-
 class ProcessRecords:
     """Writes each start and exit to the store once, its event in the same transaction, and then
     announces the event on the bus.
@@ -181,7 +163,7 @@ class ProcessRecords:
             folded.clear()
             if ended is None:
                 return mine
-            _set_exit(record, _exit_record(ended))
+            record.sqlmodel_update({"status": ProcessStatus.EXITED, **_exit_record(ended).columns()})
             batch.event(team_id, ProcessEventKind.EXITED, record_to_info(record))
             folded.append(ended)
             return []

@@ -407,6 +407,11 @@ class ProcessExitRecord:
     memory_peak_bytes: int | None = None
     processes_alive: int | None = None
 
+    def columns(self) -> dict[str, Any]:
+        """The record's columns the exit sets besides its status, by name (all but capsule_id and
+        tag, which find the record)."""
+        return {name: getattr(self, name) for name in _EXIT_FIELDS}
+
 
 @dataclass(frozen=True, slots=True)
 class ProcessRunRecord:
@@ -449,6 +454,7 @@ async def _advance_run(session: AsyncSession, run: ProcessRunRecord) -> models.P
     return changed
 
 
+# What an exit writes into its record: ProcessExitRecord's fields but the two that find the record.
 _EXIT_FIELDS = (
     "pid",
     "restarts",
@@ -500,9 +506,8 @@ async def _mark_exited(
     A conditional UPDATE, so when several replicas see the same exit only one of them wins:
     PostgreSQL re-checks the WHERE after the first writer commits, SQLite has one writer at a time.
     """
-    params: dict[str, Any] = {
-        f"x_{name}": getattr(exit, name) for name in (*_EXIT_FIELDS, "capsule_id", "tag")
-    }
+    params: dict[str, Any] = {f"x_{name}": value for name, value in exit.columns().items()}
+    params.update(x_capsule_id=exit.capsule_id, x_tag=exit.tag)
     statement = _EXIT_OF_ANY_TEAM
     if team_id is not None:
         params["x_team_id"] = team_id
