@@ -36,9 +36,12 @@ async def read_output(
     """Every event StreamOutput sends, until it ends."""
     events: list[domain.OutputEvent] = []
     request = pb.OutputRequest(process=ref(capsule, selector), from_seq=from_seq)
-    async with asyncio.timeout(within):
-        async for batch in stub.StreamOutput(request):
-            events.extend(wire.output_events(batch))
+    try:
+        async with asyncio.timeout(within):
+            async for batch in stub.StreamOutput(request):
+                events.extend(wire.output_events(batch))
+    except TimeoutError:
+        raise AssertionError(f"the output of {selector} did not end within {within:g} s: {events}") from None
     return events
 
 
