@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import resource
@@ -13,6 +14,7 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,6 +66,32 @@ def _spawn_error(cmd: str, exc: OSError) -> InvalidRequest:
     if exc.errno == errno.ENOEXEC:
         return InvalidRequest(f"command {cmd!r} is not an executable (no #! line or wrong format)")
     return InvalidRequest(f"command {cmd!r} cannot be executed: {exc.strerror or exc}")
+
+
+def _ignore_quietly(signum: int, frame: object) -> None:
+    """Stands in for SIG_IGN in this process, which its children would inherit."""
+
+
+def _defaults_for_children() -> None:
+    """Where this process was started with signals ignored (`cmd &` ignores SIGINT and SIGQUIT,
+    nohup SIGHUP), a process it starts would inherit them as ignored, and a non-interactive shell may
+    not even trap them: ^C on a terminal and signalProcess would do nothing. A handler that does
+    nothing keeps them ignored here, and exec gives every child the default instead. SIGPIPE and
+    SIGXFSZ are subprocess's own to restore; only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                signal.signal(signum, _ignore_quietly)
+
+
+@functools.cache
+def _defaults_once() -> None:
+    """_defaults_for_children, once: the dispositions this process started with."""
+    _defaults_for_children()
 
 
 @contextlib.contextmanager
@@ -155,7 +183,8 @@ class Child:
         terminal: TerminalSize | None = None,
     ) -> Child:
         """Starts argv (no shell) in a new session with its output going to sink; with terminal,
-        on a new pseudo-terminal of that size instead of pipes."""
+        on a new pseudo-terminal of that size instead of pipes. Every signal starts at its default."""
+        _defaults_once()
         if terminal is not None:
             return cls._spawn_on_terminal(argv, env=env, cwd=cwd, sink=sink, size=terminal)
         fds: list[int] = []

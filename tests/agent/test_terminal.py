@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 from typing import Any
 
 import grpc
 
 from app import domain, wire
+from app.agent import child
 from app.pb import agent_pb2 as pb
 from tests.agent.helpers import eventually, grpc_error, joined, read_output, ref, start_sh, wait_output
 
@@ -189,3 +191,22 @@ async def output_count(stub: Any, capsule: str, selector: str, needle: bytes, co
         finally:
             stream.cancel()
     return False
+
+
+async def test_a_signal_the_agent_was_started_ignoring_reaches_its_processes(stub: Any, capsule: str) -> None:
+    """An agent run as `cmd &` ignores SIGINT and SIGQUIT: its processes get them at their default
+    all the same, so ^C and a trap on INT work."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child._defaults_for_children()
+        info = await start_on_terminal(stub, capsule, "grep SigIgn /proc/self/status; echo ready; exec cat")
+        await wait_output(stub, capsule, info.pid, b"ready")
+        await send(stub, capsule, info.pid, b"\x03")
+        events = await read_output(stub, capsule, info.pid)
+        found = re.search(rb"SigIgn:\s*([0-9a-f]+)", joined(events))
+        assert found is not None, events
+        assert not int(found.group(1), 16) & (1 << (signal.SIGINT - 1)), found.group(0)
+        exit_event = events[-1]
+        assert isinstance(exit_event, domain.ProcessExit) and exit_event.signal == signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)
