@@ -22,6 +22,16 @@ async def start(api: HttpClient, capsule_id: str, cmd: str, *args: str, **fields
     return dict(answer.ok()["startProcess"])
 
 
+async def until_file(api: HttpClient, capsule_id: str, name: str) -> None:
+    """Waits until the capsule's workspace holds the file (a script's way to say its traps are set)."""
+    async with asyncio.timeout(10):
+        while True:
+            answer = await api.run("Exec", capsuleId=capsule_id, input={"cmd": "test", "args": ["-f", name]})
+            if answer.ok()["exec"]["exitCode"] == 0:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def wait_for_status(api: HttpClient, capsule_id: str, selector: str, status: str) -> dict[str, Any]:
     async with asyncio.timeout(10):
         while True:
@@ -87,14 +97,17 @@ class TestProcessLife:
         assert exited["timedOut"] is True and exited["signal"] == "SIGKILL"
 
     async def test_stop_process_gracefully(self, api: HttpClient, capsule_id: str) -> None:
-        script = "trap 'echo bye; exit 7' TERM; echo up; while :; do sleep 0.1; done"
+        script = "trap 'echo bye; exit 7' TERM; touch trapper.up; while :; do sleep 0.1; done"
         await start(api, capsule_id, "sh", "-c", script, tag="trapper")
+        await until_file(api, capsule_id, "trapper.up")  # a SIGTERM before the trap would end it
         stopped = (await api.run("StopProcess", capsuleId=capsule_id, selector="trapper", graceSec=5)).ok()
         assert stopped["stopProcess"]["status"] == "EXITED"
         assert stopped["stopProcess"]["exitCode"] == 7
 
     async def test_stop_process_escalates(self, api: HttpClient, capsule_id: str) -> None:
-        await start(api, capsule_id, "sh", "-c", "trap '' TERM; while :; do sleep 0.1; done", tag="stubborn")
+        script = "trap '' TERM; touch stubborn.up; while :; do sleep 0.1; done"
+        await start(api, capsule_id, "sh", "-c", script, tag="stubborn")
+        await until_file(api, capsule_id, "stubborn.up")  # a SIGTERM before the trap would end it
         stopped = (await api.run("StopProcess", capsuleId=capsule_id, selector="stubborn", graceSec=1)).ok()
         assert stopped["stopProcess"]["signal"] == "SIGKILL"
 
