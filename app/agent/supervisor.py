@@ -13,7 +13,7 @@ from pathlib import Path
 from app.agent import launch
 from app.agent.child import Child
 from app.agent.events import Publish
-from app.agent.leftovers import Sessions
+from app.agent.leftovers import Sessions, boot_ticks
 from app.agent.meter import Meters, ProcMeters
 from app.agent.metrics import OutputCounts, OutputTally
 from app.agent.output_log import OutputLog
@@ -132,8 +132,9 @@ class Supervisor:
             capture.add(stream, data)
 
         started = time.monotonic()
+        spawned_after = boot_ticks()
         child = Child.spawn(argv, env=env, cwd=cwd, stdin=spec.stdin is not None, sink=sink)
-        self.sessions.add(child.pid)
+        self.sessions.add(child.pid, spawned_after)
         self._execs.add(child)
         feeder = (
             None if spec.stdin is None else asyncio.create_task(self._feed(child, spec.stdin, timeout_sec))
@@ -205,10 +206,11 @@ class Supervisor:
         sink = log.append_output if matcher is None else matcher.feed
 
         def spawn() -> Child:  # each run of the process, the first and every restart
+            spawned_after = boot_ticks()
             child = self._meters.spawn(
                 lambda: Child.spawn(argv, env=env, cwd=cwd, stdin=stdin, sink=sink, terminal=terminal)
             )
-            self.sessions.add(child.pid)
+            self.sessions.add(child.pid, spawned_after)
             return child
 
         child = spawn()

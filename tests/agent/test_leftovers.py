@@ -13,7 +13,7 @@ import pytest
 
 from app.agent.capsules import Capsules
 from app.agent.events import ProcessEvents
-from app.agent.leftovers import COMPACT_LINES, Sessions, session_members
+from app.agent.leftovers import COMPACT_LINES, Sessions, boot_ticks, session_members
 from app.agent.server import start_agent
 from app.datadir import DirectoryInUse, DirectoryLock, lock_agent_dir
 from app.pb import agent_pb2 as pb
@@ -84,15 +84,46 @@ def _sleeps(count: int) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen(["sleep", "1000"], start_new_session=True) for _ in range(count)]
 
 
+def test_a_leader_started_within_the_ticks_its_session_records(tmp_path: Path) -> None:
+    journal = tmp_path / "sessions"
+    sessions = Sessions(journal)
+    started = []
+    for _ in range(50):
+        spawned_after = boot_ticks()
+        true = subprocess.Popen(["sleep", "0"], start_new_session=True)
+        sessions.add(true.pid, spawned_after)
+        started.append((true.pid, _start_time(true.pid)))
+        true.wait()
+    lines = (line.removeprefix("+").split() for line in journal.read_text().splitlines())
+    recorded = {int(pid): (int(first), int(last)) for pid, first, last in lines}
+    for pid, start in started:
+        first, last = recorded[pid]
+        assert first <= start <= last
+
+
+def test_a_pid_now_of_a_process_started_later_is_left_alone(tmp_path: Path) -> None:
+    (stranger,) = _sleeps(1)
+    try:
+        journal = tmp_path / "sessions"
+        start = _start_time(stranger.pid)
+        journal.write_text(f"+{stranger.pid} {start - 30} {start - 1}\n")
+        assert Sessions(journal).sweep() == 0
+        assert is_alive(stranger.pid)
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_the_journal_stays_small_and_true(tmp_path: Path) -> None:
     kept, ended, churned = sleeps = _sleeps(3)
     try:
         journal = tmp_path / "sessions"
         sessions = Sessions(journal)
-        sessions.add(kept.pid)
-        sessions.add(ended.pid)
+        spawned_after = boot_ticks() - 1000  # a while before the sleeps began
+        sessions.add(kept.pid, spawned_after)
+        sessions.add(ended.pid, spawned_after)
         for _ in range(1000):  # a capsule that spawns and reaps all day
-            sessions.add(churned.pid)
+            sessions.add(churned.pid, spawned_after)
             sessions.remove(churned.pid)
         sessions.remove(ended.pid)
         assert len(journal.read_text().splitlines()) <= COMPACT_LINES + 2 * 3  # three live at most
@@ -110,7 +141,8 @@ def test_the_journal_reads_old_lines_and_skips_a_cut_one(tmp_path: Path) -> None
     old, cut = sleeps = _sleeps(2)
     try:
         journal = tmp_path / "sessions"
-        # An agent of the first version wrote "pid start"; one killed mid-append left a partial line.
+        # Agents of earlier versions wrote "pid start" and "+pid start"; one killed mid-append left
+        # a partial line.
         journal.write_text(f"{old.pid} {_start_time(old.pid)}\n+{cut.pid}")
         assert Sessions(journal).sweep() == 1
         assert old.wait(timeout=10) == -signal.SIGKILL
