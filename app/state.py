@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from app.agent.server import AgentHandle, start_agent
 from app.bus.broadcast import Bus
 from app.config import Settings
+from app.hosts.local import LocalAgent
 from app.hosts.pool import HostPool
 from app.services.events import EventPruner
 from app.services.fanout import OutputFanout
@@ -64,6 +65,10 @@ class AppState:
             pool = HostPool(settings)
             stack.push_async_callback(pool.close)
             pool.set_hosts(await hosts.hosts())
+            if agent is not None:  # called in this process, not through its socket
+                pool.set_local(
+                    EMBEDDED_HOST_ID, LocalAgent(agent.servicer, agent.health, lambda: agent.stopped)
+                )
             records = ProcessRecords(db=db, bus=bus, retention=settings.event_retention)
             lifecycle = CapsuleLifecycle(db=db, pool=pool, records=records)
             keys = KeyService(db, bus=bus)

@@ -295,6 +295,7 @@ class AgentHandle:
         self,
         *,
         server: Any,
+        servicer: AgentServicer,
         port: int,
         address: str,
         capsules: Capsules,
@@ -305,13 +306,19 @@ class AgentHandle:
     ):
         self.port = port
         self.address = address  # what a client in this process connects to
+        self.servicer = servicer  # for a caller in this process: app.hosts.local.LocalAgent
+        self.health = health
         self._socket_dir_fd = socket_dir_fd
         self._server = server
         self._capsules = capsules
         self._events = events
-        self._health = health
         self._lock = lock
         self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """True once stop() has begun."""
+        return self._stopped
 
     async def stop(self, grace: float = 1.0) -> None:
         """Kills every process group of every capsule, stops the gRPC server, then lets the directory go."""
@@ -319,7 +326,7 @@ class AgentHandle:
             return
         self._stopped = True
         try:
-            await self._health.enter_graceful_shutdown()
+            await self.health.enter_graceful_shutdown()
             agent_metrics.forget(self._capsules)
             await self._capsules.close()
             self._events.end()
@@ -381,7 +388,8 @@ async def start_agent(address: str, settings: Settings) -> AgentHandle:
         await capsules.resume(waiting)
         capsules.prepare_spare()
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsules, events), server)
+        servicer = AgentServicer(capsules, events)
+        agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -403,6 +411,7 @@ async def start_agent(address: str, settings: Settings) -> AgentHandle:
     local = target if socket_dir_fd is not None else f"{address.rsplit(':', 1)[0]}:{port}"
     return AgentHandle(
         server=server,
+        servicer=servicer,
         port=port,
         address=local,
         capsules=capsules,

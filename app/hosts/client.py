@@ -90,20 +90,36 @@ def _cancelled_from_outside() -> bool:
     return task is not None and task.cancelling() == 0
 
 
+class Channel(Protocol):
+    """What HostClient uses of a grpc.aio.Channel; app.hosts.local.LocalAgent has it too."""
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity: ...
+    async def wait_for_state_change(self, last: grpc.ChannelConnectivity) -> None: ...
+
+
 class HostClient:
     """The agent's RPCs for one host; get one from HostPool.client()."""
 
-    def __init__(self, host_id: str, channel: grpc.aio.Channel, stub: AgentStub, settings: Settings) -> None:
+    def __init__(
+        self,
+        host_id: str,
+        channel: Channel,
+        stub: AgentStub,
+        settings: Settings,
+        *,
+        health: UnaryRpc[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse] | None = None,
+    ) -> None:
+        """health: the health check's Check; by default the one of the gRPC channel."""
         self.host_id = host_id
         self._channel = channel
         self._stub = stub
         self._settings = settings
+        self._health = health or health_pb2_grpc.HealthStub(channel).Check
 
     async def answers(self, timeout_sec: float) -> bool:
         """True when the agent answers its gRPC health check as SERVING within timeout_sec."""
-        stub: Any = health_pb2_grpc.HealthStub(self._channel)
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_sec)
+            reply = await self._health(health_pb2.HealthCheckRequest(service=""), timeout=timeout_sec)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError):
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

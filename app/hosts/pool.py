@@ -13,6 +13,7 @@ import grpc
 from app.config import MiB, Settings
 from app.errors import HostUnavailable
 from app.hosts.client import HostClient
+from app.hosts.local import LocalAgent
 from app.pb import agent_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,12 @@ class HostPool:
         self._options = channel_options(settings, keepalive_time_ms=keepalive_time_ms)
         self._addresses: dict[str, str] = {}
         self._hosts: dict[str, _Host] = {}
+        self._local: dict[str, LocalAgent] = {}
         self._retiring: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+
+    def set_local(self, host_id: str, agent: LocalAgent) -> None:
+        """Calls to host_id go to the agent of this process directly, not through a channel."""
+        self._local[host_id] = agent
 
     def set_hosts(self, hosts: Mapping[str, str]) -> None:
         """Replaces the known hosts (id -> HOST:PORT); channels to changed or removed ones close."""
@@ -83,6 +89,9 @@ class HostPool:
         address = self._addresses.get(host_id)
         if address is None:
             raise HostUnavailable(f"host {host_id} is not registered")
+        local = self._local.get(host_id)
+        if local is not None:
+            return HostClient(host_id, local, local.stub, self._settings, health=local.health)
         host = self._hosts.get(host_id)
         if host is None:
             channel = grpc.aio.insecure_channel(address, options=self._options)
@@ -93,6 +102,9 @@ class HostPool:
     async def close(self) -> None:
         """Closes every channel; calls still running on them end with HostUnavailable."""
         hosts, self._hosts = self._hosts, {}
+        local, self._local = self._local, {}
+        for agent in local.values():
+            await agent.close()
         retiring, self._retiring = self._retiring, {}
         for task in retiring.values():
             task.cancel()

@@ -11,6 +11,7 @@ import pytest
 from app.agent.server import AgentHandle, start_agent
 from app.config import Settings
 from app.hosts.client import HostClient
+from app.hosts.local import LocalAgent
 from app.hosts.pool import HostPool
 from tests.system import TEST_RUNTIME
 
@@ -41,8 +42,16 @@ async def pool(settings: Settings, agent: AgentHandle) -> AsyncIterator[HostPool
     await pool.close()
 
 
-@pytest.fixture
-def client(pool: HostPool) -> HostClient:
+def local_link(agent: AgentHandle) -> LocalAgent:
+    """The agent of this process, called without gRPC, as the embedded default calls it."""
+    return LocalAgent(agent.servicer, agent.health, lambda: agent.stopped)
+
+
+@pytest.fixture(params=["grpc", "local"])
+def client(request: pytest.FixtureRequest, pool: HostPool, agent: AgentHandle) -> HostClient:
+    """A client of the agent through its gRPC channel, and one calling it in this process."""
+    if request.param == "local":
+        pool.set_local("h1", local_link(agent))
     return pool.client("h1")
 
 
