@@ -21,7 +21,7 @@ from app.errors import BusUnavailable
 from app.main import create_app
 from app.services.hosts import HostService
 from app.services.keys import KeyInfo, KeyService
-from app.store.migrate import upgrade
+from app.store.migrate import upgrade, upgrade_in_child
 from app.store.session import Database
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,12 @@ def migrate_quietly(settings: Settings) -> None:
     upgrade(settings.database_url)
 
 
+def migrate_apart(settings: Settings) -> None:
+    """migrate_quietly in a child process: a server that runs for days does not carry alembic."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_in_child(settings.database_url)
+
+
 def serve(settings: Settings, *, host: str, port: int) -> int:
     """Locks the data directory, then migrates, makes sure a key exists and serves until Ctrl-C."""
     # Before anything else, so a second serve on this data migrates nothing and sweeps nothing.
@@ -130,7 +136,7 @@ def serve(settings: Settings, *, host: str, port: int) -> int:
 
 
 def _serve(settings: Settings, *, host: str, port: int) -> int:
-    migrate_quietly(settings)
+    migrate_apart(settings)
     key, created = asyncio.run(_dev_key(settings))
     url = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}/graphql"
     print(f"GraphiQL: {url}", flush=True)

@@ -72,7 +72,7 @@ class Health:
     async def _store(self) -> str:
         current = await store_health.current_revisions(self._db)
         if self._heads is None:
-            self._heads = await asyncio.to_thread(store_health.head_revisions, self._db.url)
+            self._heads = await asyncio.to_thread(store_health.head_revisions)
         if current != self._heads:
             return (
                 f"migrations not current: the store is at {sorted(current) or 'no revision'}, "

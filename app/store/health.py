@@ -7,15 +7,10 @@ from sqlmodel import col
 
 from app.domain import ProcessStatus
 from app.store import models
-from app.store.migrate import alembic_config
+from app.store.migrate import head_revisions
 from app.store.session import Database
 
-
-def head_revisions(database_url: str) -> frozenset[str]:
-    """The revisions the migrations in this package lead to (what a current store is at)."""
-    from alembic.script import ScriptDirectory
-
-    return frozenset(ScriptDirectory.from_config(alembic_config(database_url)).get_heads())
+__all__ = ["capsule_counts", "current_revisions", "head_revisions", "running_process_counts"]
 
 
 async def current_revisions(db: Database) -> frozenset[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from app.domain import CapsuleRuntime, utcnow
 from app.store.migrate import downgrade, upgrade
 from app.store.repositories import CapsuleRepository
 from app.store.session import Database
+from tests.system import command_env
 
 TABLES = {"alembic_version", "api_key", "capsule", "host", "process_event", "process_record", "team"}
 # The revision before capsules had a runtime, network and limits.
@@ -79,3 +82,53 @@ async def test_models_match_the_migrations(database: Database) -> None:
 
     async with database.engine.connect() as connection:
         assert await connection.run_sync(differences) == []
+
+
+def test_the_heads_read_from_the_files_are_alembics() -> None:
+    from alembic.script import ScriptDirectory
+
+    from app.store.migrate import alembic_config, head_revisions
+
+    expected = ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite://")).get_heads()
+    assert head_revisions() == frozenset(expected)
+
+
+def test_serve_migrates_in_a_child_and_never_loads_alembic(tmp_path: Path) -> None:
+    probe = (
+        "import asyncio, sys\n"
+        "from app.cli.commands import migrate_apart\n"
+        "from app.config import Settings\n"
+        "from app.store import health\n"
+        "from app.store.session import Database\n"
+        f"settings = Settings(data_dir=__import__('pathlib').Path({str(tmp_path / 'data')!r}))\n"
+        "migrate_apart(settings)\n"
+        "db = Database(settings.database_url)\n"
+        "current = asyncio.run(health.current_revisions(db))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('alembic'))\n"
+        "print(current == health.head_revisions(), loaded)\n"
+    )
+    env = {k: v for k, v in command_env().items() if not k.startswith("CAPSULE_")}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], check=False, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "[]"]
+
+
+def test_a_migration_that_fails_in_its_child_says_so(tmp_path: Path) -> None:
+    env = {k: v for k, v in command_env().items() if not k.startswith("CAPSULE_")}
+    env |= {
+        "CAPSULE_DATA_DIR": str(tmp_path),
+        "CAPSULE_DATABASE_URL": "postgresql+asyncpg://127.0.0.1:1/none",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli.main", "serve", "--port", "0"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "the migration failed" in done.stderr and "migrating the database failed" in done.stderr
+    assert "Traceback" not in done.stderr
