@@ -24,7 +24,7 @@ from app.hosts.pool import HostPool
 from app.services.hosts import HostService
 from app.services.lifecycle import CapsuleLifecycle
 from app.store import models
-from app.store.repositories import CapsuleRepository
+from app.store.repositories import CapsuleRepository, capsule_of_team
 from app.store.session import Database
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ class CapsuleService:
 
     async def get(self, capsule_id: str) -> CapsuleInfo | None:
         """This team's capsule, or None (another team's capsule is None too)."""
-        async with self._db.session() as session:
-            row = await CapsuleRepository(session, self._team.id).get(capsule_id)
+        row = await capsule_of_team(self._db, self._team.id, capsule_id)
         return None if row is None else row.to_info()
 
     async def require(self, capsule_id: str) -> CapsuleInfo:

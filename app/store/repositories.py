@@ -26,6 +26,7 @@ from app.domain import (
     utcnow,
 )
 from app.store import models
+from app.store.session import Database
 
 M = TypeVar("M", models.Capsule, models.ProcessRecord, models.ProcessEvent)
 
@@ -69,6 +70,16 @@ _CAPSULE_OF_TEAM = select(models.Capsule).where(
     col(models.Capsule.team_id) == sa.bindparam("team_id"),
     col(models.Capsule.id) == sa.bindparam("capsule_id"),
 )
+_CAPSULE_ROW_OF_TEAM = sa.select(*models.Capsule.__table__.columns).where(  # type: ignore[attr-defined]
+    col(models.Capsule.team_id) == sa.bindparam("team_id"),
+    col(models.Capsule.id) == sa.bindparam("capsule_id"),
+)
+
+
+async def capsule_of_team(db: Database, team_id: int, capsule_id: str) -> models.Capsule | None:
+    """The team's capsule as it is in the store now, read outside any session: a request's lookup."""
+    row = await db.point_read(_CAPSULE_ROW_OF_TEAM, {"team_id": team_id, "capsule_id": capsule_id})
+    return None if row is None else models.Capsule(**row._mapping)
 
 
 class CapsuleRepository(TeamScoped[models.Capsule]):

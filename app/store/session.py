@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, Row, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.sql import Executable
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.errors import Unavailable
@@ -69,6 +71,32 @@ def create_engine(url: str) -> AsyncEngine:
     return engine
 
 
+def _point_reader_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # Never wait: a read that would (rare in WAL mode) goes through the async engine instead.
+        cursor.execute("PRAGMA busy_timeout = 0")
+        cursor.execute("PRAGMA query_only = ON")
+    finally:
+        cursor.close()
+
+
+def _point_reader(url: str) -> Engine | None:
+    """For a SQLite file, a synchronous engine whose reads run on the event loop itself.
+
+    A point read of an indexed row takes SQLite some 20 us. Through aiosqlite it costs six hops to
+    its thread and back (cursor, execute, fetch, close, two rollbacks), some 600 us of CPU, on every
+    request that looks its capsule up. In WAL mode a reader takes no lock a writer holds, so the
+    read does not wait; when it would, it fails at once and the caller reads the usual way.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    engine = sa.create_engine(parsed.set(drivername="sqlite"), pool_size=1, max_overflow=0)
+    event.listen(engine, "connect", _point_reader_on_connect)
+    return engine
+
+
 class Database:
     """The engine and session factory of one database; built once per process and passed down."""
 
@@ -76,6 +104,23 @@ class Database:
         self.url = url
         self.engine = create_engine(url)
         self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
+        self._reader = _point_reader(url)
+
+    async def point_read(self, statement: Executable, params: dict[str, Any]) -> Row[Any] | None:
+        """The one row (or None) a query of a primary or unique key selects; on a SQLite file read
+        on the event loop, without a thread hop, and through the async engine elsewhere."""
+        if self._reader is not None:
+            try:
+                with self._reader.connect() as connection:
+                    return connection.execute(statement, params).one_or_none()
+            except sa_exc.OperationalError:  # busy, or the file is not there yet: the usual way
+                pass
+        try:
+            async with self.engine.connect() as connection:
+                return (await connection.execute(statement, params)).one_or_none()
+        except _CONNECTION_ERRORS as exc:
+            logger.warning("database unreachable: %s", type(exc).__name__)
+            raise Unavailable(UNREACHABLE) from exc
 
     @property
     def dialect(self) -> str:
@@ -104,4 +149,6 @@ class Database:
 
     async def dispose(self) -> None:
         """Closes every pooled connection."""
+        if self._reader is not None:
+            self._reader.dispose()
         await self.engine.dispose()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from app.domain import CapsuleStatus
 from app.errors import ErrorCode, Unavailable
 from app.store import models
-from app.store.repositories import CapsuleRepository, TeamRepository
+from app.store.migrate import upgrade
+from app.store.repositories import CapsuleRepository, TeamRepository, capsule_of_team
 from app.store.session import Database
 from tests.factories import make_capsule, make_team
 from tests.system import free_port
@@ -125,3 +129,78 @@ async def test_an_unreachable_database_is_unavailable(url: str, tmp_path: Path) 
                 await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
     finally:
         await db.dispose()
+
+
+async def test_a_point_read_gives_what_a_session_reads(database: Database) -> None:
+    team, other = await make_team(database), await make_team(database)
+    capsule = await make_capsule(database, team)
+    assert team.id is not None and other.id is not None
+    async with database.session() as session:
+        stored = await CapsuleRepository(session, team.id).get(capsule.id)
+    read = await capsule_of_team(database, team.id, capsule.id)
+    assert stored is not None and read is not None
+    assert read.to_info() == stored.to_info()
+    assert read.created_at.utcoffset() == timedelta(0)
+    assert await capsule_of_team(database, other.id, capsule.id) is None  # another team's: none
+    assert await capsule_of_team(database, team.id, "cap-missing") is None
+
+
+def _sqlite_path(db: Database) -> str:
+    return str(make_url(db.url).database)
+
+
+async def test_a_point_read_on_sqlite_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    db = await _sqlite_database(tmp_path)
+    try:
+        team = await make_team(db)
+        capsule = await make_capsule(db, team)
+        assert team.id is not None
+        writer = sqlite3.connect(_sqlite_path(db), isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("UPDATE capsule SET status = 'STOPPED' WHERE id = ?", (capsule.id,))
+            async with asyncio.timeout(1):  # the write lock is held: the read neither waits nor sees it
+                read = await capsule_of_team(db, team.id, capsule.id)
+            assert read is not None and read.status is CapsuleStatus.RUNNING
+            writer.execute("COMMIT")
+        finally:
+            writer.close()
+        read = await capsule_of_team(db, team.id, capsule.id)
+        assert read is not None and read.status is CapsuleStatus.STOPPED
+    finally:
+        await db.dispose()
+
+
+async def test_a_point_read_that_would_wait_goes_the_usual_way(tmp_path: Path) -> None:
+    db = await _sqlite_database(tmp_path)
+    try:
+        team = await make_team(db)
+        capsule = await make_capsule(db, team)
+        assert team.id is not None
+        await db.dispose()  # its connections would keep the holder below from its exclusive lock
+        # A connection in exclusive locking mode keeps every reader out until it lets go.
+        holder = sqlite3.connect(_sqlite_path(db), isolation_level=None, check_same_thread=False)
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE capsule SET status = 'STOPPED' WHERE id = ?", (capsule.id,))
+
+        def let_go() -> None:
+            holder.execute("COMMIT")
+            holder.close()
+
+        release = threading.Timer(0.3, let_go)
+        release.start()
+        try:
+            async with asyncio.timeout(10):  # the engine's own busy timeout waits for the lock
+                read = await capsule_of_team(db, team.id, capsule.id)
+        finally:
+            release.join()
+        assert read is not None and read.status is CapsuleStatus.STOPPED
+    finally:
+        await db.dispose()
+
+
+async def _sqlite_database(tmp_path: Path) -> Database:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    await asyncio.to_thread(upgrade, url)
+    return Database(url)
