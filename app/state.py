@@ -55,17 +55,16 @@ class AppState:
             configured = dict(settings.hosts)
             agent: AgentHandle | None = None
             if not await HostService(db, configured).hosts():
-                # A Unix socket in its own directory, never a port: a capsule with network shares the
-                # host's loopback, and must not reach the agent that runs every capsule.
-                agent = await start_agent(f"unix:{settings.agent_dir / 'agent.sock'}", settings)
+                # Called in this process alone: no socket, no port, nothing a capsule could reach.
+                agent = await start_agent(None, settings)
                 stack.push_async_callback(agent.stop)
                 configured[EMBEDDED_HOST_ID] = agent.address
-                logger.info("started the embedded host agent on %s", settings.agent_dir / "agent.sock")
+                logger.info("started the embedded host agent in this process")
             hosts = HostService(db, configured)
             pool = HostPool(settings)
             stack.push_async_callback(pool.close)
             pool.set_hosts(await hosts.hosts())
-            if agent is not None:  # called in this process, not through its socket
+            if agent is not None:
                 pool.set_local(
                     EMBEDDED_HOST_ID, LocalAgent(agent.servicer, agent.health, lambda: agent.stopped)
                 )

@@ -40,6 +40,8 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
 ]
 SERVICE_NAME = "capsule.agent.v1.Agent"
+# The address of an agent that serves no socket, called in its own process only.
+IN_PROCESS = "in-process"
 
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 _Req = TypeVar("_Req")
@@ -330,7 +332,8 @@ class AgentHandle:
             agent_metrics.forget(self._capsules)
             await self._capsules.close()
             self._events.end()
-            await self._server.stop(grace)
+            if self._server is not None:
+                await self._server.stop(grace)
         finally:
             if self._socket_dir_fd is not None:
                 os.close(self._socket_dir_fd)
@@ -372,14 +375,17 @@ async def choose_runtime(settings: Settings) -> SandboxRuntime | None:
     return None
 
 
-async def start_agent(address: str, settings: Settings) -> AgentHandle:
-    """Serves the Agent and the gRPC health service on address (port 0 picks a free port).
+async def start_agent(address: str | None, settings: Settings) -> AgentHandle:
+    """Serves the Agent and the gRPC health service on address (port 0 picks a free port); with
+    address None, serves nothing: the agent is called in this process (app.hosts.local) alone.
 
     Raises DirectoryInUse, having touched nothing, when another agent holds settings.agent_dir.
     """
     # First of all: the load below kills what a previous agent left, which would be the live
     # processes of an agent still running on this directory.
     lock = await asyncio.to_thread(lock_agent_dir, settings)
+    server: Any = None
+    target, socket_dir_fd, port = "", None, 0
     try:
         runtime = await choose_runtime(settings)
         events = ProcessEvents()
@@ -387,28 +393,33 @@ async def start_agent(address: str, settings: Settings) -> AgentHandle:
         waiting = await asyncio.to_thread(capsules.load, lock)
         await capsules.resume(waiting)
         capsules.prepare_spare()
-        server = grpc.aio.server(options=SERVER_OPTIONS)
         servicer = AgentServicer(capsules, events)
-        agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         agent_metrics.watch(capsules)
         capsules.count_output()
-        target, socket_dir_fd = _bind_target(address)
-        port = server.add_insecure_port(target)
-        if socket_dir_fd is not None:
-            port = 0  # gRPC answers 1 for a Unix socket
-        await server.start()
+        if address is not None:
+            server = grpc.aio.server(options=SERVER_OPTIONS)
+            agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            target, socket_dir_fd = _bind_target(address)
+            port = server.add_insecure_port(target)
+            if socket_dir_fd is not None:
+                port = 0  # gRPC answers 1 for a Unix socket
+            await server.start()
     except BaseException:  # nothing runs yet: the capsules were only loaded
         lock.release()
         raise
-    logger.info(
-        "agent serving on %s, data in %s",
-        address if port == 0 else f"{address} (port {port})",
-        settings.agent_dir,
-    )
-    local = target if socket_dir_fd is not None else f"{address.rsplit(':', 1)[0]}:{port}"
+    if address is None:
+        local = IN_PROCESS
+        logger.info("agent running in this process, data in %s", settings.agent_dir)
+    else:
+        logger.info(
+            "agent serving on %s, data in %s",
+            address if port == 0 else f"{address} (port {port})",
+            settings.agent_dir,
+        )
+        local = target if socket_dir_fd is not None else f"{address.rsplit(':', 1)[0]}:{port}"
     return AgentHandle(
         server=server,
         servicer=servicer,

@@ -12,7 +12,8 @@ call takes the same deadline. A server-streaming call runs its handler in a task
 hands messages over through a small queue, so the handler runs ahead of its reader by a few messages
 at most, as gRPC's flow control lets it, and ends, its finally blocks run, when the reader cancels.
 
-The agent's gRPC server still listens on its Unix socket for any other client.
+So the embedded agent serves no socket at all (start_agent(None, ...)): nothing outside the process,
+a capsule least of all, can reach it.
 """
 
 from __future__ import annotations

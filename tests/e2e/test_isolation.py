@@ -27,6 +27,7 @@ import pytest_asyncio
 import app
 from app.agent.launch import BASE_PATH
 from app.agent.sandbox import SandboxRuntime
+from app.agent.server import IN_PROCESS
 from app.config import Settings
 from tests.e2e.client import HttpClient
 from tests.e2e.conftest import Server, running_server
@@ -516,10 +517,10 @@ async def test_with_network_the_agent_does_not_take_orders_from_a_capsule(served
     capsule_id = await served.capsule(network=True)
     agent = served.server.state.agent
     assert agent is not None
-    # The embedded agent listens on a Unix socket in its own directory, which no capsule sees; its
-    # socket's path and any TCP port on the host's loopback are both tried.
+    # The embedded agent is called in the server's process and listens on nothing: no socket in its
+    # directory, no port. Where a socket would be, and the agent's own address, are both tried.
     socket_path = served.server.state.settings.agent_dir.resolve() / "agent.sock"
-    assert agent.port == 0 and socket_path.exists()
+    assert agent.port == 0 and agent.address == IN_PROCESS and not socket_path.exists()
     script = (
         "import sys, grpc\n"
         "from app.pb import agent_pb2 as pb, agent_pb2_grpc\n"
@@ -527,7 +528,7 @@ async def test_with_network_the_agent_does_not_take_orders_from_a_capsule(served
         "request = pb.ExecRequest(capsule_id=sys.argv[2], cmd='cat', args=[sys.argv[3]])\n"
         "print(stub.Exec(request, timeout=5))\n"
     )
-    for target in (f"unix:{socket_path}", f"unix:{agent.address.removeprefix('unix:')}"):
+    for target in (f"unix:{socket_path}", agent.address):
         answer = await run(
             served.a, capsule_id, PYTHON, "-c", script, target, served.victim.capsule_id, B_FILE
         )
