@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from app.agent.server import AgentHandle, start_agent
 from app.bus.broadcast import Bus
-from app.config import Settings
+from app.config import Settings, bus_backend_kind
 from app.hosts.local import LocalAgent
 from app.hosts.pool import HostPool
 from app.services.events import EventPruner
@@ -21,7 +21,7 @@ from app.services.hosts import HostService
 from app.services.keys import KeyService
 from app.services.lifecycle import CapsuleLifecycle, ExitRecorder, IdleReaper, Reconciler
 from app.services.limits import TeamLimits
-from app.services.records import ProcessRecords
+from app.services.records import OTHERS_EXIT_DELAY_SEC, ProcessRecords
 from app.services.revocations import KeyRevocations
 from app.services.shutdown import end_embedded_host
 from app.services.team import Platform
@@ -68,7 +68,15 @@ class AppState:
                 pool.set_local(
                     EMBEDDED_HOST_ID, LocalAgent(agent.servicer, agent.health, lambda: agent.stopped)
                 )
-            records = ProcessRecords(db=db, bus=bus, retention=settings.event_retention)
+            # On a shared bus, replicas may share the store: each leaves the others' exits to them.
+            shared = bus_backend_kind(settings.bus_url) != "memory"
+            records = ProcessRecords(
+                db=db,
+                bus=bus,
+                retention=settings.event_retention,
+                others_exit_delay_sec=OTHERS_EXIT_DELAY_SEC if shared else 0.0,
+            )
+            stack.push_async_callback(records.close)
             lifecycle = CapsuleLifecycle(db=db, pool=pool, records=records)
             keys = KeyService(db, bus=bus)
             revocations = KeyRevocations(keys=keys, bus=bus, interval_sec=settings.key_recheck_interval_sec)

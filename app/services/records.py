@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import signal
 from collections import OrderedDict
@@ -34,6 +36,12 @@ from app.store.session import Database
 logger = logging.getLogger(__name__)
 
 MAX_EARLY_EXITS = 1000
+# With replicas, every replica's exit recorder sees every exit of a host. The replica that started a
+# process records its exit at once; the others leave it that long, then record what is still not on
+# record (its starter may be gone), so an exit costs the store one write, not one per replica.
+OTHERS_EXIT_DELAY_SEC = 1.0
+# Starts of this replica remembered for that; an older one's exit is recorded after the delay.
+MAX_STARTED_HERE = 65536
 
 
 def record_to_info(record: models.ProcessRecord) -> ProcessInfo:
@@ -108,7 +116,16 @@ class ProcessRecords:
     exit recorder, which follows every capsule of a host, writes across teams.
     """
 
-    def __init__(self, *, db: Database, bus: Bus, retention: EventRetention | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        bus: Bus,
+        retention: EventRetention | None = None,
+        others_exit_delay_sec: float = 0.0,
+    ) -> None:
+        """others_exit_delay_sec: how long the exit recorder leaves the exit of a process another
+        replica started to that replica; 0 (one replica) records every exit at once."""
         self._db = db
         self._events = EventLog(bus=bus, retention=retention or EventRetention())
         # Events (exits, restarts, readiness) that arrived before their start was recorded, by
@@ -122,6 +139,23 @@ class ProcessRecords:
         # this together).
         self._starting: dict[tuple[str, str], list[datetime]] = {}
         self._writer = RecordWriter(db=db, events=self._events)
+        self._others_delay = others_exit_delay_sec
+        # (capsule, tag, started_at) of the processes this replica started, while they run.
+        self._started_here: OrderedDict[tuple[str, str, datetime], None] = OrderedDict()
+        self._deferred: list[tuple[float, ProcessInfo]] = []  # exits left to their starter, and when due
+        self._deferring: asyncio.Task[None] | None = None
+
+    @property
+    def exits_left_to_others(self) -> int:
+        """How many exits of processes other replicas started wait for their delay."""
+        return len(self._deferred)
+
+    async def close(self) -> None:
+        """Stops checking on the exits left to other replicas (the host's next reconcile has them)."""
+        if self._deferring is not None:
+            self._deferring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._deferring
 
     async def record_start(self, team_id: int, info: ProcessInfo) -> None:
         """Stores a record of a process that has just started and announces it; an exit known by
@@ -169,6 +203,10 @@ class ProcessRecords:
             return []
 
         self._now_starting(key, info.started_at)
+        if self._others_delay:
+            self._started_here[(info.capsule_id, info.tag, info.started_at)] = None
+            while len(self._started_here) > MAX_STARTED_HERE:
+                self._started_here.popitem(last=False)
         try:
             early = await self._writer.run(insert, key=key)
         except BaseException:
@@ -207,17 +245,25 @@ class ProcessRecords:
         """True when this replica's record of the process's start is still to be inserted."""
         return info.started_at in self._starting.get((info.capsule_id, info.tag), ())
 
-    async def record_exit(self, info: ProcessInfo, *, team_id: int | None) -> bool:
+    async def record_exit(self, info: ProcessInfo, *, team_id: int | None, now: bool = False) -> bool:
         """Marks the process EXITED once across every replica; True for the call that did.
 
         team_id is the team a request acts for; None only for the exit recorder, which follows
-        every team's processes on a host.
+        every team's processes on a host. The exit recorder's exit of a process another replica
+        started waits for that replica (others_exit_delay_sec), unless now.
         """
         exit = _exit_record(info)
         key = (info.capsule_id, info.tag)
         if team_id is None and self._start_waits(info):  # its start's insert takes it
             self._park(ProcessEvent(ProcessEventKind.EXITED, info))
             return False
+        if team_id is None and self._others_delay and not now:
+            run = (info.capsule_id, info.tag, info.started_at)
+            started_here = run in self._started_here
+            self._started_here.pop(run, None)
+            if not started_here:
+                self._defer(info)
+                return False
 
         async def claim(batch: Batch) -> models.ProcessRecord | None:
             session = batch.session
@@ -237,6 +283,35 @@ class ProcessRecords:
             return False
         self._exited(record, info)
         return True
+
+    def _defer(self, info: ProcessInfo) -> None:
+        loop = asyncio.get_running_loop()
+        self._deferred.append((loop.time() + self._others_delay, info))
+        if self._deferring is None or self._deferring.done():
+            self._deferring = loop.create_task(self._record_deferred(), name="deferred-exits")
+
+    async def _record_deferred(self) -> None:
+        """Once each deferred exit is due: one read says which are on record already; the rest are
+        recorded here."""
+        loop = asyncio.get_running_loop()
+        while self._deferred:
+            await asyncio.sleep(max(0.0, self._deferred[0][0] - loop.time()))
+            now = loop.time()
+            due = [info for at, info in self._deferred if at <= now]
+            try:
+                async with self._db.session() as session:
+                    recorded = await SystemRepository(session).exited(
+                        [(info.capsule_id, info.tag, info.pid) for info in due]
+                    )
+                missing = [info for info in due if (info.capsule_id, info.tag, info.pid) not in recorded]
+                for info in missing:
+                    await self.record_exit(info, team_id=None, now=True)
+            except Exception as exc:  # the store is away: try again after the delay
+                logger.warning("exits left to other replicas: cannot check them yet (%s)", type(exc).__name__)
+                retry = loop.time() + self._others_delay
+                self._deferred = [(retry, info) if at <= now else (at, info) for at, info in self._deferred]
+                continue
+            self._deferred = [(at, info) for at, info in self._deferred if at > now]
 
     def _exited(self, record: models.ProcessRecord, info: ProcessInfo) -> None:
         """Counts and logs an exit this replica recorded."""

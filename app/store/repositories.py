@@ -561,6 +561,23 @@ class SystemRepository:
         )
         return (await self._session.exec(statement.limit(1))).first() is not None
 
+    async def exited(self, processes: Collection[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
+        """Of processes (capsule, tag, pid), those whose record is EXITED."""
+        record = models.ProcessRecord
+        found: set[tuple[str, str, int]] = set()
+        wanted = list(dict.fromkeys(processes))
+        for start in range(0, len(wanted), 300):  # a few hundred parameters a statement at most
+            chunk = wanted[start : start + 300]
+            statement = select(record.capsule_id, record.tag, record.pid).where(
+                col(record.status) == ProcessStatus.EXITED,
+                col(record.capsule_id).in_({capsule for capsule, _, _ in chunk}),
+                col(record.tag).in_({tag for _, tag, _ in chunk}),
+                col(record.pid).in_({pid for _, _, pid in chunk}),
+            )
+            rows = (await self._session.exec(statement)).all()
+            found.update((str(c), str(t), int(p)) for c, t, p in rows)
+        return found.intersection(wanted)
+
     async def has_record(self, capsule_id: str, pid: int, tag: str) -> bool:
         """True when a record of this process exists, in any status."""
         record = models.ProcessRecord

@@ -31,7 +31,7 @@ from app.domain import (
 )
 from app.services.records import ProcessRecords
 from app.store import models
-from tests.services.conftest import Teams
+from tests.services.conftest import Teams, until
 from tests.system import process_alive
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -396,3 +396,66 @@ class TestRecordRun:
             2,
             1,
         )
+
+
+class TestExitsOfOtherReplicas:
+    """With replicas, each leaves the exit of a process another started to that one, which records it
+    at once: an exit is one write to the store, not one per replica."""
+
+    @asynccontextmanager
+    async def replicas(self, teams: Teams) -> AsyncIterator[tuple[ProcessRecords, ProcessRecords]]:
+        platform = teams.state.platform
+        starter, other = (
+            ProcessRecords(db=platform.db, bus=platform.bus, others_exit_delay_sec=0.2) for _ in range(2)
+        )
+        try:
+            yield starter, other
+        finally:
+            await starter.close()
+            await other.close()
+
+    async def test_the_starter_records_it_and_the_other_writes_nothing(self, teams: Teams) -> None:
+        capsule = await capsule_of(teams)
+        info = running(capsule)
+        exit = ended(info, exit_code=4)
+        async with self.replicas(teams) as (starter, other):
+            await starter.record_start(teams.ours.team.id, info)
+            async with teams.events(capsule.id) as events, statements(teams) as seen:
+                assert not await other.record_exit(exit, team_id=None)  # left to its starter
+                assert await starter.record_exit(exit, team_id=None)
+                await until(lambda: _done(other.exits_left_to_others == 0), what="the other replica's check")
+                recorded = await events.settled()
+        assert kinds(recorded) == [(EXITED, info.tag)]
+        assert len([s for s in seen if s.startswith("UPDATE process_record")]) == 1
+        assert (await stored(teams, info)).exit_code == 4
+
+    async def test_one_its_starter_did_not_record_is_recorded_after_the_delay(self, teams: Teams) -> None:
+        capsule = await capsule_of(teams)
+        info = running(capsule)
+        async with self.replicas(teams) as (starter, other):
+            await starter.record_start(teams.ours.team.id, info)
+            async with teams.events(capsule.id) as events:
+                # The starter went away before its exit recorder saw the exit.
+                assert not await other.record_exit(ended(info, exit_code=6), team_id=None)
+                assert (await stored(teams, info)).status is ProcessStatus.RUNNING
+
+                async def exited() -> bool | None:
+                    return (await stored(teams, info)).status is ProcessStatus.EXITED or None
+
+                await until(exited, what=f"the exit of {info.tag}")
+                recorded = await events.settled()
+        assert kinds(recorded) == [(EXITED, info.tag)]
+        assert (await stored(teams, info)).exit_code == 6
+
+    async def test_one_replica_records_every_exit_at_once(self, teams: Teams) -> None:
+        records = teams.state.platform.records  # the memory bus: this server is the only replica
+        capsule = await capsule_of(teams)
+        info = running(capsule)
+        await ProcessRecords(db=teams.state.platform.db, bus=teams.state.platform.bus).record_start(
+            teams.ours.team.id, info
+        )
+        assert await records.record_exit(ended(info), team_id=None)
+
+
+async def _done(value: bool) -> bool | None:
+    return value or None
