@@ -3,13 +3,16 @@
 Nothing here imports OpenTelemetry at module level: without the variable, `capsule serve` loads none
 of it and pays nothing. With it, spans go over OTLP/gRPC (the SDK reads the usual OTEL_* variables:
 the endpoint, headers, OTEL_SERVICE_NAME, sampling) from strawberry's OpenTelemetry extension (one
-span per operation, its parse, validation and resolvers) and from every gRPC call to a host agent.
+span per operation, its parse, validation and resolvers) and from every call to a host agent, over
+gRPC or to the embedded agent in this process.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from app.hosts import local
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ def enable(endpoint: str) -> Any:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
         GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
+        # The embedded agent is called in this process, not over gRPC: its calls get the same spans.
+        tracer = trace.get_tracer("app.hosts.local")
+        local.start_span = lambda name: tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT)
         _provider = provider
         logger.info("tracing: OpenTelemetry spans go to %s", endpoint)
     return OpenTelemetryExtension

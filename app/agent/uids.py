@@ -26,6 +26,7 @@ class UidRegistry:
     def __init__(self, first: int, count: int, directory: Path = DIRECTORY) -> None:
         self._first, self._count, self._directory = first, count, directory
         self._held: dict[int, int] = {}  # uid -> the descriptor holding its lock
+        self._next = 0  # where take() looks first, from first on
 
     def claim(self, uid: int) -> bool:
         """Takes uid for this agent, unless another agent (or another registry here) holds it."""
@@ -42,10 +43,17 @@ class UidRegistry:
         return True
 
     def take(self, exclude: Iterable[int] = ()) -> int:
-        """A uid no agent on the host holds, now this one's; RateLimited when none is left."""
+        """A uid no agent on the host holds, now this one's; RateLimited when none is left.
+
+        Round the range: a uid let go is taken again only once every other one has been, so a new
+        capsule never starts under the uid of one destroyed a moment ago (where, without cgroups, a
+        uid is what the kill of a capsule ends).
+        """
         skip = set(exclude)
-        for uid in range(self._first, self._first + self._count):
+        for step in range(self._count):
+            uid = self._first + (self._next + step) % self._count
             if uid not in skip and uid not in self._held and self.claim(uid):
+                self._next = (uid - self._first + 1) % self._count
                 return uid
         raise RateLimited("this host runs as many sandboxes as it has uids for them")
 

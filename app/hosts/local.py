@@ -19,8 +19,10 @@ a capsule least of all, can reach it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -29,6 +31,17 @@ logger = logging.getLogger(__name__)
 
 # Messages a streaming handler may run ahead of its reader.
 STREAM_AHEAD = 8
+# The service's gRPC name (app.agent.server.SERVICE_NAME), which names each call's span.
+SERVICE = "capsule.agent.v1.Agent"
+
+# Set by app.tracing.enable where traces are on: opens a client span of one call to the agent, named
+# as gRPC's instrumentation names a call to an agent elsewhere ("/capsule.agent.v1.Agent/Exec").
+start_span: Callable[[str], AbstractContextManager[Any]] | None = None
+
+
+def _span(method: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext() if start_span is None else start_span(f"/{SERVICE}/{method}")
+
 
 _Request = TypeVar("_Request")
 _Reply = TypeVar("_Reply")
@@ -63,16 +76,20 @@ class _Context:
 class _Unary(Generic[_Request, _Reply]):
     """A unary method of the servicer, called as the stub's would be: errors and deadline alike."""
 
-    def __init__(self, agent: LocalAgent, method: Callable[[_Request, Any], Awaitable[_Reply]]) -> None:
+    def __init__(
+        self, agent: LocalAgent, name: str, method: Callable[[_Request, Any], Awaitable[_Reply]]
+    ) -> None:
         self._agent = agent
+        self._name = name
         self._method = method
 
     async def __call__(self, request: _Request, *, timeout: float | None = None) -> _Reply:  # noqa: ASYNC109 (the stub's own signature)
         self._agent.check_open()
         deadline = asyncio.timeout(timeout)
         try:
-            async with deadline:
-                return await self._method(request, _Context(timeout))
+            with _span(self._name):
+                async with deadline:
+                    return await self._method(request, _Context(timeout))
         except TimeoutError:
             if deadline.expired():
                 raise _status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
@@ -85,17 +102,20 @@ _END = object()
 class _StreamCall(Generic[_Reply]):
     """A server-streaming call under way: the handler in its own task, its messages through a queue."""
 
-    def __init__(self, agent: LocalAgent, replies: Callable[[_Context], AsyncIterator[_Reply]]) -> None:
+    def __init__(
+        self, agent: LocalAgent, name: str, replies: Callable[[_Context], AsyncIterator[_Reply]]
+    ) -> None:
         self._agent = agent
         self._context = _Context(None)
         self._queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_AHEAD)
-        self._task = asyncio.get_running_loop().create_task(self._run(replies(self._context)))
+        self._task = asyncio.get_running_loop().create_task(self._run(name, replies(self._context)))
         agent.streams.add(self)
 
-    async def _run(self, replies: AsyncIterator[_Reply]) -> None:
+    async def _run(self, name: str, replies: AsyncIterator[_Reply]) -> None:
         try:
-            async for reply in replies:
-                await self._queue.put(reply)
+            with _span(name):
+                async for reply in replies:
+                    await self._queue.put(reply)
             ended: Any = _END
         except grpc.aio.AioRpcError as exc:  # the servicer's context.abort
             ended = exc
@@ -146,13 +166,16 @@ class _StreamCall(Generic[_Reply]):
 class _Stream(Generic[_Request, _Reply]):
     """A server-streaming method of the servicer, called as the stub's would be."""
 
-    def __init__(self, agent: LocalAgent, method: Callable[[_Request, Any], AsyncIterator[_Reply]]) -> None:
+    def __init__(
+        self, agent: LocalAgent, name: str, method: Callable[[_Request, Any], AsyncIterator[_Reply]]
+    ) -> None:
         self._agent = agent
+        self._name = name
         self._method = method
 
     def __call__(self, request: _Request) -> _StreamCall[_Reply]:
         self._agent.check_open()
-        return _StreamCall(self._agent, lambda context: self._method(request, context))
+        return _StreamCall(self._agent, self._name, lambda context: self._method(request, context))
 
 
 class _Stub:
@@ -165,7 +188,8 @@ class _Stub:
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._servicer, name)
-        bound: Any = _Stream(self._agent, method) if name in self._streaming else _Unary(self._agent, method)
+        kind = _Stream if name in self._streaming else _Unary
+        bound: Any = kind(self._agent, name, method)
         setattr(self, name, bound)  # built once per method
         return bound
 
@@ -184,7 +208,7 @@ class LocalAgent:
         self._closed = asyncio.Event()
         self.streams: set[_StreamCall[Any]] = set()
         self.stub: Any = _Stub(self, servicer, frozenset({"StreamOutput", "WatchProcesses"}))
-        self.health: Any = _Unary(self, health.Check)
+        self.health: Any = _Unary(self, "Check", health.Check)
 
     def check_open(self) -> None:
         """Raises what a call on a closed channel raises, once this link or the agent has stopped."""

@@ -29,6 +29,17 @@ def test_a_uid_is_held_by_one_registry_at_a_time(tmp_path: Path) -> None:
         two.close()
 
 
+def test_a_uid_let_go_is_taken_again_last(tmp_path: Path) -> None:
+    registry = UidRegistry(FIRST, 4, tmp_path)
+    try:
+        assert [registry.take() for _ in range(2)] == [FIRST, FIRST + 1]
+        registry.retain([FIRST + 1])  # FIRST's capsule was destroyed
+        assert [registry.take() for _ in range(2)] == [FIRST + 2, FIRST + 3]
+        assert registry.take() == FIRST  # only once the rest of the range has been handed out
+    finally:
+        registry.close()
+
+
 def test_the_last_uid_taken_leaves_none(tmp_path: Path) -> None:
     registry = UidRegistry(FIRST, 1, tmp_path)
     try:
