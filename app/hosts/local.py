@@ -27,12 +27,15 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from app.pb import agent_pb2 as pb
+
 logger = logging.getLogger(__name__)
 
 # Messages a streaming handler may run ahead of its reader.
 STREAM_AHEAD = 8
-# The service's gRPC name (app.agent.server.SERVICE_NAME), which names each call's span.
-SERVICE = "capsule.agent.v1.Agent"
+_SERVICE = pb.DESCRIPTOR.services_by_name["Agent"]
+SERVICE = _SERVICE.full_name  # which names each call's span
+STREAMING = frozenset(method.name for method in _SERVICE.methods if method.server_streaming)
 
 # Set by app.tracing.enable where traces are on: opens a client span of one call to the agent, named
 # as gRPC's instrumentation names a call to an agent elsewhere ("/capsule.agent.v1.Agent/Exec").
@@ -181,14 +184,13 @@ class _Stream(Generic[_Request, _Reply]):
 class _Stub:
     """The agent's methods, by their gRPC names, on the servicer of this process."""
 
-    def __init__(self, agent: LocalAgent, servicer: Any, streaming: frozenset[str]) -> None:
+    def __init__(self, agent: LocalAgent, servicer: Any) -> None:
         self._agent = agent
         self._servicer = servicer
-        self._streaming = streaming
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._servicer, name)
-        kind = _Stream if name in self._streaming else _Unary
+        kind = _Stream if name in STREAMING else _Unary
         bound: Any = kind(self._agent, name, method)
         setattr(self, name, bound)  # built once per method
         return bound
@@ -207,7 +209,7 @@ class LocalAgent:
         self._stopped = stopped
         self._closed = asyncio.Event()
         self.streams: set[_StreamCall[Any]] = set()
-        self.stub: Any = _Stub(self, servicer, frozenset({"StreamOutput", "WatchProcesses"}))
+        self.stub: Any = _Stub(self, servicer)
         self.health: Any = _Unary(self, "Check", health.Check)
 
     def check_open(self) -> None:
