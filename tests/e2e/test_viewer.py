@@ -252,6 +252,7 @@ async def test_filter_text_and_regex_counts_and_the_address(served: Served, view
     await viewer.page.keyboard.type("alpha")
     await expect(count).to_have_text("2 matching of 6 lines")
     assert await viewer.shown() == ["alpha one", "alpha three"]
+    await expect(viewer.page).to_have_url(re.compile(r"[?&]q=alpha(&|$)"))  # written after it renders
     assert viewer.query()["q"] == ["alpha"]
 
     await viewer.page.get_by_title("Regular expression").click()
@@ -266,6 +267,7 @@ async def test_filter_text_and_regex_counts_and_the_address(served: Served, view
     await expect(viewer.rows).to_have_count(6)
     await expect(viewer.page.locator(".row mark")).to_have_text(["beta"])
     await viewer.shot("highlight")
+    await expect(viewer.page).to_have_url(re.compile(r"[?&]mode=mark(&|$)"))
     assert viewer.query() == {
         "capsule": [capsule_id],
         "process": ["words"],
@@ -283,6 +285,7 @@ async def test_filter_text_and_regex_counts_and_the_address(served: Served, view
     await expect(viewer.rows).to_have_count(1)
     await viewer.page.get_by_role("searchbox", name="Filter").press("Escape")
     await expect(viewer.rows).to_have_count(6)
+    await expect(viewer.page).not_to_have_url(re.compile(r"[?&]q="))
     assert "q" not in viewer.query()
 
 
@@ -460,6 +463,8 @@ async def test_processes_update_live_and_take_signals(served: Served, viewer: Vi
     sleeper = page.get_by_test_id("processes").get_by_role("button", name=re.compile("sleeper"))
     await expect(sleeper).to_contain_text("running", timeout=WAIT_MS)  # through processEvents
     await sleeper.click()
+    # The page writes its address in an effect after it renders: wait for it, as for the page.
+    await expect(page).to_have_url(re.compile(r"[?&]process=sleeper(&|$)"))
     assert viewer.query()["process"] == ["sleeper"]
     toolbar = page.locator(".toolbar").first
     await expect(toolbar).to_contain_text("PID")
