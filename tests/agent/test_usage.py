@@ -184,6 +184,10 @@ class TestProcMeters:
         )
         try:
             run = meter.ProcMeter(meters, child.pid)
+            # Just after its exec a leader may have no page resident yet (a start's answer then says
+            # 0 bytes): ask once it has one, so that the leader's own figures are what is read.
+            statm = Path(f"/proc/{child.pid}/statm")
+            await eventually(lambda: int(statm.read_text().split()[1]) > 0, what="the shell's first page")
             at_start = run.usage(at_start=True)
             # Every start answers with its usage: no scan of all of /proc for it.
             assert scans == [] and at_start is not None
