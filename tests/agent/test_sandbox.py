@@ -46,8 +46,13 @@ async def test_capsules_made_one_after_another_are_each_their_own(
     assert len(owners) == len(ids)  # a host uid each, however the sandbox was started
     for capsule_id in ids:
         info = await start_sh(stub, capsule_id, "echo $$ > me; sleep 1000", tag="sleeper")
-        reply = await stub.Exec(pb.ExecRequest(capsule_id=capsule_id, cmd="cat", args=["me"]))
-        assert int(reply.stdout) == info.pid and info.capsule_id == capsule_id
+
+        async def written(capsule_id: str = capsule_id) -> bytes:  # the shell runs on after its start
+            reply = await stub.Exec(pb.ExecRequest(capsule_id=capsule_id, cmd="cat", args=["me"]))
+            return bytes(reply.stdout) if reply.stdout.endswith(b"\n") else b""
+
+        pid = await eventually(written, what=f"the shell of {capsule_id} to write its pid")
+        assert int(pid) == info.pid and info.capsule_id == capsule_id
         assert capsule_alive(capsule_id, info.pid, sandbox=True) and cgroup_pids(tmp_path, capsule_id)
     listed = await stub.ListCapsules(pb.Empty())
     assert [c.capsule_id for c in listed.capsules] == ids
