@@ -21,6 +21,7 @@ from app.config import Settings
 from app.errors import HostUnavailable
 from app.hosts.client import HostClient
 from app.hosts.pool import HostPool
+from tests.hosts.conftest import local_link
 from tests.hosts.helpers import DEADLINE, collect_output, next_batch, sh, stdout_of
 from tests.system import TEST_RUNTIME, sandboxed
 
@@ -177,9 +178,12 @@ async def test_set_hosts_follows_a_moved_host(settings: Settings, agent: AgentHa
         await other.stop()
 
 
-async def test_closing_the_pool_ends_streams(settings: Settings, agent: AgentHandle) -> None:
+@pytest.mark.parametrize("link", ["grpc", "local"])
+async def test_closing_the_pool_ends_streams(settings: Settings, agent: AgentHandle, link: str) -> None:
     pool = HostPool(settings)
     pool.set_hosts({"h1": f"127.0.0.1:{agent.port}"})
+    if link == "local":
+        pool.set_local("h1", local_link(agent))
     client = pool.client("h1")
     await client.create_capsule("cap-closing")
     await client.start_process("cap-closing", sh("echo ready; sleep 30", tag="long"))
@@ -187,10 +191,13 @@ async def test_closing_the_pool_ends_streams(settings: Settings, agent: AgentHan
     try:
         assert stdout_of(await next_batch(stream)) == b"ready\n"
         reader = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0)  # let it wait for the next message
         await pool.close()
         async with asyncio.timeout(DEADLINE):
             with pytest.raises(HostUnavailable):
                 await reader
+        with pytest.raises(HostUnavailable):  # and the pool takes no new call
+            await client.list_capsules()
     finally:
         await stream.aclose()
 
