@@ -1,11 +1,10 @@
-"""Error codes callers see, the exception type that carries them, and their gRPC twins."""
+"""Error codes callers see, the exception type that carries them, and their gRPC twins (by number:
+this module, which a capsule's supervisor loads too, needs no grpc)."""
 
 from __future__ import annotations
 
 import enum
 from typing import ClassVar
-
-import grpc
 
 
 class ErrorCode(enum.Enum):
@@ -105,28 +104,55 @@ ERROR_TYPES: dict[ErrorCode, type[CapsuleError]] = {
     )
 }
 
+
+class Status(enum.IntEnum):
+    """gRPC's status codes, by the numbers its wire carries (grpc.StatusCode names the same ones)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
 # The one table between our codes and gRPC's; the host client reads it backwards.
-GRPC_STATUS: dict[ErrorCode, grpc.StatusCode] = {
-    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorCode.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorCode.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
-    ErrorCode.INVALID_STATE: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorCode.HOST_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+GRPC_STATUS: dict[ErrorCode, Status] = {
+    ErrorCode.UNAUTHENTICATED: Status.UNAUTHENTICATED,
+    ErrorCode.INVALID_REQUEST: Status.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: Status.NOT_FOUND,
+    ErrorCode.CONFLICT: Status.ALREADY_EXISTS,
+    ErrorCode.INVALID_STATE: Status.FAILED_PRECONDITION,
+    ErrorCode.HOST_UNAVAILABLE: Status.UNAVAILABLE,
     # Only an API server raises it; should an agent ever do, the caller sees the host as unavailable.
-    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorCode.UNAVAILABLE: Status.UNAVAILABLE,
+    ErrorCode.RATE_LIMITED: Status.RESOURCE_EXHAUSTED,
+    ErrorCode.INTERNAL: Status.INTERNAL,
 }
 
-ERROR_CODE_OF_STATUS: dict[grpc.StatusCode, ErrorCode] = {
+ERROR_CODE_OF_STATUS: dict[Status, ErrorCode] = {
     status: code for code, status in GRPC_STATUS.items() if code is not ErrorCode.UNAVAILABLE
-} | {grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.HOST_UNAVAILABLE}
+}
+ERROR_CODE_OF_STATUS[Status.DEADLINE_EXCEEDED] = ErrorCode.HOST_UNAVAILABLE
 
 
-def error_from_status(status: grpc.StatusCode, message: str) -> CapsuleError:
-    """Turns a failed gRPC call's status back into the error the agent raised."""
-    code = ERROR_CODE_OF_STATUS.get(status, ErrorCode.INTERNAL)
+def error_from_status(status: int, message: str) -> CapsuleError:
+    """Turns a failed gRPC call's status (its number) back into the error the agent raised."""
+    try:
+        code = ERROR_CODE_OF_STATUS.get(Status(status), ErrorCode.INTERNAL)
+    except ValueError:  # a number gRPC does not define
+        code = ErrorCode.INTERNAL
     if code is ErrorCode.HOST_UNAVAILABLE:
         return HostUnavailable(message or "the capsule's host agent cannot be reached")
     if code is ErrorCode.INTERNAL:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
+import app.agent.metrics  # noqa: F401 (the embedded agent's series, on the API server's /metrics)
 from app.agent.server import AgentHandle, start_agent
 from app.bus.broadcast import Bus
 from app.config import Settings, bus_backend_kind

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from app.agent import inner
 from app.agent.events import ProcessEvents
-from app.agent.metrics import CapsuleStat
 from app.agent.sandbox import UID_BASE, UID_COUNT, Sandbox, SandboxRuntime
 from app.agent.supervisor import Supervisor
+from app.agent.tally import CapsuleStat
 from app.agent.uids import UidRegistry
 from app.config import Settings
 from app.datadir import DirectoryLock

@@ -1,14 +1,14 @@
-"""A capsule's supervisor inside its sandbox: the agent's gRPC surface for this one capsule, on a Unix socket.
+"""A capsule's supervisor inside its sandbox: the agent's service for this one capsule, on a Unix socket.
 
 `python -m app.agent.inner SETTINGS_JSON` runs as the sandbox's unprivileged user, in its namespaces,
 with the workspace at /workspace. It is the same supervisor as the plain runtime's; the host agent
-forwards each call for the capsule here and relays the lifecycle events it publishes.
+forwards each call for the capsule here, over the link of app.agent.link, and relays the lifecycle
+events it publishes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import json
 import logging
@@ -20,15 +20,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from app.agent import link
 from app.agent.events import ProcessEvents
 from app.agent.meter import CgroupMeters, Meters
 from app.agent.supervisor import Supervisor
 from app.config import Settings
 from app.domain import CapsuleSpec, HostCapsule
 from app.errors import NotFound
-from app.pb import agent_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +161,7 @@ class OneCapsule:
 
 async def serve(argument: str) -> None:
     """Serves the capsule on the socket until SIGTERM, or until the sandbox ends around it."""
-    from app.agent.server import SERVER_OPTIONS, AgentServicer
+    from app.agent.service import AgentServicer
 
     given: dict[str, Any] = json.loads(argument)
     known = {f.name for f in fields(Settings)}
@@ -175,12 +173,7 @@ async def serve(argument: str) -> None:
     capsule = OneCapsule(
         given["capsule_id"], settings, events, rlimit=bool(given.get("rlimit")), meters=meters
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(capsule, events), server)  # type: ignore[arg-type]
-    with contextlib.suppress(FileNotFoundError):
-        SOCKET.unlink()
-    server.add_insecure_port(f"unix://{SOCKET}")
-    await server.start()
+    server = await link.serve(SOCKET, AgentServicer(capsule, events))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if given.get("lifeline") is not None:
@@ -192,7 +185,7 @@ async def serve(argument: str) -> None:
     finally:
         await capsule.close()
         events.end()
-        await server.stop(0.5)
+        server.close()
 
 
 def _not_dumpable() -> None:

@@ -15,78 +15,16 @@ so it never waits on a sandbox; a sandbox that has not answered yet has no serie
 
 from __future__ import annotations
 
-import functools
 import logging
-import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.agent import tally
+
 logger = logging.getLogger(__name__)
-
-
-class Tally:
-    """Plain counters of the agent's own that its hot paths add to."""
-
-    __slots__ = ("streams_open",)
-
-    def __init__(self) -> None:
-        self.streams_open = 0  # StreamOutput calls being served
-
-
-TALLY = Tally()
-
-
-class OutputTally:
-    """One capsule's output counters, which its supervisor's pipes and output logs add to."""
-
-    __slots__ = ("evicted_bytes", "evicted_events", "pipe_bytes")
-
-    def __init__(self) -> None:
-        self.pipe_bytes = 0  # read from its processes' stdout, stderr and terminals
-        self.evicted_events = 0  # dropped from output logs past their cap
-        self.evicted_bytes = 0  # the output bytes of those events
-
-
-@dataclass(frozen=True, slots=True)
-class OutputCounts:
-    """A capsule's output counters at one moment, with the log bytes held then."""
-
-    pipe_bytes: int = 0
-    log_bytes_held: int = 0
-    evicted_events: int = 0
-    evicted_bytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CapsuleStat:
-    """One capsule as the collector reports it; output is None while its sandbox has not told."""
-
-    capsule_id: str
-    running: int
-    output: OutputCounts | None
-
-
-class CapsuleStats(Protocol):
-    """What an agent's capsules tell the collector (without waiting on anything)."""
-
-    def stats(self) -> Iterable[CapsuleStat]: ...
-
-
-_AGENTS: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def watch(capsules: CapsuleStats) -> None:
-    """Adds an agent's capsules to what the collector reports, while they live."""
-    _AGENTS.add(capsules)
-
-
-def forget(capsules: CapsuleStats) -> None:
-    _AGENTS.discard(capsules)
 
 
 class AgentCollector(Collector):
@@ -115,7 +53,7 @@ class AgentCollector(Collector):
             labels=["capsule"],
         )
         capsules = 0
-        for agent in list(_AGENTS):
+        for agent in list(tally.AGENTS):
             for stat in agent.stats():
                 capsules += 1
                 labels = [stat.capsule_id]
@@ -132,33 +70,14 @@ class AgentCollector(Collector):
         yield evictions
         yield evicted
         yield GaugeMetricFamily(
-            "capsule_agent_output_streams", "Output streams open to API servers", value=TALLY.streams_open
+            "capsule_agent_output_streams",
+            "Output streams open to API servers",
+            value=tally.TALLY.streams_open,
         )
 
 
 COLLECTOR = AgentCollector()
 REGISTRY.register(COLLECTOR)
-
-_Servicer = TypeVar("_Servicer")
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-
-
-def counted_stream(
-    method: Callable[[_Servicer, _Req, Any], AsyncIterator[_Resp]],
-) -> Callable[[_Servicer, _Req, Any], AsyncIterator[_Resp]]:
-    """Counts a server-streaming RPC in streams_open while it runs."""
-
-    @functools.wraps(method)
-    async def wrapper(self: _Servicer, request: _Req, context: Any) -> AsyncIterator[_Resp]:
-        TALLY.streams_open += 1
-        try:
-            async for reply in method(self, request, context):
-                yield reply
-        finally:
-            TALLY.streams_open -= 1
-
-    return wrapper
 
 
 def serve(address: str) -> None:

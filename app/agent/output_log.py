@@ -9,7 +9,7 @@ from array import array
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from app.agent.metrics import OutputTally
+from app.agent.tally import OutputTally
 from app.domain import (
     OutputChunk,
     OutputEvent,

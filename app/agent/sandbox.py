@@ -38,12 +38,12 @@ from app import wire
 from app.agent import inner
 from app.agent.cgroups import CapsuleCgroup, CgroupHost, RlimitHost, UidGroup, scope_of
 from app.agent.events import Publish
-from app.agent.metrics import OutputCounts
+from app.agent.supervisor_link import SupervisorLink
+from app.agent.tally import OutputCounts
 from app.config import Settings
 from app.domain import CapsuleSpec, ProcessEventKind, ResourceUsage
 from app.errors import CapsuleError, HostUnavailable, Internal, NotFound, error_from_status
 from app.pb import agent_pb2 as pb
-from app.pb import agent_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -290,13 +290,13 @@ def _prepare(workspace: Path, run_dir: Path, uid: int, cgroup: Group, spec: Caps
 
 @dataclass(eq=False)
 class Sandbox:
-    """One capsule's running sandbox: its launcher process, its cgroup, and a channel to its supervisor."""
+    """One capsule's running sandbox: its launcher process, its cgroup, and a link to its supervisor."""
 
     capsule_id: str
     process: asyncio.subprocess.Process
     cgroup: Group
     socket: Path
-    channel: grpc.aio.Channel | None = None
+    link: SupervisorLink | None = None
     stub: Any = None
     relay: asyncio.Task[None] | None = None
     # The background processes running inside, as the relayed events tell.
@@ -326,12 +326,11 @@ class Sandbox:
                     raise Internal(f"the sandbox of capsule {self.capsule_id} ended as it started")
                 await asyncio.sleep(0.005)
             # A socket's path holds at most 107 bytes, and a data directory may lie deep: the
-            # channel reaches the socket through a descriptor of its directory instead.
+            # link reaches the socket through a descriptor of its directory instead.
             self._run_dir_fd = os.open(self.socket.parent, os.O_PATH | os.O_DIRECTORY)
-            target = f"unix:/proc/self/fd/{self._run_dir_fd}/{self.socket.name}"
-            self.channel = grpc.aio.insecure_channel(target)
-            self.stub = agent_pb2_grpc.AgentStub(self.channel)
-            await self.channel.channel_ready()
+            self.link = SupervisorLink(f"/proc/self/fd/{self._run_dir_fd}/{self.socket.name}")
+            self.stub = self.link.stub
+            await self.link.open()
             subscribed = asyncio.Event()
             self.relay = asyncio.create_task(
                 self._relay(publish, subscribed), name=f"relay-{self.capsule_id}"
@@ -425,7 +424,7 @@ class Sandbox:
             return NotFound(f"capsule {self.capsule_id} has ended on this host: its sandbox stopped")
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
             return HostUnavailable(f"the supervisor of capsule {self.capsule_id} does not answer")
-        return error_from_status(exc.code(), exc.details() or "")
+        return error_from_status(exc.code().value[0], exc.details() or "")
 
     async def adopt(self, capsule_id: str, spec: CapsuleSpec, *, run_dir: Path) -> None:
         """Makes a spare sandbox the capsule's: its cgroup's name and limits, its supervisor's capsule."""
@@ -461,8 +460,8 @@ class Sandbox:
         if self.relay is not None:
             self.relay.cancel()
             await asyncio.gather(self.relay, return_exceptions=True)
-        if self.channel is not None:
-            await self.channel.close()
+        if self.link is not None:
+            await self.link.close()
         if self._run_dir_fd is not None:
             os.close(self._run_dir_fd)
             self._run_dir_fd = None

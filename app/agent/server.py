@@ -1,4 +1,5 @@
-"""The host agent's gRPC server: routes each call to a capsule's supervisor; errors become status."""
+"""The host agent's gRPC server: the Agent service (app.agent.service) and gRPC's health service on
+an address; each call's CallError becomes its gRPC status."""
 
 from __future__ import annotations
 
@@ -8,24 +9,22 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from app import wire
-from app.agent import metrics as agent_metrics
+from app.agent import tally
 from app.agent.capsules import Capsules
 from app.agent.events import ProcessEvents
-from app.agent.metrics import counted_stream
+from app.agent.link import BY_NAME, SERVICE, CallError
+from app.agent.rpc import GRPC_CODES
 from app.agent.sandbox import SandboxRuntime
+from app.agent.service import AgentServicer
 from app.config import ConfigError, Settings
 from app.datadir import DirectoryLock, lock_agent_dir
-from app.domain import SignalScope, parse_selector
-from app.errors import GRPC_STATUS, CapsuleError, InvalidRequest
-from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -39,255 +38,39 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_ping_strikes", 0),
 ]
-SERVICE_NAME = "capsule.agent.v1.Agent"
 # The address of an agent that serves no socket, called in its own process only.
 IN_PROCESS = "in-process"
 
-Context = Any  # grpc.aio.ServicerContext; grpc ships no type hints
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-_Servicer = TypeVar("_Servicer", bound="AgentServicer")
 
+class GrpcServicer:
+    """The servicer's methods as gRPC serves them: a call's CallError is aborted with its status."""
 
-async def _abort(context: Context, exc: Exception) -> NoReturn:
-    if isinstance(exc, CapsuleError):
-        await context.abort(GRPC_STATUS[exc.code], str(exc))
-    else:  # a bug: the caller learns nothing of the inside, the log gets the traceback
-        logger.error("agent call failed", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-    raise AssertionError("context.abort returned")
+    def __init__(self, servicer: AgentServicer) -> None:
+        self._servicer = servicer
 
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._servicer, name)
+        wrapper: Callable[..., Any]
+        if BY_NAME[name].streaming:
 
-def abort_on_capsule_error(
-    method: Callable[[_Servicer, _Req, Context], Awaitable[_Resp]],
-) -> Callable[[_Servicer, _Req, Context], Awaitable[_Resp]]:
-    """Turns a CapsuleError of a unary method into the matching gRPC status."""
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    async for reply in method(request, context):
+                        yield reply
+                except CallError as exc:
+                    await context.abort(GRPC_CODES[exc.code], exc.details)
 
-    @functools.wraps(method)
-    async def wrapper(self: _Servicer, request: _Req, context: Context) -> _Resp:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
+            wrapper = stream
+        else:
 
-    return wrapper
+            async def unary(request: Any, context: Any) -> Any:
+                try:
+                    return await method(request, context)
+                except CallError as exc:
+                    await context.abort(GRPC_CODES[exc.code], exc.details)
 
-
-def abort_stream_on_capsule_error(
-    method: Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]],
-) -> Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]]:
-    """The twin of abort_on_capsule_error for server-streaming methods."""
-
-    @functools.wraps(method)
-    async def wrapper(self: _Servicer, request: _Req, context: Context) -> AsyncIterator[_Resp]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
-
-    return wrapper
-
-
-def routed(
-    capsule_of: Callable[[Any], str],
-) -> Callable[
-    [Callable[[_Servicer, _Req, Context], Awaitable[_Resp]]],
-    Callable[[_Servicer, _Req, Context], Awaitable[_Resp]],
-]:
-    """A unary call on one capsule: a sandboxed capsule's goes, unchanged, to the supervisor inside."""
-
-    def decorate(
-        method: Callable[[_Servicer, _Req, Context], Awaitable[_Resp]],
-    ) -> Callable[[_Servicer, _Req, Context], Awaitable[_Resp]]:
-        name = method.__name__
-
-        @functools.wraps(method)
-        async def wrapper(self: _Servicer, request: _Req, context: Context) -> _Resp:
-            sandbox = self._capsules.sandbox(capsule_of(request))
-            if sandbox is not None:
-                reply: _Resp = await sandbox.unary(name, request, context.time_remaining())
-                return reply
-            return await method(self, request, context)
-
-        return wrapper
-
-    return decorate
-
-
-def routed_stream(
-    capsule_of: Callable[[Any], str],
-) -> Callable[
-    [Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]]],
-    Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]],
-]:
-    """The twin of routed for server-streaming calls."""
-
-    def decorate(
-        method: Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]],
-    ) -> Callable[[_Servicer, _Req, Context], AsyncIterator[_Resp]]:
-        name = method.__name__
-
-        @functools.wraps(method)
-        async def wrapper(self: _Servicer, request: _Req, context: Context) -> AsyncIterator[_Resp]:
-            sandbox = self._capsules.sandbox(capsule_of(request))
-            stream = method(self, request, context) if sandbox is None else sandbox.stream(name, request)
-            async for message in stream:
-                yield message
-
-        return wrapper
-
-    return decorate
-
-
-def _capsule(request: Any) -> str:
-    return str(request.capsule_id)
-
-
-def _process_capsule(request: Any) -> str:
-    return str(request.process.capsule_id)
-
-
-def _scope(value: int) -> SignalScope:
-    try:
-        return wire.signal_scope(value)
-    except KeyError:
-        raise InvalidRequest(f"signal scope {value} is unknown: use GROUP or PROCESS") from None
-
-
-class AgentServicer(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
-    """The Agent service: each call goes to the supervisor of its capsule."""
-
-    def __init__(self, capsules: Capsules, events: ProcessEvents) -> None:
-        self._capsules = capsules
-        self._events = events
-
-    @abort_on_capsule_error
-    async def CreateCapsule(self, request: pb.CreateCapsuleRequest, context: Context) -> pb.CapsuleInfo:
-        spec = wire.capsule_spec(request)
-        return wire.capsule_info_to_pb(await self._capsules.create(request.capsule_id, spec))
-
-    @abort_on_capsule_error
-    async def GetCapsule(self, request: pb.CapsuleRef, context: Context) -> pb.CapsuleInfo:
-        return wire.capsule_info_to_pb(self._capsules.get(request.capsule_id))
-
-    @abort_on_capsule_error
-    async def ListCapsules(self, request: pb.Empty, context: Context) -> pb.CapsuleList:
-        return pb.CapsuleList(
-            capsules=[wire.capsule_info_to_pb(info) for info in self._capsules.list_capsules()]
-        )
-
-    @abort_on_capsule_error
-    async def DestroyCapsule(self, request: pb.CapsuleRef, context: Context) -> pb.Empty:
-        await self._capsules.destroy(request.capsule_id)
-        return pb.Empty()
-
-    @abort_on_capsule_error
-    @routed(_capsule)
-    async def Exec(self, request: pb.ExecRequest, context: Context) -> pb.ExecReply:
-        supervisor = self._capsules.supervisor(request.capsule_id)
-        return wire.exec_reply(await supervisor.exec(wire.exec_spec(request)))
-
-    @abort_on_capsule_error
-    @routed(_capsule)
-    async def StartProcess(self, request: pb.StartRequest, context: Context) -> pb.ProcessInfo:
-        supervisor = self._capsules.supervisor(request.capsule_id)
-        info = supervisor.start(wire.process_spec(request), max_running=request.max_running)
-        return wire.process_info_to_pb(info)
-
-    @abort_on_capsule_error
-    @routed(_capsule)
-    async def ListProcesses(self, request: pb.CapsuleRef, context: Context) -> pb.ProcessList:
-        supervisor = self._capsules.supervisor(request.capsule_id)
-        return pb.ProcessList(
-            processes=[wire.process_info_to_pb(info) for info in supervisor.list_processes()]
-        )
-
-    @abort_on_capsule_error
-    @routed(_capsule)
-    async def GetProcess(self, request: pb.ProcessRef, context: Context) -> pb.ProcessInfo:
-        supervisor = self._capsules.supervisor(request.capsule_id)
-        return wire.process_info_to_pb(supervisor.get(parse_selector(request.selector)))
-
-    @abort_on_capsule_error
-    @routed(_process_capsule)
-    async def SignalProcess(self, request: pb.SignalRequest, context: Context) -> pb.ProcessInfo:
-        ref = request.process
-        supervisor = self._capsules.supervisor(ref.capsule_id)
-        info = supervisor.signal(parse_selector(ref.selector), request.signal, _scope(request.scope))
-        return wire.process_info_to_pb(info)
-
-    @abort_on_capsule_error
-    @routed(_process_capsule)
-    async def StopProcess(self, request: pb.StopRequest, context: Context) -> pb.ProcessInfo:
-        ref = request.process
-        supervisor = self._capsules.supervisor(ref.capsule_id)
-        return wire.process_info_to_pb(await supervisor.stop(parse_selector(ref.selector), request.grace_sec))
-
-    @abort_on_capsule_error
-    @routed(_process_capsule)
-    async def SendInput(self, request: pb.InputRequest, context: Context) -> pb.Empty:
-        ref = request.process
-        supervisor = self._capsules.supervisor(ref.capsule_id)
-        await supervisor.send_input(parse_selector(ref.selector), request.data)
-        return pb.Empty()
-
-    @abort_on_capsule_error
-    @routed(_capsule)
-    async def CloseInput(self, request: pb.ProcessRef, context: Context) -> pb.Empty:
-        supervisor = self._capsules.supervisor(request.capsule_id)
-        await supervisor.close_input(parse_selector(request.selector))
-        return pb.Empty()
-
-    @abort_on_capsule_error
-    @routed(_process_capsule)
-    async def ResizeTerminal(self, request: pb.ResizeRequest, context: Context) -> pb.Empty:
-        ref = request.process
-        supervisor = self._capsules.supervisor(ref.capsule_id)
-        supervisor.resize_terminal(parse_selector(ref.selector), wire.terminal_size(request.size))
-        return pb.Empty()
-
-    @counted_stream
-    @abort_stream_on_capsule_error
-    @routed_stream(_process_capsule)
-    async def StreamOutput(
-        self, request: pb.OutputRequest, context: Context
-    ) -> AsyncIterator[pb.OutputBatch]:
-        ref = request.process
-        supervisor = self._capsules.supervisor(ref.capsule_id)
-        async for batch in supervisor.output(parse_selector(ref.selector), request.from_seq):
-            yield wire.output_batch(batch)
-
-    @abort_on_capsule_error
-    @routed(_capsule)
-    async def GetOutputCounters(self, request: pb.CapsuleRef, context: Context) -> pb.OutputCounters:
-        counts = self._capsules.supervisor(request.capsule_id).output_counts()
-        return pb.OutputCounters(
-            pipe_bytes=counts.pipe_bytes,
-            log_bytes_held=counts.log_bytes_held,
-            evicted_events=counts.evicted_events,
-            evicted_bytes=counts.evicted_bytes,
-        )
-
-    @abort_stream_on_capsule_error
-    async def WatchProcesses(
-        self, request: pb.CapsuleRef, context: Context
-    ) -> AsyncIterator[pb.ProcessEvent]:
-        capsule_id = request.capsule_id or None
-        if capsule_id is not None:
-            self._capsules.sandbox(capsule_id)  # NotFound for an unknown capsule
-        subscription = self._events.subscribe(capsule_id)
-        try:
-            # Headers tell the caller it is subscribed: events from now on reach it.
-            await context.send_initial_metadata(())
-            async for event in subscription.events():
-                yield wire.process_event_to_pb(event)
-        finally:
-            subscription.close()
+            wrapper = unary
+        return functools.wraps(method)(wrapper)
 
 
 class AgentHandle:
@@ -329,7 +112,7 @@ class AgentHandle:
         self._stopped = True
         try:
             await self.health.enter_graceful_shutdown()
-            agent_metrics.forget(self._capsules)
+            tally.forget(self._capsules)
             await self._capsules.close()
             self._events.end()
             if self._server is not None:
@@ -395,12 +178,12 @@ async def start_agent(address: str | None, settings: Settings) -> AgentHandle:
         capsules.prepare_spare()
         servicer = AgentServicer(capsules, events)
         health_servicer = health.aio.HealthServicer()
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        agent_metrics.watch(capsules)
+        await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        tally.watch(capsules)
         capsules.count_output()
         if address is not None:
             server = grpc.aio.server(options=SERVER_OPTIONS)
-            agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
+            agent_pb2_grpc.add_AgentServicer_to_server(GrpcServicer(servicer), server)
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             target, socket_dir_fd = _bind_target(address)
             port = server.add_insecure_port(target)
@@ -465,6 +248,8 @@ async def run_agent(address: str, settings: Settings, *, metrics: str | None = N
     try:
         handle = await start_agent(address, settings)
         if metrics:
+            from app.agent import metrics as agent_metrics  # the Prometheus client, where asked for
+
             agent_metrics.serve(metrics)
         try:
             await stop.wait()

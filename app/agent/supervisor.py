@@ -15,10 +15,10 @@ from app.agent.child import Child
 from app.agent.events import Publish
 from app.agent.leftovers import Sessions, boot_ticks
 from app.agent.meter import Meters, ProcMeters
-from app.agent.metrics import OutputCounts, OutputTally
 from app.agent.output_log import OutputLog
 from app.agent.process import ManagedProcess
 from app.agent.supervision import LineMatcher, Supervision
+from app.agent.tally import OutputCounts, OutputTally
 from app.config import Settings
 from app.domain import (
     SENDABLE_SIGNALS,
@@ -92,6 +92,7 @@ class Supervisor:
         self._settings = settings
         self._publish = publish
         self._processes: dict[str, ManagedProcess] = {}  # by tag, in start order
+        self._running: set[ManagedProcess] = set()  # those of them not yet exited
         self._reapers: set[asyncio.Task[None]] = set()
         self._drops: dict[str, asyncio.TimerHandle] = {}
         self._execs: set[Child] = set()
@@ -102,7 +103,7 @@ class Supervisor:
 
     def running_count(self) -> int:
         """How many background processes are running."""
-        return sum(proc.is_running for proc in self._processes.values())
+        return len(self._running)
 
     def held_log_bytes(self) -> int:
         """What the output logs of its processes hold, against their caps (for the agent's metrics)."""
@@ -235,6 +236,7 @@ class Supervisor:
         if timeout_sec:  # 0, like absent, sets no lifetime limit
             proc.limit_lifetime(timeout_sec)
         self._processes[tag] = proc
+        self._running.add(proc)
         info = proc.info(just_started=True)
         logger.info("capsule %s: started pid %d tag %s (%s)", self.capsule_id, proc.pid, tag, argv[0])
         self._publish(ProcessEvent(ProcessEventKind.STARTED, info))
@@ -250,6 +252,7 @@ class Supervisor:
 
     async def _reap(self, proc: ManagedProcess) -> None:
         info = await proc.run()
+        self._running.discard(proc)  # at once: nothing ran since its exit event went into the log
         self.sessions.remove(proc.pid)
         logger.info(
             "capsule %s: pid %d tag %s exited (code %s, signal %s)",
@@ -341,3 +344,4 @@ class Supervisor:
             handle.cancel()
         self._drops.clear()
         self._processes.clear()
+        self._running.clear()

@@ -325,7 +325,7 @@ class HostClient:
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             logger.warning("host %s: %s: no answer before the deadline", self.host_id, rpc)
             return HostUnavailable(TIMED_OUT)
-        error = error_from_status(code, exc.details() or "")
+        error = error_from_status(code.value[0], exc.details() or "")
         if error.code is ErrorCode.INTERNAL:
             logger.error(
                 "host %s: %s failed in the agent: %s %s", self.host_id, rpc, code.name, exc.details()

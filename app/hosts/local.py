@@ -7,7 +7,7 @@ in a bulk stream, and the latency of a thread hop each way on every exec and eve
 
 A LocalAgent gives HostClient what it uses of a channel and of the generated stub, calling the
 agent's servicer in this process. The servicer and its errors stay the same: an error it raises as a
-gRPC status (context.abort) reaches HostClient as the same AioRpcError a channel would raise, and a
+gRPC status (a CallError) reaches HostClient as the same AioRpcError a channel would raise, and a
 call takes the same deadline. A server-streaming call runs its handler in a task of its own and
 hands messages over through a small queue, so the handler runs ahead of its reader by a few messages
 at most, as gRPC's flow control lets it, and ends, its finally blocks run, when the reader cancels.
@@ -27,15 +27,13 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from app.pb import agent_pb2 as pb
+from app.agent.link import SERVICE, STREAMING, CallContext, CallError
+from app.agent.rpc import call_deadline, from_call_error, status
 
 logger = logging.getLogger(__name__)
 
 # Messages a streaming handler may run ahead of its reader.
 STREAM_AHEAD = 8
-_SERVICE = pb.DESCRIPTOR.services_by_name["Agent"]
-SERVICE = _SERVICE.full_name  # which names each call's span
-STREAMING = frozenset(method.name for method in _SERVICE.methods if method.server_streaming)
 
 # Set by app.tracing.enable where traces are on: opens a client span of one call to the agent, named
 # as gRPC's instrumentation names a call to an agent elsewhere ("/capsule.agent.v1.Agent/Exec").
@@ -53,29 +51,6 @@ _READY = grpc.ChannelConnectivity.READY
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 
 
-def _status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-class _Context:
-    """What the servicer's methods use of grpc.aio.ServicerContext."""
-
-    def __init__(self, timeout: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._deadline = None if timeout is None else loop.time() + timeout
-        self.headers_sent = asyncio.Event()
-
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        raise _status(code, details)
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - self._loop.time())
-
-    async def send_initial_metadata(self, _metadata: Any) -> None:
-        self.headers_sent.set()
-
-
 class _Unary(Generic[_Request, _Reply]):
     """A unary method of the servicer, called as the stub's would be: errors and deadline alike."""
 
@@ -88,15 +63,9 @@ class _Unary(Generic[_Request, _Reply]):
 
     async def __call__(self, request: _Request, *, timeout: float | None = None) -> _Reply:  # noqa: ASYNC109 (the stub's own signature)
         self._agent.check_open()
-        deadline = asyncio.timeout(timeout)
-        try:
-            with _span(self._name):
-                async with deadline:
-                    return await self._method(request, _Context(timeout))
-        except TimeoutError:
-            if deadline.expired():
-                raise _status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
-            raise
+        with _span(self._name):
+            async with call_deadline(timeout):  # the servicer's CallError comes out as its AioRpcError
+                return await self._method(request, CallContext(timeout))
 
 
 _END = object()
@@ -106,10 +75,10 @@ class _StreamCall(Generic[_Reply]):
     """A server-streaming call under way: the handler in its own task, its messages through a queue."""
 
     def __init__(
-        self, agent: LocalAgent, name: str, replies: Callable[[_Context], AsyncIterator[_Reply]]
+        self, agent: LocalAgent, name: str, replies: Callable[[CallContext], AsyncIterator[_Reply]]
     ) -> None:
         self._agent = agent
-        self._context = _Context(None)
+        self._context = CallContext(None)
         self._queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_AHEAD)
         self._task = asyncio.get_running_loop().create_task(self._run(name, replies(self._context)))
         agent.streams.add(self)
@@ -120,17 +89,17 @@ class _StreamCall(Generic[_Reply]):
                 async for reply in replies:
                     await self._queue.put(reply)
             ended: Any = _END
-        except grpc.aio.AioRpcError as exc:  # the servicer's context.abort
-            ended = exc
+        except CallError as exc:  # the servicer's status
+            ended = from_call_error(exc)
         except asyncio.CancelledError:
             # A reader waiting in get() learns of it; one with messages still queued finds the task
             # done once it has read them.
             if not self._queue.full():
-                self._queue.put_nowait(_status(grpc.StatusCode.CANCELLED, "Cancelled"))
+                self._queue.put_nowait(status(grpc.StatusCode.CANCELLED, "Cancelled"))
             raise
         except Exception as exc:  # what gRPC's server answers for a handler that raised
             logger.error("agent stream failed", exc_info=exc)
-            ended = _status(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}")
+            ended = status(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}")
         finally:
             self._agent.streams.discard(self)
         await self._queue.put(ended)  # a reader that goes away cancels this task
@@ -150,7 +119,7 @@ class _StreamCall(Generic[_Reply]):
     async def _replies(self) -> AsyncIterator[_Reply]:
         while True:
             if self._task.done() and self._queue.empty():  # cancelled before it could say so
-                raise _status(grpc.StatusCode.CANCELLED, "Cancelled")
+                raise status(grpc.StatusCode.CANCELLED, "Cancelled")
             item = await self._queue.get()
             if item is _END:
                 return

@@ -16,7 +16,7 @@ from app.agent.server import run_agent, start_agent
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.conftest import agent_settings
-from tests.agent.helpers import echoed_pid, eventually, grpc_error, start_sh
+from tests.agent.helpers import echoed_pid, eventually, grpc_error, ref, start_sh, wait_exited
 from tests.system import TEST_RUNTIME, capsule_alive, free_port, process_alive, sandboxed
 
 
@@ -36,6 +36,29 @@ class TestCapsules:
         assert (await stub.GetCapsule(pb.CapsuleRef(capsule_id="beta"))).running_processes == 1
         listed = (await stub.ListCapsules(pb.Empty())).capsules
         assert [(c.capsule_id, c.running_processes) for c in listed] == [("alpha", 0), ("beta", 1)]
+
+    async def test_the_running_count_follows_starts_and_exits(self, stub: Any, capsule: str) -> None:
+        async def running() -> int:
+            return int((await stub.GetCapsule(pb.CapsuleRef(capsule_id=capsule))).running_processes)
+
+        exited = [await start_sh(stub, capsule, "exit 0") for _ in range(3)]
+        for info in exited:
+            await wait_exited(stub, capsule, info.pid)
+        assert await running() == 0  # exited ones are retained, not counted
+        first = await start_sh(stub, capsule, "read line", stdin=True)
+        await start_sh(stub, capsule, "sleep 1000", max_running=2)
+        assert await running() == 2
+        error = await grpc_error(
+            stub.StartProcess(pb.StartRequest(capsule_id=capsule, cmd="true", max_running=2))
+        )
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "runs 2 processes" in str(
+            error.details()
+        )
+        await stub.CloseInput(ref(capsule, first.pid))
+        await wait_exited(stub, capsule, first.pid)
+        # The moment its exit is told, a process no longer counts against the limit.
+        await start_sh(stub, capsule, "sleep 1000", max_running=2)
+        assert await running() == 2
 
     async def test_destroy_kills_processes_and_removes_the_workspace(
         self, stub: Any, capsule: str, tmp_path: Path

@@ -23,7 +23,7 @@ from app.domain import CapsuleSpec
 from app.pb import agent_pb2 as pb
 from app.pb import agent_pb2_grpc
 from tests.agent.conftest import MakeStub, agent_settings, workspace_on_host
-from tests.agent.helpers import echoed_pid, eventually, exec_sh, start_sh
+from tests.agent.helpers import echoed_pid, eventually, exec_sh, read_output, start_sh
 from tests.system import capsule_alive, free_port, ready_spares
 
 CGROUPS = Path("/sys/fs/cgroup/pids/capsule")
@@ -76,8 +76,14 @@ async def test_an_agent_killed_outright_takes_its_sandboxes_with_it(tmp_path: Pa
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
         await eventually(lambda: not cgroup_pids(tmp_path, "doomed"), what="the sandbox's end with its agent")
-        assert not capsule_alive("doomed", info.pid, sandbox=True) and not capsule_alive(
-            "doomed", escaped, sandbox=True
+        # The kernel ends the rest of the sandbox's PID namespace with it, in the cgroups of their
+        # runs below the capsule's: a moment later.
+        await eventually(
+            lambda: (
+                not capsule_alive("doomed", info.pid, sandbox=True)
+                and not capsule_alive("doomed", escaped, sandbox=True)
+            ),
+            what="the capsule's processes to end with their sandbox",
         )
     finally:
         if agent.poll() is None:
@@ -230,3 +236,34 @@ async def test_an_agent_clears_what_a_killed_agent_on_its_directory_left_of_cgro
         busy.kill()
         busy.remove()
         left.remove()
+
+
+NOISE = """
+import socket, struct
+frames = [
+    b"\\xff" * 4096,
+    struct.pack("!IBIB", 2**31, 1, 1, 0),
+    struct.pack("!IBIB", 3, 99, 1, 0) + b"abc",
+    struct.pack("!IBIB", 8, 1, 1, 200) + b"\\0" * 8,
+]
+held = []
+for data in frames * 10:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect("/run/capsule/agent.sock")
+    s.sendall(data)
+    held.append(s)
+print("sent", len(held))
+"""
+
+
+async def test_what_a_capsule_writes_to_its_supervisors_socket_leaves_it_serving(
+    make_stub: MakeStub,
+) -> None:
+    stub = await make_stub(runtime="sandbox")
+    await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id="noisy"))
+    sent = await stub.Exec(pb.ExecRequest(capsule_id="noisy", cmd=sys.executable, args=["-c", NOISE]))
+    assert (sent.exit_code, sent.stdout) == (0, b"sent 40\n"), sent.stderr
+    assert (await exec_sh(stub, "noisy", "echo serving")).stdout == b"serving\n"
+    info = await start_sh(stub, "noisy", "echo started")
+    events = await read_output(stub, "noisy", info.pid)
+    assert b"".join(getattr(e, "data", b"") for e in events) == b"started\n"

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from app import domain
-from app.agent import metrics as agent_metrics
+from app.agent import tally
 from app.agent.server import AgentHandle
 from app.config import Settings
 from app.errors import HostUnavailable
@@ -57,12 +57,12 @@ async def test_a_reader_that_goes_ends_the_stream_in_the_agent(local_pool: HostP
     client = local_pool.client("h1")
     await client.create_capsule("cap-reader")
     await client.start_process("cap-reader", sh("echo ready; sleep 30", tag="long"))
-    before = agent_metrics.TALLY.streams_open
+    before = tally.TALLY.streams_open
     stream = client.stream_output("cap-reader", "long", 0)
     assert stdout_of(await next_batch(stream)) == b"ready\n"
-    assert agent_metrics.TALLY.streams_open == before + 1
+    assert tally.TALLY.streams_open == before + 1
     await stream.aclose()
-    await eventually(lambda: agent_metrics.TALLY.streams_open == before)
+    await eventually(lambda: tally.TALLY.streams_open == before)
     await client.stop_process("cap-reader", "long", grace_sec=1.0)
     await local_pool.close()
 
