@@ -67,13 +67,14 @@ def configure(*, kind: str = "plain", level: str | int = "INFO") -> None:
 
 
 def uvicorn_log_config() -> dict[str, Any]:
-    """uvicorn's log_config: keep the loggers configure() set up (their levels, the root's handler)."""
+    """uvicorn's log_config: keep the loggers configure() set up (the root's handler), at the root's
+    level: --log-level WARNING silences the access log too, and no record is made to be dropped."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "loggers": {
-            "uvicorn": {"level": "INFO", "propagate": True},
-            "uvicorn.error": {"level": "INFO", "propagate": True},
-            "uvicorn.access": {"level": "INFO", "propagate": True},
+            name: {"level": level, "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
         },
     }

@@ -152,7 +152,7 @@ def _serve(settings: Settings, *, host: str, port: int) -> int:
         app,
         host=host,
         port=port,
-        log_level="info",
+        log_level=None,  # the levels of log_config, which follow --log-level
         log_config=logs.uvicorn_log_config(),  # its access log in the format of every other line
         lifespan="on",
         ws_max_size=settings.max_ws_message_bytes,
