@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from graphql import GraphQLError
 from graphql.error import GraphQLFormattedError
@@ -31,42 +32,52 @@ def _revoked_error() -> GraphQLFormattedError:
     return GraphQLError(REVOKED, extensions={"code": ErrorCode.UNAUTHENTICATED.value}).formatted
 
 
-def _guard(context: Context, end: Callable[[], Awaitable[None]]) -> asyncio.Task[None] | None:
-    """A task that waits for the connection's key to be revoked, then ends the connection."""
+def _guard(
+    context: Context, end: Callable[[], Coroutine[Any, Any, None]]
+) -> Callable[[], Awaitable[None]] | None:
+    """Ends the connection once its key is revoked; returns what stops that at the connection's end.
+    Until then the connection costs the registry one entry: no task waits for the revocation."""
     key_id = context.key_id
     if key_id is None:
         return None
+    ending: list[asyncio.Task[None]] = []
 
-    async def wait_then_end() -> None:
-        with context.platform.revocations.watch(key_id) as revoked:
-            await revoked.wait()
+    def revoked() -> None:
         context.team = None  # whatever arrives before the close runs for nobody: UNAUTHENTICATED
-        await end()
+        ending.append(asyncio.get_running_loop().create_task(end(), name=f"key-{key_id}-revoked"))
 
-    return asyncio.create_task(wait_then_end(), name=f"key-{key_id}-guard")
+    unsubscribe = context.platform.revocations.subscribe(key_id, revoked)
+
+    async def stop() -> None:
+        unsubscribe()
+        for task in ending:
+            if task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.wait({task})  # unlike awaiting it, leaves a cancellation of ours alone
+
+    return stop
 
 
-async def _stop(task: asyncio.Task[None] | None) -> None:
-    if task is not None and task is not asyncio.current_task():
-        task.cancel()
-        await asyncio.wait({task})  # unlike awaiting it, leaves a cancellation of ours alone
+async def _stop(stop: Callable[[], Awaitable[None]] | None) -> None:
+    if stop is not None:
+        await stop()
 
 
 class RevocableTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
     """graphql-transport-ws: a revoked key's operations each get an error, then the socket closes."""
 
-    _guard_task: asyncio.Task[None] | None = None
+    _guard_stop: Callable[[], Awaitable[None]] | None = None
 
     async def handle(self) -> None:
         try:
             await super().handle()
         finally:
-            await _stop(self._guard_task)
+            await _stop(self._guard_stop)
 
     async def handle_connection_init(self, message: TransportConnectionInitMessage) -> None:
         await super().handle_connection_init(message)
-        if self.connection_acknowledged and self._guard_task is None:
-            self._guard_task = _guard(self.context, self._end_revoked)
+        if self.connection_acknowledged and self._guard_stop is None:
+            self._guard_stop = _guard(self.context, self._end_revoked)
 
     async def _end_revoked(self) -> None:
         operations = list(self.operations.values())
@@ -85,19 +96,19 @@ class RevocableGraphQLWS(BaseGraphQLWSHandler[Context, None]):
     """Legacy graphql-ws: as RevocableTransportWS, with the `complete` a stopped operation would
     send held back, so the error is the operation's last word."""
 
-    _guard_task: asyncio.Task[None] | None = None
+    _guard_stop: Callable[[], Awaitable[None]] | None = None
     _silenced: frozenset[str] = frozenset()
 
     async def handle(self) -> None:
         try:
             await super().handle()
         finally:
-            await _stop(self._guard_task)
+            await _stop(self._guard_stop)
 
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         await super().handle_connection_init(message)
-        if self.connection_acknowledged and self._guard_task is None:
-            self._guard_task = _guard(self.context, self._end_revoked)
+        if self.connection_acknowledged and self._guard_stop is None:
+            self._guard_stop = _guard(self.context, self._end_revoked)
 
     async def send_message(self, message: OperationMessage) -> None:
         if message.get("id") in self._silenced and message["type"] != "error":

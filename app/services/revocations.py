@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from app.bus.broadcast import Bus
 from app.bus.events import KEY_REVOKED_CHANNEL, key_revoked_from_json
@@ -24,21 +24,32 @@ class KeyRevocations:
 
     def __init__(self, *, keys: KeyService, bus: Bus, interval_sec: float) -> None:
         self._keys, self._bus, self._interval = keys, bus, interval_sec
-        self._watchers: dict[int, set[asyncio.Event]] = {}
+        # What to call once each key is revoked: a callable per open connection, and nothing else
+        # (no task and no event of its own waits for a revocation that will likely never come).
+        self._watchers: dict[int, set[Callable[[], None]]] = {}
+
+    def subscribe(self, key_id: int, on_revoked: Callable[[], None]) -> Callable[[], None]:
+        """Calls on_revoked (on the event loop, once) when the key is revoked; returns what ends that."""
+        self._watchers.setdefault(key_id, set()).add(on_revoked)
+
+        def unsubscribe() -> None:
+            watchers = self._watchers.get(key_id)
+            if watchers is not None:
+                watchers.discard(on_revoked)
+                if not watchers:
+                    del self._watchers[key_id]
+
+        return unsubscribe
 
     @contextlib.contextmanager
     def watch(self, key_id: int) -> Iterator[asyncio.Event]:
         """An event that is set once the key is revoked, for as long as the block runs."""
         revoked = asyncio.Event()
-        self._watchers.setdefault(key_id, set()).add(revoked)
+        unsubscribe = self.subscribe(key_id, revoked.set)
         try:
             yield revoked
         finally:
-            watchers = self._watchers.get(key_id)
-            if watchers is not None:
-                watchers.discard(revoked)
-                if not watchers:
-                    del self._watchers[key_id]
+            unsubscribe()
 
     @property
     def watched(self) -> frozenset[int]:
@@ -64,11 +75,11 @@ class KeyRevocations:
 
     def _wake(self, key_id: int) -> None:
         self._keys.forget(key_id)
-        watchers = self._watchers.get(key_id, set())
+        watchers = self._watchers.pop(key_id, set())  # each is called once: its connection ends
         if watchers:
             logger.info("API key %s is revoked: ending its %d open connection(s)", key_id, len(watchers))
-        for revoked in watchers:
-            revoked.set()
+        for on_revoked in watchers:
+            on_revoked()
 
     async def _check_every_interval(self) -> None:
         while True:

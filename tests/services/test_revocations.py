@@ -81,6 +81,25 @@ async def test_the_periodic_check_wakes_them_without_a_bus_message(database: Dat
         await _stop(task)
 
 
+async def test_a_subscriber_is_called_once_when_its_key_is_revoked(database: Database, bus: Bus) -> None:
+    keys = KeyService(database)
+    key_id, other_id = await _key_id(keys), await _key_id(keys)
+    revocations = KeyRevocations(keys=keys, bus=bus, interval_sec=3600)
+    calls: list[str] = []
+    unsubscribe = revocations.subscribe(key_id, lambda: calls.append("kept"))
+    gone = revocations.subscribe(key_id, lambda: calls.append("gone"))
+    revocations.subscribe(other_id, lambda: calls.append("other"))
+    gone()
+    await keys.revoke_id(key_id)
+    assert await revocations.check_once() == {key_id}
+    assert calls == ["kept"]
+    assert revocations.watched == {other_id}  # called once: its connection ends
+    await revocations.check_once()
+    assert calls == ["kept"]
+    unsubscribe()  # at the connection's end, as always
+    assert revocations.watched == {other_id}
+
+
 async def test_check_once_without_watchers_asks_nothing(database: Database, bus: Bus) -> None:
     revocations = KeyRevocations(keys=KeyService(database), bus=bus, interval_sec=1)
     assert await revocations.check_once() == set()
