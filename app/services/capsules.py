@@ -85,8 +85,7 @@ class CapsuleService:
 
     async def get(self, capsule_id: str) -> CapsuleInfo | None:
         """This team's capsule, or None (another team's capsule is None too)."""
-        row = await capsule_of_team(self._db, self._team.id, capsule_id)
-        return None if row is None else row.to_info()
+        return await capsule_of_team(self._db, self._team.id, capsule_id)
 
     async def require(self, capsule_id: str) -> CapsuleInfo:
         """This team's capsule in any state, or NotFound."""

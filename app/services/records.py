@@ -40,6 +40,9 @@ MAX_EARLY_EXITS = 1000
 # process records its exit at once; the others leave it that long, then record what is still not on
 # record (its starter may be gone), so an exit costs the store one write, not one per replica.
 OTHERS_EXIT_DELAY_SEC = 1.0
+# One check of those takes every exit due within this share of the delay: a steady stream of exits
+# costs the store a few reads a second, not one per moment exits arrived in.
+DEFERRED_BATCH_SHARE = 0.25
 # Starts of this replica remembered for that; an older one's exit is recorded after the delay.
 MAX_STARTED_HERE = 65536
 
@@ -183,7 +186,7 @@ class ProcessRecords:
         key = (info.capsule_id, info.tag)
         folded: list[ProcessInfo] = []  # the exit that went in with the start
 
-        async def insert(batch: Batch) -> list[ProcessEvent]:
+        async def insert(batch: Batch) -> list[ProcessEvent]:  # adds only: runs no statement
             self._done_starting(key, info.started_at)
             batch.on_rollback(lambda: self._now_starting(key, info.started_at))
             parked = self._early.pop(key, None)
@@ -192,15 +195,14 @@ class ProcessRecords:
             # Parked events of an older process that had this tag are not this one's.
             mine = [e for e in parked or [] if e.process.started_at == info.started_at]
             ended = _only_exit(mine) or (info if info.status is ProcessStatus.EXITED and not mine else None)
-            batch.session.add(record)  # flushed with the batch's next statement
             batch.event(team_id, ProcessEventKind.STARTED, started)
             folded.clear()
-            if ended is None:
-                return mine
-            record.sqlmodel_update({"status": ProcessStatus.EXITED, **_exit_record(ended).columns()})
-            batch.event(team_id, ProcessEventKind.EXITED, record_to_info(record))
-            folded.append(ended)
-            return []
+            if ended is not None:
+                record.sqlmodel_update({"status": ProcessStatus.EXITED, **_exit_record(ended).columns()})
+                batch.event(team_id, ProcessEventKind.EXITED, record_to_info(record))
+                folded.append(ended)
+            batch.add_record(record)
+            return [] if ended is not None else mine
 
         self._now_starting(key, info.started_at)
         if self._others_delay:
@@ -208,7 +210,7 @@ class ProcessRecords:
             while len(self._started_here) > MAX_STARTED_HERE:
                 self._started_here.popitem(last=False)
         try:
-            early = await self._writer.run(insert, key=key)
+            early = await self._writer.run(insert, key=key, adds_only=True)
         except BaseException:
             self._done_starting(key, info.started_at)  # where the insert ran, its rollback gave it back
             raise
@@ -296,8 +298,10 @@ class ProcessRecords:
         loop = asyncio.get_running_loop()
         while self._deferred:
             await asyncio.sleep(max(0.0, self._deferred[0][0] - loop.time()))
-            now = loop.time()
-            due = [info for at, info in self._deferred if at <= now]
+            # Those due a little later come along: the starter writes an exit within milliseconds,
+            # so one that is not on record by then is as missing as it will be at its due time.
+            horizon = loop.time() + self._others_delay * DEFERRED_BATCH_SHARE
+            due = [info for at, info in self._deferred if at <= horizon]
             try:
                 async with self._db.session() as session:
                     recorded = await SystemRepository(session).exited(
@@ -309,9 +313,11 @@ class ProcessRecords:
             except Exception as exc:  # the store is away: try again after the delay
                 logger.warning("exits left to other replicas: cannot check them yet (%s)", type(exc).__name__)
                 retry = loop.time() + self._others_delay
-                self._deferred = [(retry, info) if at <= now else (at, info) for at, info in self._deferred]
+                self._deferred = [
+                    (retry, info) if at <= horizon else (at, info) for at, info in self._deferred
+                ]
                 continue
-            self._deferred = [(at, info) for at, info in self._deferred if at > now]
+            self._deferred = [(at, info) for at, info in self._deferred if at > horizon]
 
     def _exited(self, record: models.ProcessRecord, info: ProcessInfo) -> None:
         """Counts and logs an exit this replica recorded."""

@@ -1,12 +1,13 @@
 """Group commit of process records: the writes that arrive while one store transaction runs share
 the next one, with their events.
 
-Each write is a function of the batch it runs in: its own statements on the batch's session, and the
+Each write is a function of the batch it runs in: its own statements on the batch's session, the
 events it reports through Batch.event, which are added together once every write of the batch ran
-(one seq update and one insert per capsule). Writes run one after another, in the order they came
-(stable-sorted by process, so two replicas' batches lock the same records in the same order), so a
-write never sees another's half done. Nothing waits to fill a batch: the first write of a quiet
-moment commits at once, alone.
+(one seq update and one insert per capsule), and the new records it adds through Batch.add_record,
+which go in together before the next write that runs a statement of its own. Writes run one after
+another, in the order they came (stable-sorted by process, so two replicas' batches lock the same
+records in the same order), so a write never sees another's half done. Nothing waits to fill a
+batch: the first write of a quiet moment commits at once, alone.
 
 A batch that fails is tried again one write at a time, so that one bad write fails alone; the
 undo callbacks of a rolled-back attempt restore what its writes changed outside the store.
@@ -25,6 +26,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from app.domain import ProcessEventKind, ProcessInfo
 from app.errors import Unavailable
 from app.services.events import EventLog
+from app.store import models
+from app.store.repositories import insert_records
 from app.store.session import Database
 
 logger = logging.getLogger(__name__)
@@ -35,12 +38,25 @@ MAX_BATCH = 256
 
 
 class Batch:
-    """One transaction's session, and what its writes report: events, and how to undo side effects."""
+    """One transaction's session, and what its writes report: events, new records, and how to undo
+    side effects."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
         self.events: list[tuple[int, ProcessEventKind, ProcessInfo]] = []
         self.undo: list[Callable[[], object]] = []
+        self._records: list[models.ProcessRecord] = []
+
+    def add_record(self, record: models.ProcessRecord) -> None:
+        """Inserts a new process record before the batch's next statement: those that several
+        writes add one after another go in as one statement."""
+        self._records.append(record)
+
+    async def insert_records(self) -> None:
+        """Inserts the records added since the last statement."""
+        if self._records:
+            records, self._records = self._records, []
+            await insert_records(self.session, records)
 
     def event(self, team_id: int, kind: ProcessEventKind, process: ProcessInfo) -> None:
         """Adds the event to the batch's transaction, after the events reported before it."""
@@ -55,6 +71,7 @@ class Batch:
 class _Pending(Generic[T]):
     write: Callable[[Batch], Awaitable[T]]
     key: tuple[str, str]
+    adds_only: bool  # runs no statement of its own: only Batch.add_record and Batch.event
     done: asyncio.Future[T] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -67,10 +84,13 @@ class RecordWriter:
         self._queue: list[_Pending[Any]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def run(self, write: Callable[[Batch], Awaitable[T]], *, key: tuple[str, str]) -> T:
+    async def run(
+        self, write: Callable[[Batch], Awaitable[T]], *, key: tuple[str, str], adds_only: bool = False
+    ) -> T:
         """Runs write in the next transaction; its result once that has committed and its events
-        are announced. key names the process it writes about (capsule, tag)."""
-        pending: _Pending[T] = _Pending(write, key)
+        are announced. key names the process it writes about (capsule, tag); adds_only says that
+        write runs no statement itself (what it adds then goes in with its neighbours')."""
+        pending: _Pending[T] = _Pending(write, key, adds_only)
         self._queue.append(pending)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="process-record-writes")
@@ -115,7 +135,12 @@ class RecordWriter:
             async with self._db.transaction() as session:
                 context = Batch(session)
                 undo = context.undo
-                results = [await pending.write(context) for pending in batch]
+                results = []
+                for pending in batch:
+                    if not pending.adds_only:  # what the writes before it added is in the store for it
+                        await context.insert_records()
+                    results.append(await pending.write(context))
+                await context.insert_records()
                 last = await self._events.append_many(session, context.events) if context.events else {}
         except BaseException:
             for step in reversed(undo):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, text
 from sqlmodel import col
 
@@ -19,8 +20,10 @@ async def current_revisions(db: Database) -> frozenset[str]:
         connection = await session.connection()
         try:
             rows = (await connection.execute(text("SELECT version_num FROM alembic_version"))).all()
-        except Exception as exc:  # no such table: never migrated
-            if "alembic_version" not in str(exc):
+        except sa_exc.DBAPIError as exc:  # no such table: never migrated
+            # The driver's own words name the missing table (SQLAlchemy's add the statement, which
+            # names it whatever went wrong); a lost connection is not a missing table.
+            if exc.connection_invalidated or "alembic_version" not in str(exc.orig):
                 raise
             return frozenset()
         return frozenset(str(row[0]) for row in rows)

@@ -101,21 +101,25 @@ class Capsule(SQLModel, table=True):
 
     def to_info(self) -> CapsuleInfo:
         """The capsule as the domain value services hand out."""
-        return CapsuleInfo(
-            id=self.id,
-            team_id=self.team_id,
-            host_id=self.host_id,
-            status=self.status,
-            timeout_sec=self.timeout_sec,
-            created_at=as_utc(self.created_at),
-            last_active_at=as_utc(self.last_active_at),
-            # Until its host has said otherwise, a capsule claims no isolation: nothing runs in it yet.
-            runtime=self.runtime or CapsuleRuntime.PLAIN,
-            network=self.network,
-            limits=CapsuleLimits(
-                max_processes=self.max_processes, memory_mib=self.memory_mib, cpus=self.cpus
-            ),
-        )
+        return capsule_info(self)
+
+
+def capsule_info(row: Any) -> CapsuleInfo:
+    """The domain value of a capsule's columns, from its model or straight from a row of them (a
+    request's lookup builds no ORM object: that cost ten times the rest)."""
+    return CapsuleInfo(
+        id=row.id,
+        team_id=row.team_id,
+        host_id=row.host_id,
+        status=row.status,
+        timeout_sec=row.timeout_sec,
+        created_at=as_utc(row.created_at),
+        last_active_at=as_utc(row.last_active_at),
+        # Until its host has said otherwise, a capsule claims no isolation: nothing runs in it yet.
+        runtime=row.runtime or CapsuleRuntime.PLAIN,
+        network=row.network,
+        limits=CapsuleLimits(max_processes=row.max_processes, memory_mib=row.memory_mib, cpus=row.cpus),
+    )
 
 
 class ProcessRecord(SQLModel, table=True):

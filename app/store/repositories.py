@@ -18,6 +18,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from app.domain import (
     ACTIVE_CAPSULE_STATUSES,
+    CapsuleInfo,
     CapsuleRuntime,
     CapsuleStatus,
     ProcessEventKind,
@@ -76,10 +77,10 @@ _CAPSULE_ROW_OF_TEAM = sa.select(*models.Capsule.__table__.columns).where(  # ty
 )
 
 
-async def capsule_of_team(db: Database, team_id: int, capsule_id: str) -> models.Capsule | None:
+async def capsule_of_team(db: Database, team_id: int, capsule_id: str) -> CapsuleInfo | None:
     """The team's capsule as it is in the store now, read outside any session: a request's lookup."""
     row = await db.point_read(_CAPSULE_ROW_OF_TEAM, {"team_id": team_id, "capsule_id": capsule_id})
-    return None if row is None else models.Capsule(**row._mapping)
+    return None if row is None else models.capsule_info(row)
 
 
 class CapsuleRepository(TeamScoped[models.Capsule]):
@@ -194,6 +195,38 @@ class ProcessRecordRepository(TeamScoped[models.ProcessRecord]):
         return (await self._session.exec(statement)).first()
 
 
+_RECORDS_TABLE: sa.Table = models.ProcessRecord.__table__  # type: ignore[attr-defined]
+_INSERT_RECORD = _RECORDS_TABLE.insert()
+_RECORD_COLUMNS = tuple(column.name for column in _RECORDS_TABLE.columns if column.name != "id")
+
+
+async def insert_records(session: AsyncSession, records: Sequence[models.ProcessRecord]) -> None:
+    """Inserts new process records as they are, in one table statement: the ORM's unit of work (a
+    flush per record, an identity, a RETURNING of the id nobody reads) cost a start more than the
+    insert itself. The records stay outside the session; their ids stay None."""
+    rows = [{name: getattr(record, name) for name in _RECORD_COLUMNS} for record in records]
+    await session.exec(_INSERT_RECORD, params=rows)
+
+
+# The event log's statements on the tables themselves, built once: each batch of events runs them, and
+# through the ORM (a model's update or insert) every run paid for its bulk-persistence machinery.
+_CAPSULES_TABLE: sa.Table = models.Capsule.__table__  # type: ignore[attr-defined]
+_EVENTS_TABLE: sa.Table = models.ProcessEvent.__table__  # type: ignore[attr-defined]
+_INSERT_EVENTS = _EVENTS_TABLE.insert()
+_COUNT_EVENTS = (
+    sa.update(_CAPSULES_TABLE)
+    .where(
+        _CAPSULES_TABLE.c.team_id == sa.bindparam("of_team"),
+        _CAPSULES_TABLE.c.id == sa.bindparam("of_capsule"),
+    )
+    .values(last_event_seq=_CAPSULES_TABLE.c.last_event_seq + sa.bindparam("count"))
+    .returning(_CAPSULES_TABLE.c.last_event_seq)
+)
+_DROP_EVENTS = sa.delete(_EVENTS_TABLE).where(
+    _EVENTS_TABLE.c.capsule_id == sa.bindparam("of_capsule"), _EVENTS_TABLE.c.seq <= sa.bindparam("through")
+)
+
+
 class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
     """One team's process events, each capsule's in the order of their seqs."""
 
@@ -214,13 +247,8 @@ class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
         reader that has seen seq n has seen every seq below it (an autoincrement id would let a later
         commit land below a seen one).
         """
-        capsule = models.Capsule
-        counted = await self._session.exec(
-            update(capsule)
-            .where(col(capsule.team_id) == self._team_id, col(capsule.id) == capsule_id)
-            .values(last_event_seq=col(capsule.last_event_seq) + len(events))
-            .returning(col(capsule.last_event_seq))
-        )
+        params = {"of_team": self._team_id, "of_capsule": capsule_id, "count": len(events)}
+        counted = await self._session.exec(_COUNT_EVENTS, params=params)
         last = counted.scalar_one_or_none()
         if last is None:
             raise LookupError(f"no capsule {capsule_id} of team {self._team_id} for its events")
@@ -236,12 +264,9 @@ class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
             }
             for index, (kind, at, process) in enumerate(events)
         ]
-        await self._session.exec(sa.insert(models.ProcessEvent), params=rows)
+        await self._session.exec(_INSERT_EVENTS, params=rows)
         if last > keep:
-            old = models.ProcessEvent
-            await self._session.exec(
-                sa.delete(old).where(col(old.capsule_id) == capsule_id, col(old.seq) <= last - keep)
-            )
+            await self._session.exec(_DROP_EVENTS, params={"of_capsule": capsule_id, "through": last - keep})
         return int(last)
 
     async def after(self, capsule_id: str, seq: int, *, limit: int) -> Sequence[models.ProcessEvent]:
@@ -485,22 +510,22 @@ _EXIT_FIELDS = (
 
 def _exit_statement(*, team_scoped: bool) -> Any:
     """The conditional UPDATE of _mark_exited, built once per scope: every exit runs it, and building
-    it cost more than running it. Its parameters are the exit's fields, prefixed with x_."""
-    record = models.ProcessRecord
-    scope = [col(record.team_id) == sa.bindparam("x_team_id")] if team_scoped else []
+    it cost more than running it. Its parameters are the exit's fields, prefixed with x_. A table
+    statement: through the ORM (an update of the model, returning the model) an exit's transaction
+    cost 1.4 ms of CPU against 0.9 ms."""
+    table = _RECORDS_TABLE
+    scope = [table.c.team_id == sa.bindparam("x_team_id")] if team_scoped else []
     return (
-        update(record)
+        sa.update(table)
         .where(
             *scope,
-            col(record.capsule_id) == sa.bindparam("x_capsule_id"),
-            sa.or_(
-                col(record.pid) == sa.bindparam("x_pid"), col(record.restarts) < sa.bindparam("x_restarts")
-            ),
-            col(record.tag) == sa.bindparam("x_tag"),
-            col(record.status) == ProcessStatus.RUNNING,
+            table.c.capsule_id == sa.bindparam("x_capsule_id"),
+            sa.or_(table.c.pid == sa.bindparam("x_pid"), table.c.restarts < sa.bindparam("x_restarts")),
+            table.c.tag == sa.bindparam("x_tag"),
+            table.c.status == ProcessStatus.RUNNING,
         )
         .values(status=ProcessStatus.EXITED, **{name: sa.bindparam(f"x_{name}") for name in _EXIT_FIELDS})
-        .returning(record)
+        .returning(*table.columns)
     )
 
 
@@ -512,7 +537,7 @@ async def _mark_exited(
     session: AsyncSession, exit: ProcessExitRecord, team_id: int | None = None
 ) -> models.ProcessRecord | None:
     """Marks the RUNNING record EXITED (of the team, when given); the record for the one caller that
-    changed it, else None.
+    changed it, else None. The record returned is a copy outside the session.
 
     A conditional UPDATE, so when several replicas see the same exit only one of them wins:
     PostgreSQL re-checks the WHERE after the first writer commits, SQLite has one writer at a time.
@@ -523,10 +548,9 @@ async def _mark_exited(
     if team_id is not None:
         params["x_team_id"] = team_id
         statement = _EXIT_OF_TEAM
-    result = await session.exec(statement, params=params, execution_options={"populate_existing": True})
     # A tag is unique among a capsule's running processes, so at most one row matches.
-    changed: models.ProcessRecord | None = result.scalars().first()
-    return changed
+    row = (await session.exec(statement, params=params)).first()
+    return None if row is None else models.ProcessRecord(**row._mapping)
 
 
 class SystemRepository:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -17,6 +18,9 @@ from sqlalchemy.sql import Executable
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.errors import Unavailable
+
+if TYPE_CHECKING:
+    from app.store.driver_reader import DriverReader
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,10 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 def create_engine(url: str) -> AsyncEngine:
     """An async engine for the URL, with SQLite set up for several writers in one process."""
     if not is_sqlite(url):
-        return create_async_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+        engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+        event.listen(engine.sync_engine.pool, "checkin", _note_checkin)
+        event.listen(engine.sync_engine.pool, "checkout", _ping_if_idle)
+        return engine
     ensure_sqlite_dir(url)
     pool: dict[str, Any] = {}
     if make_url(url).database not in (None, "", ":memory:"):  # an in-memory database has one connection
@@ -69,6 +76,27 @@ def create_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     return engine
+
+
+# A pooled server connection unused this long is asked whether it is still alive before it is handed
+# out (the server or the network may have dropped it meanwhile); a busy one is not: the ping costs
+# the driver three round trips (begin, a query, rollback), on every checkout of every request.
+PING_IDLE_SEC = 5.0
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["checked_in_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """A connection idle past PING_IDLE_SEC is pinged; a dead one is replaced by a new one."""
+    idle_since = record.info.get("checked_in_at")
+    if idle_since is None or time.monotonic() - idle_since < PING_IDLE_SEC:
+        return
+    try:
+        dbapi_connection.ping()
+    except Exception as exc:  # the pool tries a new connection in its place
+        raise sa_exc.DisconnectionError(f"a pooled connection is gone: {type(exc).__name__}") from exc
 
 
 def _point_reader_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -105,10 +133,23 @@ class Database:
         self.engine = create_engine(url)
         self._sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
         self._reader = _point_reader(url)
+        parsed = make_url(url)
+        self._driver_reader: DriverReader | None = None
+        if parsed.get_backend_name() == "postgresql":  # the embedded default loads no server driver
+            from app.store.driver_reader import DriverReader
+
+            self._driver_reader = DriverReader(parsed, self.engine.dialect)
 
     async def point_read(self, statement: Executable, params: dict[str, Any]) -> Row[Any] | None:
         """The one row (or None) a query of a primary or unique key selects; on a SQLite file read
-        on the event loop, without a thread hop, and through the async engine elsewhere."""
+        on the event loop, without a thread hop; on PostgreSQL through the driver's own pool."""
+        if self._driver_reader is not None:
+            try:
+                row: Row[Any] | None = await self._driver_reader.read(statement, params)
+            except self._driver_reader.connection_errors as exc:
+                logger.warning("database unreachable: %s", type(exc).__name__)
+                raise Unavailable(UNREACHABLE) from exc
+            return row
         if self._reader is not None:
             try:
                 with self._reader.connect() as connection:
@@ -116,7 +157,7 @@ class Database:
             except sa_exc.OperationalError:  # busy, or the file is not there yet: the usual way
                 pass
         try:
-            async with self.engine.connect() as connection:
+            async with self.engine.connect() as connection:  # SQLite's: in memory, or a busy file
                 return (await connection.execute(statement, params)).one_or_none()
         except _CONNECTION_ERRORS as exc:
             logger.warning("database unreachable: %s", type(exc).__name__)
@@ -151,4 +192,6 @@ class Database:
         """Closes every pooled connection."""
         if self._reader is not None:
             self._reader.dispose()
+        if self._driver_reader is not None:
+            await self._driver_reader.close()
         await self.engine.dispose()

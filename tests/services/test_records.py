@@ -447,6 +447,27 @@ class TestExitsOfOtherReplicas:
         assert kinds(recorded) == [(EXITED, info.tag)]
         assert (await stored(teams, info)).exit_code == 6
 
+    async def test_exits_left_to_others_are_checked_together(self, teams: Teams) -> None:
+        capsule = await capsule_of(teams)
+        infos = [running(capsule, pid=500 + n) for n in range(10)]
+        platform = teams.state.platform
+        starter, other = (
+            ProcessRecords(db=platform.db, bus=platform.bus, others_exit_delay_sec=1.0) for _ in range(2)
+        )
+        try:
+            for info in infos:
+                await starter.record_start(teams.ours.team.id, info)
+            async with statements(teams) as seen:
+                for info in infos:  # one after another, as a host's exits come in
+                    assert not await other.record_exit(ended(info), team_id=None)
+                    assert await starter.record_exit(ended(info), team_id=None)
+                await until(lambda: _done(other.exits_left_to_others == 0), what="the other replica's check")
+        finally:
+            await starter.close()
+            await other.close()
+        checks = [s for s in seen if s.startswith("SELECT process_record.capsule_id, process_record.tag")]
+        assert len(checks) == 1, checks
+
     async def test_one_replica_records_every_exit_at_once(self, teams: Teams) -> None:
         records = teams.state.platform.records  # the memory bus: this server is the only replica
         capsule = await capsule_of(teams)

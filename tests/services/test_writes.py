@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import sqlalchemy
 
 from app.domain import (
     CapsuleInfo,
@@ -85,6 +86,51 @@ async def test_starts_and_exits_at_once_share_transactions(teams: Teams) -> None
     for info in infos:
         record = await teams.record(capsule.id, info.tag)
         assert record is not None and record.status is ProcessStatus.EXITED
+
+
+async def test_starts_of_one_batch_go_in_as_one_insert_before_the_next_statement(teams: Teams) -> None:
+    """New records wait for the batch's next statement and go in together; a write that runs a
+    statement of its own (a request's stop, which marks the exit) finds every record added before it."""
+    platform = teams.state.platform
+    records = ProcessRecords(db=platform.db, bus=platform.bus)
+    capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)
+    team_id = teams.ours.team.id
+    inserts: list[int] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO PROCESS_RECORD"):
+            inserts.append(len(params) if many else 1)
+
+    starts = [running(capsule, pid) for pid in range(2000, 2030)]
+    stopped = [running(capsule, pid) for pid in range(3000, 3030)]
+    sqlalchemy.event.listen(platform.db.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        async with teams.events(capsule.id) as events:
+            await asyncio.gather(*(records.record_start(team_id, info) for info in starts))
+            started_together = list(inserts)
+            # Each start, then at once its request's exit: the exit's statement needs the record in.
+            outcomes = await asyncio.gather(
+                *(
+                    write
+                    for info in stopped
+                    for write in (
+                        records.record_start(team_id, info),
+                        records.record_exit(ended(info, 3), team_id=team_id),
+                    )
+                )
+            )
+            seen = await events.settled()
+    finally:
+        sqlalchemy.event.remove(platform.db.engine.sync_engine, "before_cursor_execute", count)
+    assert sum(started_together) == len(starts) and len(started_together) < len(starts), started_together
+    assert [o for o in outcomes if o is not None] == [True] * len(stopped)  # every exit marked its record
+    for info in stopped:
+        assert [e.kind for e in seen if e.process.tag == info.tag] == [STARTED, EXITED]
+        record = await teams.record(capsule.id, info.tag)
+        assert record is not None and (record.status, record.exit_code) == (ProcessStatus.EXITED, 3)
+    for info in starts:
+        record = await teams.record(capsule.id, info.tag)
+        assert record is not None and record.status is ProcessStatus.RUNNING
 
 
 async def test_a_failing_write_fails_alone(teams: Teams) -> None:

@@ -9,13 +9,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app.domain import CapsuleStatus
 from app.errors import ErrorCode, Unavailable
+from app.store import health as store_health
 from app.store import models
+from app.store import session as session_module
 from app.store.migrate import upgrade
 from app.store.repositories import CapsuleRepository, TeamRepository, capsule_of_team
 from app.store.session import Database
@@ -127,6 +130,8 @@ async def test_an_unreachable_database_is_unavailable(url: str, tmp_path: Path) 
         with pytest.raises(Unavailable):
             async with db.transaction() as session:
                 await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
+        with pytest.raises(Unavailable, match="database cannot be reached; retry"):
+            await capsule_of_team(db, 1, "cap-any")
     finally:
         await db.dispose()
 
@@ -139,10 +144,73 @@ async def test_a_point_read_gives_what_a_session_reads(database: Database) -> No
         stored = await CapsuleRepository(session, team.id).get(capsule.id)
     read = await capsule_of_team(database, team.id, capsule.id)
     assert stored is not None and read is not None
-    assert read.to_info() == stored.to_info()
+    assert read == stored.to_info()
     assert read.created_at.utcoffset() == timedelta(0)
     assert await capsule_of_team(database, other.id, capsule.id) is None  # another team's: none
     assert await capsule_of_team(database, team.id, "cap-missing") is None
+
+
+async def test_a_point_read_leaves_its_connection_to_transactions(database: Database) -> None:
+    team = await make_team(database)
+    capsule = await make_capsule(database, team)
+    assert team.id is not None
+    before = await capsule_of_team(database, team.id, capsule.id)
+    assert before is not None
+    later = before.last_active_at + timedelta(hours=1)
+    for _ in range(3):
+        assert await capsule_of_team(database, team.id, capsule.id) is not None
+        # On the connection the read had (one at a time: the pool hands the same one out again), a
+        # write that is not committed is rolled back: the read left no autocommit behind.
+        async with database.session() as session:
+            assert await CapsuleRepository(session, team.id).touch(capsule.id, later)
+    after = await capsule_of_team(database, team.id, capsule.id)
+    assert after is not None and after.last_active_at == before.last_active_at
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_point_read_outlives_the_server_dropping_its_connections(database: Database) -> None:
+    """PostgreSQL's point reads run on the driver's own connections; the server ending them (a
+    restart, an administrator) costs the next read a new connection, not an error."""
+    team = await make_team(database)
+    capsule = await make_capsule(database, team)
+    assert team.id is not None
+    before = await capsule_of_team(database, team.id, capsule.id)
+    async with database.engine.connect() as connection:
+        name = (await connection.execute(text("SELECT current_database()"))).scalar_one()
+        ended = await connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"
+            ),
+            {"name": name},
+        )
+        assert any(row[0] for row in ended)  # the reader's connection was among them
+    for _ in range(3):
+        assert await capsule_of_team(database, team.id, capsule.id) == before
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_an_idle_pooled_connection_the_server_dropped_is_replaced(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooled connection that sat idle is pinged before use: one the server ended since (a restart,
+    an administrator) is replaced, and the session on it never sees the loss."""
+    monkeypatch.setattr(session_module, "PING_IDLE_SEC", 0.0)
+    async with database.session() as session:
+        name = (await session.exec(text("SELECT current_database()"))).one()[0]  # type: ignore[call-overload]
+    admin = await asyncpg.connect(make_url(database.url).set(drivername="postgresql").render_as_string(False))
+    try:
+        ended = await admin.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+    finally:
+        await admin.close()
+    assert any(row[0] for row in ended)  # the pooled connection was among them
+    for _ in range(3):
+        async with database.transaction() as session:
+            assert (await session.exec(text("SELECT 1"))).one()[0] == 1  # type: ignore[call-overload]
 
 
 def _sqlite_path(db: Database) -> str:
@@ -204,3 +272,31 @@ async def _sqlite_database(tmp_path: Path) -> Database:
     url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
     await asyncio.to_thread(upgrade, url)
     return Database(url)
+
+
+async def test_the_schema_revision_of_a_store_without_one_is_none(database: Database) -> None:
+    """A store with no alembic_version table is at no revision; a lost connection is not that."""
+    assert await store_health.current_revisions(database) == frozenset(store_health.head_revisions())
+    async with database.transaction() as session:
+        await session.exec(text("ALTER TABLE alembic_version RENAME TO alembic_version_kept"))  # type: ignore[call-overload]
+    try:
+        assert await store_health.current_revisions(database) == frozenset()
+    finally:
+        async with database.transaction() as session:
+            await session.exec(text("ALTER TABLE alembic_version_kept RENAME TO alembic_version"))  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_point_read_connects_as_the_engine_does(database: Database) -> None:
+    """The driver's point reader takes the URL's connection arguments as the engine does, less
+    those only SQLAlchemy's adapter knows (which the driver would refuse)."""
+    team = await make_team(database)
+    capsule = await make_capsule(database, team)
+    assert team.id is not None
+    tuned = Database(f"{database.url}?prepared_statement_cache_size=50&ssl=disable")
+    try:
+        assert await capsule_of_team(tuned, team.id, capsule.id) == await capsule_of_team(
+            database, team.id, capsule.id
+        )
+    finally:
+        await tuned.dispose()
