@@ -1,12 +1,14 @@
 """Lifecycle events from startProcess on one replica to a processEvents subscriber of the other.
 
-Run by hand: .venv/bin/python bench/events.py [--bus redis|postgres|both] [--processes N] [--concurrency C]
+Run by hand: .venv/bin/python -m bench.events [--bus redis|postgres|both] [--processes N] [--concurrency C]
 
 Starts, as processes of their own, one host agent (`capsule agent`, plain runtime) and two API
-replicas (`capsule serve`) on a fresh PostgreSQL database of the machine's server, with the bus on
-the machine's Redis or on that PostgreSQL. C clients call startProcess (`true`, which exits at once)
-on the first replica over HTTP, N times in all; one subscriber of the second replica, on
-graphql-transport-ws, waits for each process's STARTED and EXITED. Printed per bus:
+replicas (`capsule serve`), all three logging warnings only (at INFO the agent's line per start and
+per exit cost it some 14 % of its CPU), on a fresh PostgreSQL database of the machine's server, with
+the bus on the machine's Redis or on that PostgreSQL. The suite's Node load client (bench/node/load.mjs, mode
+`events`) calls startProcess (`true`, which exits at once) on the first replica over HTTP, C calls
+at once, N in all; its one subscriber of the second replica, on graphql-transport-ws, waits for each
+process's STARTED and EXITED. Printed per bus:
   events/s  every STARTED and EXITED, over the time from the first startProcess sent to the last
             event delivered
   delay     from the moment an event happened (its `at`: the agent's start or exit time) to its
@@ -18,32 +20,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import httpx
-import websockets
+
+from bench.harness import ensure_node_modules, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPSULE = str(ROOT / ".venv" / "bin" / "capsule")
 ADMIN_URL = os.environ.get("CAPSULE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CAPSULE_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 START = (
-    'mutation($c: ID!, $t: String!) { startProcess(capsuleId: $c, input: {cmd: "true", tag: $t}) { pid } }'
+    "mutation($capsuleId: ID!, $tag: String!) "
+    '{ startProcess(capsuleId: $capsuleId, input: {cmd: "true", tag: $tag}) { pid } }'
 )
-EVENTS = "subscription($c: ID!) { processEvents(capsuleId: $c) { kind at process { tag } } }"
+EVENTS = "subscription($capsuleId: ID!) { processEvents(capsuleId: $capsuleId) { kind at process { tag } } }"
 
 
 def free_port() -> int:
@@ -118,7 +119,10 @@ async def run(bus: str, *, count: int, concurrency: int, work: Path) -> Figures:
         with processes() as started:
             agent_env = env | {"CAPSULE_DATA_DIR": str(work / f"{bus}-agent")}
             started.append(
-                subprocess.Popen([CAPSULE, "agent", "--listen", f"127.0.0.1:{agent_port}"], env=agent_env)
+                subprocess.Popen(
+                    [CAPSULE, "--log-level", "WARNING", "agent", "--listen", f"127.0.0.1:{agent_port}"],
+                    env=agent_env,
+                )
             )
             served = env | {"CAPSULE_HOSTS": f"h1=127.0.0.1:{agent_port}"}
             key = subprocess.run(
@@ -146,58 +150,27 @@ async def run(bus: str, *, count: int, concurrency: int, work: Path) -> Figures:
 
 
 async def measure(bus: str, key: str, ports: tuple[int, int], *, count: int, concurrency: int) -> Figures:
-    headers = {"Authorization": f"Bearer {key}"}
     first = f"http://127.0.0.1:{ports[0]}/graphql"
-    async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
         created = await client.post(first, json={"query": "mutation { createCapsule { id } }"})
         capsule_id = created.json()["data"]["createCapsule"]["id"]
-        url = f"ws://127.0.0.1:{ports[1]}/graphql"
-        async with websockets.connect(url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
-            await ws.send(json.dumps({"type": "connection_init", "payload": headers}))
-            assert json.loads(await ws.recv())["type"] == "connection_ack"
-            subscribe = {"query": EVENTS, "variables": {"c": capsule_id}}
-            await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": subscribe}))
-            # Until the subscription is known to receive: warm-up processes, not measured.
-            await client.post(first, json={"query": START, "variables": {"c": capsule_id, "t": "warm-0"}})
-            while (
-                "warm"
-                not in json.loads(await ws.recv())["payload"]["data"]["processEvents"]["process"]["tag"]
-            ):
-                pass
-            pending: set[tuple[str, str]] = {
-                (k, f"p-{i}") for i in range(count) for k in ("STARTED", "EXITED")
-            }
-            delays: list[float] = []
-            by_kind: dict[str, list[float]] = {}
-            tags = iter(range(count))
-
-            async def starter() -> None:
-                for number in tags:
-                    variables = {"c": capsule_id, "t": f"p-{number}"}
-                    answer = (await client.post(first, json={"query": START, "variables": variables})).json()
-                    if answer.get("errors"):
-                        raise RuntimeError(answer["errors"])
-
-            began = time.time()
-            starters = [asyncio.create_task(starter()) for _ in range(concurrency)]
-            async with asyncio.timeout(120):
-                while pending:
-                    message = json.loads(await ws.recv())
-                    if message["type"] != "next":
-                        raise RuntimeError(message)
-                    now = time.time()
-                    event = message["payload"]["data"]["processEvents"]
-                    seen = (event["kind"], event["process"]["tag"])
-                    if seen in pending:
-                        pending.discard(seen)
-                        delay = (now - datetime.fromisoformat(event["at"]).timestamp()) * 1000
-                        delays.append(delay)
-                        by_kind.setdefault(seen[0], []).append(delay)
-            ended = time.time()
-            await asyncio.gather(*starters)
+    result = await run_load(
+        "events",
+        url=first,
+        wsUrl=f"ws://127.0.0.1:{ports[1]}/graphql",
+        key=key,
+        startQuery=START,
+        eventsQuery=EVENTS,
+        capsuleId=capsule_id,
+        count=count,
+        concurrency=concurrency,
+        timeoutSec=120,
+    )
+    by_kind: dict[str, list[float]] = result["delaysMs"]
     for kind, values in by_kind.items():
         print(f"  {bus} {kind}: p50 {percentile(values, 0.5):.1f} ms p99 {percentile(values, 0.99):.1f} ms")
-    return Figures(bus=bus, events=2 * count, seconds=ended - began, delays_ms=delays)
+    delays = [delay for values in by_kind.values() for delay in values]
+    return Figures(bus=bus, events=int(result["events"]), seconds=float(result["seconds"]), delays_ms=delays)
 
 
 async def main() -> int:
@@ -207,6 +180,7 @@ async def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     buses = ["redis", "postgres"] if args.bus == "both" else [args.bus]
+    ensure_node_modules()
     with tempfile.TemporaryDirectory(prefix="bench-events-") as directory:
         figures = [
             await run(bus, count=args.processes, concurrency=args.concurrency, work=Path(directory))

@@ -108,6 +108,19 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def private_bytes(pid: int) -> int:
+    """The pages of one process that no other process maps (Private_Clean + Private_Dirty of its
+    smaps_rollup); 0 once it is gone."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return total
+
+
 def _processes() -> dict[int, tuple[int, str]]:
     """Every process: pid -> (parent pid, command line)."""
     found: dict[int, tuple[int, str]] = {}
@@ -143,10 +156,20 @@ def is_supervisor(cmdline: str) -> bool:
     return "app.agent.inner" in cmdline or cmdline.split(" ", 1)[0].endswith("bwrap")
 
 
+def supervisors(pid: int) -> list[int]:
+    """The sandbox supervisors below pid (bwrap and app.agent.inner)."""
+    return [child for child, cmdline in descendants(pid).items() if is_supervisor(cmdline)]
+
+
 def supervisors_rss(pid: int) -> tuple[int, int]:
     """RSS of the sandbox supervisors below pid (bwrap and app.agent.inner), and how many there are."""
-    found = [child for child, cmdline in descendants(pid).items() if is_supervisor(cmdline)]
+    found = supervisors(pid)
     return sum(rss_bytes(child) for child in found), len(found)
+
+
+def supervisors_private(pid: int) -> int:
+    """What the sandbox supervisors below pid hold that no other process maps (see private_bytes)."""
+    return sum(private_bytes(child) for child in supervisors(pid))
 
 
 class RssSampler:

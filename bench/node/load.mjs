@@ -8,10 +8,13 @@
 //   exec       `count` GraphQL requests one after another; the time of each.
 //   starts     `count` startProcess calls, `concurrency` at once, until a processEvents subscription
 //              has seen each one's EXITED.
+//   events     the same starts on `url`, with the processEvents subscription on `wsUrl` (another
+//              replica): events per second, and each STARTED's and EXITED's delay from its `at`.
 // Prints JSON lines on stdout: {"event":"live",...} once every subscriber has its first message (the
 // caller then lets the writer go), and {"event":"result",...} at the end.
 // Times come from process.hrtime (CLOCK_MONOTONIC), the clock the writers stamp their lines with.
 
+import http from 'node:http';
 import WebSocket from 'ws';
 
 const [mode, configText] = process.argv.slice(2);
@@ -227,15 +230,38 @@ function subscribe() {
   setTimeout(drain, connectSec * 1000);
 }
 
-async function post(url, key, query, variables) {
-  const response = await fetch(url, {
-    method: 'POST',
-    headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${key}` },
-    body: JSON.stringify({ query, variables }),
+// Kept-alive connections for the GraphQL requests: node:http costs a fraction of fetch's CPU per
+// request, so the client is not what a request-rate figure measures.
+const httpAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+
+function post(url, key, query, variables) {
+  const body = JSON.stringify({ query, variables });
+  return new Promise((resolve, reject) => {
+    const request = http.request(url, {
+      method: 'POST',
+      agent: httpAgent,
+      headers: {
+        'Content-Type': 'application/json',
+        'Content-Length': Buffer.byteLength(body),
+        Authorization: `Bearer ${key}`,
+      },
+    }, (response) => {
+      const chunks = [];
+      response.on('data', (chunk) => chunks.push(chunk));
+      response.on('error', reject);
+      response.on('end', () => {
+        try {
+          const answer = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+          if (answer.errors) reject(new Error(JSON.stringify(answer.errors).slice(0, 300)));
+          else resolve(answer.data);
+        } catch (error) {
+          reject(new Error(`HTTP ${response.statusCode}: ${error}`));
+        }
+      });
+    });
+    request.on('error', reject);
+    request.end(body);
   });
-  const answer = await response.json();
-  if (answer.errors) throw new Error(JSON.stringify(answer.errors).slice(0, 300));
-  return answer.data;
 }
 
 async function exec() {
@@ -250,35 +276,45 @@ async function exec() {
   emit({ event: 'result', ms: summary(times) });
 }
 
+// A processEvents subscription (graphql-transport-ws) calling onEvent with each event and the
+// wall-clock time it came; resolves with the socket once subscribed. An end of the subscription is
+// an error: onEnd gets it, and so does the promise if it comes before the subscribe.
+function followEvents(wsUrl, key, eventsQuery, capsuleId, onEvent, onEnd = () => {}) {
+  const ws = new WebSocket(wsUrl, 'graphql-transport-ws');
+  return new Promise((resolve, reject) => {
+    ws.on('error', reject);
+    ws.on('open', () => ws.send(JSON.stringify({ type: 'connection_init', payload: { Authorization: `Bearer ${key}` } })));
+    ws.on('message', (data) => {
+      const now = wallMs();
+      const message = JSON.parse(data);
+      if (message.type === 'connection_ack') {
+        ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: eventsQuery, variables: { capsuleId } } }));
+        resolve(ws);
+      } else if (message.type === 'ping') ws.send(JSON.stringify({ type: 'pong' }));
+      else if (message.type === 'next' && message.payload.data) onEvent(message.payload.data.processEvents, now);
+      else if (message.type === 'error' || message.type === 'complete') {
+        const error = new Error(`processEvents ended: ${JSON.stringify(message)}`);
+        reject(error);
+        onEnd(error);
+      }
+    });
+  });
+}
+
 async function starts() {
   const { url, wsUrl, key, startQuery, eventsQuery, capsuleId, count, concurrency, timeoutSec = 120 } = config;
   const exited = new Set();
   let waiting = null; // resolves when every started tag has exited
   const started = new Set();
   let allStarted = false;
-  const ws = new WebSocket(wsUrl, 'graphql-transport-ws');
   const checkDone = () => {
     if (waiting && allStarted && [...started].every((tag) => exited.has(tag))) waiting();
   };
-  await new Promise((resolve, reject) => {
-    ws.on('error', reject);
-    ws.on('open', () => ws.send(JSON.stringify({ type: 'connection_init', payload: { Authorization: `Bearer ${key}` } })));
-    ws.on('message', (data) => {
-      const message = JSON.parse(data);
-      if (message.type === 'connection_ack') {
-        ws.send(JSON.stringify({ id: '1', type: 'subscribe', payload: { query: eventsQuery, variables: { capsuleId } } }));
-        resolve();
-      } else if (message.type === 'ping') ws.send(JSON.stringify({ type: 'pong' }));
-      else if (message.type === 'next' && message.payload.data) {
-        const event = message.payload.data.processEvents;
-        if (event.kind === 'EXITED') {
-          exited.add(event.process.tag);
-          checkDone();
-        }
-      } else if (message.type === 'error' || message.type === 'complete') {
-        reject(new Error(`processEvents ended: ${JSON.stringify(message)}`));
-      }
-    });
+  const ws = await followEvents(wsUrl, key, eventsQuery, capsuleId, (event) => {
+    if (event.kind === 'EXITED') {
+      exited.add(event.process.tag);
+      checkDone();
+    }
   });
   const input = { cmd: 'true' };
   const startOne = async () => (await post(url, key, startQuery, { capsuleId, input })).startProcess.tag;
@@ -325,7 +361,61 @@ async function starts() {
   ws.terminate();
 }
 
-const modes = { subscribe, exec, starts };
+// Wall-clock milliseconds now, with the monotonic clock's sub-millisecond part.
+const wallMs = () => performance.timeOrigin + performance.now();
+
+// An ISO 8601 time with microseconds (`at`) as wall-clock milliseconds, the microseconds kept.
+function isoMs(text) {
+  const fraction = /\.(\d+)/.exec(text);
+  const micros = fraction ? Number((fraction[1] + '000000').slice(0, 6)) : 0;
+  return Date.parse(text.replace(/\.\d+/, '')) + micros / 1000;
+}
+
+async function events() {
+  const { url, wsUrl, key, startQuery, eventsQuery, capsuleId, count, concurrency, timeoutSec = 120 } = config;
+  const pending = new Set();
+  for (let i = 0; i < count; i++) for (const kind of ['STARTED', 'EXITED']) pending.add(`${kind} p-${i}`);
+  const delays = { STARTED: [], EXITED: [] };
+  let warmSeen = false;
+  let finished = null;
+  let failed = null;
+  const done = new Promise((resolve, reject) => { finished = resolve; failed = reject; });
+  let lastAt = null;
+  const ws = await followEvents(wsUrl, key, eventsQuery, capsuleId, (event, now) => {
+    if (event.process.tag.startsWith('warm-')) warmSeen = true;
+    else if (pending.delete(`${event.kind} ${event.process.tag}`)) {
+      delays[event.kind].push(now - isoMs(event.at));
+      if (pending.size === 0) { lastAt = nowNs(); finished(); }
+    }
+  }, (error) => failed(error));
+  const startOne = (tag) => post(url, key, startQuery, { capsuleId, tag });
+  // Until the subscription is known to receive: warm-up processes, not measured.
+  const deadline = nowNs() + 30e9;
+  for (let i = 0; !warmSeen; i++) {
+    await startOne(`warm-${i}`);
+    const until = nowNs() + 1e9;
+    while (!warmSeen && nowNs() < until) await new Promise((resolve) => setTimeout(resolve, 5));
+    if (nowNs() > deadline) throw new Error('processEvents saw no event within 30 s');
+  }
+  const began = nowNs();
+  let next = 0;
+  const worker = async () => {
+    while (next < count) await startOne(`p-${next++}`);
+  };
+  await Promise.all(Array.from({ length: concurrency }, worker));
+  const timer = setTimeout(() => failed(new Error(`${pending.size} events still missing after ${timeoutSec} s`)), timeoutSec * 1000);
+  await done;
+  clearTimeout(timer);
+  emit({
+    event: 'result',
+    events: 2 * count,
+    seconds: (lastAt - began) / 1e9,
+    delaysMs: delays,
+  });
+  ws.terminate();
+}
+
+const modes = { subscribe, exec, starts, events };
 Promise.resolve(modes[mode]()).catch((error) => {
   emit({ event: 'error', message: String(error && error.stack ? error.stack : error) });
   process.exit(1);
