@@ -42,6 +42,7 @@ class Serve:
     env: dict[str, str]
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    options: tuple[str, ...] = ()  # capsule's own, before the command
 
     @property
     def url(self) -> str:
@@ -54,7 +55,7 @@ class Serve:
     async def start(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(CAPSULE), "serve", "--port", str(self.port)],
+                [str(CAPSULE), *self.options, "serve", "--port", str(self.port)],
                 cwd=self.cwd,
                 env=self.env,
                 stdout=subprocess.DEVNULL,
@@ -286,6 +287,23 @@ async def test_sigterm_of_the_embedded_default_records_every_exit_and_logs_json(
     access = [entry for entry in entries if entry["logger"] == "uvicorn.access"]
     assert any("POST /graphql" in entry["msg"] for entry in access)
     assert serve.key not in serve.log.read_text()
+
+
+async def test_the_log_level_holds_for_the_access_log_too(tmp_path: Path) -> None:
+    cwd = tmp_path / "serve"
+    cwd.mkdir()
+    options = ("--log-level", "WARNING")
+    serve = Serve(cwd=cwd, port=free_port(), env=command_env(), log=tmp_path / "serve.log", options=options)
+    await serve.start()
+    try:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {serve.key}"}) as client:
+            answer = await client.post(f"{serve.url}/graphql", json={"query": "{ __typename }"})
+            assert answer.status_code == 200
+    finally:
+        assert await serve.stop(signal.SIGTERM) == 0
+    logged = serve.log.read_text()
+    assert "POST /graphql" not in logged and "/readyz" not in logged, logged
+    assert " INFO " not in logged, logged
 
 
 def test_an_unknown_log_format_is_refused_at_start(tmp_path: Path) -> None:
