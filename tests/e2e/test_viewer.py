@@ -149,9 +149,14 @@ class Viewer:
     async def until_lines(self, count: int) -> None:
         await expect(self.page.get_by_test_id("line-count")).to_have_text(f"{count:,} lines", timeout=WAIT_MS)
 
+    @property
+    def texts(self) -> Locator:
+        """The text of each row in the DOM (rows follow a filter on the next animation frame)."""
+        return self.page.locator(".log-window .row .text")
+
     async def shown(self) -> list[str]:
-        """The texts of the rows in the DOM."""
-        return await self.page.locator(".log-window .row .text").all_inner_texts()
+        """The texts of the rows in the DOM now."""
+        return await self.texts.all_inner_texts()
 
     def query(self) -> dict[str, list[str]]:
         return parse_qs(urlsplit(self.page.url).query)
@@ -251,17 +256,17 @@ async def test_filter_text_and_regex_counts_and_the_address(served: Served, view
     await viewer.page.keyboard.press("/")
     await viewer.page.keyboard.type("alpha")
     await expect(count).to_have_text("2 matching of 6 lines")
-    assert await viewer.shown() == ["alpha one", "alpha three"]
+    await expect(viewer.texts).to_have_text(["alpha one", "alpha three"])
     await expect(viewer.page).to_have_url(re.compile(r"[?&]q=alpha(&|$)"))  # written after it renders
     assert viewer.query()["q"] == ["alpha"]
 
     await viewer.page.get_by_title("Regular expression").click()
     await viewer.page.get_by_role("searchbox", name="Filter").fill("^(beta|gamma)")
     await expect(count).to_have_text("3 matching of 6 lines")
-    assert await viewer.shown() == ["beta two", "Gamma four", "BETA five"]
+    await expect(viewer.texts).to_have_text(["beta two", "Gamma four", "BETA five"])
     await viewer.page.get_by_title("Match case").click()
     await expect(count).to_have_text("1 matching of 6 lines")
-    assert await viewer.shown() == ["beta two"]
+    await expect(viewer.texts).to_have_text(["beta two"])
 
     await viewer.page.get_by_role("button", name="Highlight").click()
     await expect(viewer.rows).to_have_count(6)
