@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from app.bus.broadcast import Bus
 from app.bus.events import KEY_REVOKED_CHANNEL, key_revoked_from_json
@@ -40,16 +39,6 @@ class KeyRevocations:
                     del self._watchers[key_id]
 
         return unsubscribe
-
-    @contextlib.contextmanager
-    def watch(self, key_id: int) -> Iterator[asyncio.Event]:
-        """An event that is set once the key is revoked, for as long as the block runs."""
-        revoked = asyncio.Event()
-        unsubscribe = self.subscribe(key_id, revoked.set)
-        try:
-            yield revoked
-        finally:
-            unsubscribe()
 
     @property
     def watched(self) -> frozenset[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -23,6 +23,17 @@ async def bus() -> AsyncIterator[Bus]:
     await bus.connect()
     yield bus
     await bus.disconnect()
+
+
+@contextlib.contextmanager
+def watch(revocations: KeyRevocations, key_id: int) -> Iterator[asyncio.Event]:
+    """An event set once the key is revoked, subscribed for as long as the block runs."""
+    revoked = asyncio.Event()
+    unsubscribe = revocations.subscribe(key_id, revoked.set)
+    try:
+        yield revoked
+    finally:
+        unsubscribe()
 
 
 async def _key_id(keys: KeyService) -> int:
@@ -50,7 +61,7 @@ async def test_the_bus_wakes_the_key_s_watchers_only(database: Database, bus: Bu
     revocations = KeyRevocations(keys=keys, bus=bus, interval_sec=3600)
     task = await _running(revocations)
     try:
-        with revocations.watch(revoked_id) as revoked, revocations.watch(kept_id) as kept:
+        with watch(revocations, revoked_id) as revoked, watch(revocations, kept_id) as kept:
             await KeyService(database).revoke_id(revoked_id)  # in the store, announced to nobody
             async with asyncio.timeout(DEADLINE_SEC):
                 while not revoked.is_set():  # until the job has subscribed and heard one
@@ -71,7 +82,7 @@ async def test_the_periodic_check_wakes_them_without_a_bus_message(database: Dat
     revocations = KeyRevocations(keys=silent, bus=bus, interval_sec=0.05)
     task = await _running(revocations)
     try:
-        with revocations.watch(key_id) as first, revocations.watch(key_id) as second:
+        with watch(revocations, key_id) as first, watch(revocations, key_id) as second:
             assert revocations.watched == {key_id}
             await silent.revoke_id(key_id)
             async with asyncio.timeout(DEADLINE_SEC):
