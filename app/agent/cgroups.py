@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -327,17 +328,58 @@ class UidGroup:
 
 def _kill_until_gone(pids: Callable[[], list[int]], what: str) -> None:
     """SIGKILLs what pids() lists, round after round (a process forking as it is killed leaves a
-    child for the next), until it lists nothing or the deadline passes."""
+    child for the next), until it lists nothing and every process it listed has exited, or the
+    deadline passes.
+
+    A cgroup stops listing a process as soon as it starts to exit, before the kernel has taken its
+    memory and made it a zombie; each is followed by a pidfd (which a reused pid cannot fool) until
+    the kernel reports its exit, so what returns has ended them all.
+    """
     deadline = time.monotonic() + KILL_DEADLINE_SEC
     pause = 0.001
-    while found := pids():
-        if time.monotonic() > deadline:
+    dying: dict[int, int] = {}
+    try:
+        while found := pids():
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "%s still holds %d processes after %.0f s of SIGKILL", what, len(found), KILL_DEADLINE_SEC
+                )
+                return
+            for pid in found:
+                _signal(dying, pid)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        _await_exits(list(dying.values()), deadline, what)
+    finally:
+        for fd in dying.values():
+            os.close(fd)
+
+
+def _signal(dying: dict[int, int], pid: int) -> None:
+    """SIGKILLs pid through a pidfd kept in dying (opened on its first round)."""
+    fd = dying.get(pid)
+    if fd is None:
+        try:
+            fd = dying[pid] = os.pidfd_open(pid)
+        except OSError:  # gone already
+            return
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+
+
+def _await_exits(fds: list[int], deadline: float, what: str) -> None:
+    """Waits until every pidfd in fds reports its process's exit, or the deadline passes."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    waiting = len(fds)
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
             logger.warning(
-                "%s still holds %d processes after %.0f s of SIGKILL", what, len(found), KILL_DEADLINE_SEC
+                "%s: %d killed processes had not exited after %.0f s", what, waiting, KILL_DEADLINE_SEC
             )
             return
-        for pid in found:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+        for fd, _ in poller.poll(left * 1000):
+            poller.unregister(fd)
+            waiting -= 1
