@@ -132,7 +132,7 @@ class RecordWriter:
     async def _apply(self, batch: list[_Pending[Any]]) -> tuple[list[Any], dict[str, int]]:
         undo: list[Callable[[], object]] = []
         try:
-            async with self._db.transaction() as session:
+            async with self._db.write_transaction() as session:
                 context = Batch(session)
                 undo = context.undo
                 results = []

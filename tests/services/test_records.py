@@ -83,12 +83,14 @@ async def statements(teams: Teams) -> AsyncIterator[list[str]]:
     def record(conn: object, cursor: object, statement: str, *args: object) -> None:
         seen.append(" ".join(statement.split()))
 
-    engine = teams.state.platform.db.engine.sync_engine
-    sa.event.listen(engine, "before_cursor_execute", record)
+    engines = teams.state.platform.db.writing_engines
+    for engine in engines:
+        sa.event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen
     finally:
-        sa.event.remove(engine, "before_cursor_execute", record)
+        for engine in engines:
+            sa.event.remove(engine, "before_cursor_execute", record)
 
 
 class TestRecordStart:

@@ -103,7 +103,8 @@ async def test_starts_of_one_batch_go_in_as_one_insert_before_the_next_statement
 
     starts = [running(capsule, pid) for pid in range(2000, 2030)]
     stopped = [running(capsule, pid) for pid in range(3000, 3030)]
-    sqlalchemy.event.listen(platform.db.engine.sync_engine, "before_cursor_execute", count)
+    for engine in platform.db.writing_engines:
+        sqlalchemy.event.listen(engine, "before_cursor_execute", count)
     try:
         async with teams.events(capsule.id) as events:
             await asyncio.gather(*(records.record_start(team_id, info) for info in starts))
@@ -121,7 +122,8 @@ async def test_starts_of_one_batch_go_in_as_one_insert_before_the_next_statement
             )
             seen = await events.settled()
     finally:
-        sqlalchemy.event.remove(platform.db.engine.sync_engine, "before_cursor_execute", count)
+        for engine in platform.db.writing_engines:
+            sqlalchemy.event.remove(engine, "before_cursor_execute", count)
     assert sum(started_together) == len(starts) and len(started_together) < len(starts), started_together
     assert [o for o in outcomes if o is not None] == [True] * len(stopped)  # every exit marked its record
     for info in stopped:

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
 from app.domain import CapsuleStatus
@@ -300,3 +300,104 @@ async def test_a_point_read_connects_as_the_engine_does(database: Database) -> N
         )
     finally:
         await tuned.dispose()
+
+
+def _statements_by_engine(db: Database) -> tuple[list[list[str]], Any]:
+    """The statements each of db.writing_engines runs from now on, and how to stop listening."""
+    engines = db.writing_engines
+    seen: list[list[str]] = [[] for _ in engines]
+
+    def listener(into: list[str]) -> Any:
+        def note(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+            into.append(statement)
+
+        return note
+
+    listeners = [listener(into) for into in seen]
+    for engine, note in zip(engines, listeners, strict=True):
+        event.listen(engine, "before_cursor_execute", note)
+
+    def stop() -> None:
+        for engine, note in zip(engines, listeners, strict=True):
+            event.remove(engine, "before_cursor_execute", note)
+
+    return seen, stop
+
+
+async def test_a_write_transaction_commits_or_rolls_back_as_a_transaction_does(database: Database) -> None:
+    async with database.write_transaction() as session:
+        await TeamRepository(session).add(models.Team(name="written"))
+    with pytest.raises(RuntimeError):
+        async with database.write_transaction() as session:
+            await TeamRepository(session).add(models.Team(name="undone"))
+            raise RuntimeError("boom")
+    async with database.session() as session:
+        assert await TeamRepository(session).get_by_name("written") is not None
+        assert await TeamRepository(session).get_by_name("undone") is None
+
+
+async def test_a_write_transaction_on_sqlite_runs_on_the_loop_writer(tmp_path: Path) -> None:
+    db = await _sqlite_database(tmp_path)
+    await make_team(db)  # the store is in use, as a server's is once started
+    (on_engine, on_loop), stop = _statements_by_engine(db)
+    try:
+        async with db.write_transaction() as session:
+            await TeamRepository(session).add(models.Team(name="on the loop"))
+        # The driver runs these on the loop's own thread, in one go (no hop to a thread and back).
+        assert on_loop and not on_engine
+        assert on_loop[0] == "BEGIN IMMEDIATE"
+    finally:
+        stop()
+        await db.dispose()
+
+
+async def test_a_write_transaction_waits_for_another_writer_off_the_loop(tmp_path: Path) -> None:
+    db = await _sqlite_database(tmp_path)
+    await make_team(db)
+    holder = sqlite3.connect(_sqlite_path(db), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    (on_engine, on_loop), stop = _statements_by_engine(db)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(tick())
+    release.start()
+    try:
+        async with asyncio.timeout(10), db.write_transaction() as session:
+            await TeamRepository(session).add(models.Team(name="after the other"))
+        # It waited for the lock on the async engine (its driver's thread); the loop went on.
+        assert on_engine and on_loop == ["BEGIN IMMEDIATE"]  # the loop writer's try found it busy
+        assert ticks > 5
+        async with db.session() as session:
+            assert await TeamRepository(session).get_by_name("after the other") is not None
+    finally:
+        ticking.cancel()
+        release.join()
+        holder.close()
+        stop()
+        await db.dispose()
+
+
+async def test_the_loop_writer_leaves_checkpoints_to_the_async_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_module, "CHECKPOINT_EVERY_COMMITS", 3)
+    db = await _sqlite_database(tmp_path)
+    (on_engine, _), stop = _statements_by_engine(db)
+    try:
+        for number in range(3):
+            async with db.write_transaction() as session:
+                await TeamRepository(session).add(models.Team(name=f"team {number}"))
+        async with asyncio.timeout(10):
+            while not any("wal_checkpoint" in statement for statement in on_engine):
+                await asyncio.sleep(0.01)
+        assert await _scalar(db, "PRAGMA wal_checkpoint(PASSIVE)") == 0  # not busy
+    finally:
+        stop()
+        await db.dispose()
