@@ -57,6 +57,8 @@ READY_TIMEOUT_SEC = 15.0
 CALL_MARGIN_SEC = 5.0
 # How long a start's reply waits for its event to be relayed (it is there within a millisecond or so).
 RELAY_WAIT_SEC = 2.0
+# Starts passed on before their answer came back, kept for it (a bound for answers that never come).
+RELAYED_KEPT = 1024
 # What gathers a capsule's processes: its cgroup, or its uid where the host has no cgroups.
 Group = CapsuleCgroup | UidGroup
 # Where the sandbox sees the capsule's cgroups (v1), one directory per controller.
@@ -299,13 +301,12 @@ class Sandbox:
     link: SupervisorLink | None = None
     stub: Any = None
     relay: asyncio.Task[None] | None = None
-    # The background processes running inside, as the relayed events tell.
-    running: set[tuple[int, str]] = field(default_factory=set)
-    # The processes whose start the relay has passed on lately, and a signal that it passed one on.
-    _relayed: collections.deque[tuple[int, str]] = field(
-        default_factory=lambda: collections.deque(maxlen=1024)
-    )
-    _news: asyncio.Event = field(default_factory=asyncio.Event)
+    # The background processes running inside, as the relayed events tell: tag -> pid.
+    running: dict[str, int] = field(default_factory=dict)
+    # The processes (pid, tag) whose start the relay has passed on lately, and the starts answered
+    # before the relay passed theirs on, each waiting for it.
+    _relayed: collections.OrderedDict[tuple[int, str], None] = field(default_factory=collections.OrderedDict)
+    _awaiting: dict[tuple[int, str], asyncio.Future[None]] = field(default_factory=dict)
     _baseline: int = OWN_PROCESSES
     _own_tasks: int = 0
     _run_dir_fd: int | None = None
@@ -348,24 +349,36 @@ class Sandbox:
                 if event.process.capsule_id != self.capsule_id:  # never another capsule's, whatever it says
                     logger.warning("capsule %s: its supervisor spoke of another capsule", self.capsule_id)
                     continue
-                key = (event.process.pid, event.process.tag)
-                if event.kind is ProcessEventKind.STARTED:
-                    self.running.add(key)
-                    self._relayed.append(key)
-                elif event.kind is not ProcessEventKind.READY:  # a restart's new pid, or the end
-                    # A tag is unique among the running: it names the process whatever its run's pid.
-                    self.running = {k for k in self.running if k[1] != key[1]}
-                    if event.kind is ProcessEventKind.RESTARTED:
-                        self.running.add(key)
+                pid, tag = event.process.pid, event.process.tag
+                # A tag is unique among the running: it names the process whatever its run's pid.
+                if event.kind in (ProcessEventKind.STARTED, ProcessEventKind.RESTARTED):
+                    self.running[tag] = pid
+                elif event.kind is not ProcessEventKind.READY:  # the end
+                    self.running.pop(tag, None)
                 publish(event)
-                news, self._news = self._news, asyncio.Event()
-                news.set()
+                if event.kind is ProcessEventKind.STARTED:
+                    self._passed_on((pid, tag))
         except grpc.aio.AioRpcError as exc:
             if self.is_alive:
                 logger.warning("capsule %s: lost the supervisor's events: %s", self.capsule_id, exc.code())
         finally:
             subscribed.set()
             call.cancel()
+            for waiter in self._awaiting.values():  # no start is relayed any more
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._awaiting.clear()
+
+    def _passed_on(self, key: tuple[int, str]) -> None:
+        """Notes that the relay passed the start of key on, for the start's answer."""
+        waiter = self._awaiting.pop(key, None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+            return
+        self._relayed[key] = None
+        while len(self._relayed) > RELAYED_KEPT:
+            self._relayed.popitem(last=False)
 
     async def unary(self, name: str, request: Any, deadline_sec: float | None) -> Any:
         """Forwards one call to the supervisor inside; its errors come back as they were raised."""
@@ -380,10 +393,19 @@ class Sandbox:
         return reply
 
     async def _relayed_start(self, key: tuple[int, str]) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(RELAY_WAIT_SEC):
-                while key not in self._relayed and self.relay is not None and not self.relay.done():
-                    await self._news.wait()
+        if key in self._relayed:  # passed on already
+            del self._relayed[key]
+            return
+        if self.relay is None or self.relay.done():  # never will be
+            return
+        waiter = self._awaiting.setdefault(key, asyncio.get_running_loop().create_future())
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELAY_WAIT_SEC):
+                    await asyncio.shield(waiter)
+        finally:
+            if self._awaiting.get(key) is waiter:
+                del self._awaiting[key]
 
     async def stream(self, name: str, request: Any) -> AsyncIterator[Any]:
         """Forwards one streaming call to the supervisor inside."""
