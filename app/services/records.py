@@ -255,7 +255,6 @@ class ProcessRecords:
         started waits for that replica (others_exit_delay_sec), unless now.
         """
         exit = _exit_record(info)
-        key = (info.capsule_id, info.tag)
         if team_id is None and self._start_waits(info):  # its start's insert takes it
             self._park(ProcessEvent(ProcessEventKind.EXITED, info))
             return False
@@ -267,20 +266,19 @@ class ProcessRecords:
                 self._defer(info)
                 return False
 
-        async def claim(batch: Batch) -> models.ProcessRecord | None:
-            session = batch.session
-            if team_id is not None:
-                record = await ProcessRecordRepository(session, team_id).record_exit(exit)
-            else:
-                system = SystemRepository(session)
-                record = await system.record_exit(exit)
-                if record is None and not await system.has_record(info.capsule_id, info.pid, info.tag):
-                    self._park(ProcessEvent(ProcessEventKind.EXITED, info))
+        async def claimed(batch: Batch, record: models.ProcessRecord | None) -> models.ProcessRecord | None:
+            system = SystemRepository(batch.session)
+            if (
+                record is None
+                and team_id is None
+                and not await system.has_record(info.capsule_id, info.pid, info.tag)
+            ):
+                self._park(ProcessEvent(ProcessEventKind.EXITED, info))
             if record is not None:
                 batch.event(record.team_id, ProcessEventKind.EXITED, record_to_info(record))
             return record
 
-        record = await self._writer.run(claim, key=key)
+        record = await self._writer.run_exit(exit, team_id=team_id, then=claimed)
         if record is None:
             return False
         self._exited(record, info)

@@ -27,7 +27,7 @@ from app.domain import ProcessEventKind, ProcessInfo
 from app.errors import Unavailable
 from app.services.events import EventLog
 from app.store import models
-from app.store.repositories import insert_records
+from app.store.repositories import ProcessExitRecord, insert_records, mark_exited_many
 from app.store.session import Database
 
 logger = logging.getLogger(__name__)
@@ -67,12 +67,55 @@ class Batch:
         self.undo.append(undo)
 
 
+# What follows an exit's UPDATE: given the batch and the record it changed (None: none matched).
+AfterExit = Callable[[Batch, models.ProcessRecord | None], Awaitable[T]]
+
+
 @dataclass(eq=False)
 class _Pending(Generic[T]):
     write: Callable[[Batch], Awaitable[T]]
     key: tuple[str, str]
     adds_only: bool  # runs no statement of its own: only Batch.add_record and Batch.event
+    # An exit's write: its conditional UPDATE (with its team, or None), then `write`'s part, run by
+    # _Exits with those of its neighbours.
+    exit: tuple[ProcessExitRecord, int | None] | None = None
+    after_exit: AfterExit[T] | None = None
     done: asyncio.Future[T] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+async def _no_write(_batch: Batch) -> Any:
+    raise AssertionError("an exit's write runs through _Exits")
+
+
+class _Exits:
+    """The exit writes of a batch that run together: one UPDATE for all of them (see
+    mark_exited_many), then each one's own part, in the batch's order. They run before any write
+    that comes after them and runs a statement, or that writes about the same process."""
+
+    def __init__(self, context: Batch, results: list[Any]) -> None:
+        self._context, self._results = context, results
+        self._waiting: list[tuple[int, _Pending[Any]]] = []
+
+    def must_run_before(self, pending: _Pending[Any]) -> bool:
+        if not self._waiting:
+            return False
+        if self._waiting[-1][1].key == pending.key:  # the same process (a batch is sorted by process)
+            return True
+        return pending.exit is None and not pending.adds_only
+
+    def add(self, index: int, pending: _Pending[Any]) -> None:
+        self._waiting.append((index, pending))
+
+    async def run(self) -> None:
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, []
+        await self._context.insert_records()  # what the writes before them added, for their UPDATE
+        exits = [pending.exit for _, pending in waiting if pending.exit is not None]
+        records = await mark_exited_many(self._context.session, exits)
+        for (index, pending), record in zip(waiting, records, strict=True):
+            assert pending.after_exit is not None
+            self._results[index] = await pending.after_exit(self._context, record)
 
 
 class RecordWriter:
@@ -90,7 +133,24 @@ class RecordWriter:
         """Runs write in the next transaction; its result once that has committed and its events
         are announced. key names the process it writes about (capsule, tag); adds_only says that
         write runs no statement itself (what it adds then goes in with its neighbours')."""
-        pending: _Pending[T] = _Pending(write, key, adds_only)
+        return await self._enqueue(_Pending(write, key, adds_only))
+
+    async def run_exit(
+        self,
+        exit: ProcessExitRecord,
+        *,
+        team_id: int | None,
+        then: AfterExit[T],
+    ) -> T:
+        """Marks the process's RUNNING record EXITED (of the team, when given) in the next
+        transaction, with the other exits of that transaction in one statement, then runs
+        then(batch, the record it changed or None) in the same transaction; then's result, once
+        that has committed and its events are announced."""
+        key = (exit.capsule_id, exit.tag)
+        pending: _Pending[T] = _Pending(_no_write, key, False, exit=(exit, team_id), after_exit=then)
+        return await self._enqueue(pending)
+
+    async def _enqueue(self, pending: _Pending[T]) -> T:
         self._queue.append(pending)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="process-record-writes")
@@ -135,11 +195,18 @@ class RecordWriter:
             async with self._db.write_transaction() as session:
                 context = Batch(session)
                 undo = context.undo
-                results = []
-                for pending in batch:
+                results: list[Any] = [None] * len(batch)
+                exits = _Exits(context, results)
+                for index, pending in enumerate(batch):
+                    if exits.must_run_before(pending):
+                        await exits.run()
+                    if pending.exit is not None:
+                        exits.add(index, pending)
+                        continue
                     if not pending.adds_only:  # what the writes before it added is in the store for it
                         await context.insert_records()
-                    results.append(await pending.write(context))
+                    results[index] = await pending.write(context)
+                await exits.run()
                 await context.insert_records()
                 last = await self._events.append_many(session, context.events) if context.events else {}
         except BaseException:

@@ -553,6 +553,80 @@ async def _mark_exited(
     return None if row is None else models.ProcessRecord(**row._mapping)
 
 
+# The PostgreSQL array type of each exit field, for the exits of a batch in one statement.
+_EXIT_ARRAYS = {
+    "pid": "integer[]",
+    "restarts": "integer[]",
+    "ready": "boolean[]",
+    "ready_at": "timestamptz[]",
+    "exit_code": "integer[]",
+    "signal": "text[]",
+    "timed_out": "boolean[]",
+    "oom_killed": "boolean[]",
+    "cpu_sec": "double precision[]",
+    "memory_bytes": "bigint[]",
+    "memory_peak_bytes": "bigint[]",
+    "processes_alive": "integer[]",
+    "ended_at": "timestamptz[]",
+}
+_EXIT_KEYS = ("x_index", "x_team_id", "x_capsule_id", "x_tag")
+_EXIT_KEY_ARRAYS = ("integer[]", "integer[]", "text[]", "text[]")
+
+
+def _exits_statement() -> Any:
+    """_mark_exited's UPDATE for several exits at once, on PostgreSQL: the exits come in as one array
+    per field (unnest makes them rows), so one prepared statement serves any number of them. Each
+    returned record carries x_index, the position of the exit that changed it."""
+    table = _RECORDS_TABLE
+    names = (*_EXIT_KEYS, *_EXIT_FIELDS)
+    arrays = (*_EXIT_KEY_ARRAYS, *(_EXIT_ARRAYS[name] for name in _EXIT_FIELDS))
+    unnest = ", ".join(f"CAST(:{name} AS {array})" for name, array in zip(names, arrays, strict=True))
+    sets = ", ".join(f"{name} = x.{name}" for name in _EXIT_FIELDS)
+    returned = ", ".join(f"r.{column.name}" for column in table.columns)
+    sql = (
+        f"UPDATE {table.name} AS r SET status = :exited, {sets} "
+        f"FROM unnest({unnest}) AS x({', '.join(names)}) "
+        "WHERE r.capsule_id = x.x_capsule_id AND r.tag = x.x_tag "
+        "AND (r.pid = x.pid OR r.restarts < x.restarts) AND r.status = :running "
+        "AND (x.x_team_id IS NULL OR r.team_id = x.x_team_id) "
+        f"RETURNING x.x_index, {returned}"
+    )
+    status = table.c.status.type
+    return (
+        sa.text(sql)
+        .bindparams(sa.bindparam("exited", type_=status), sa.bindparam("running", type_=status))
+        .columns(sa.column("x_index", sa.Integer), *table.columns)
+    )
+
+
+_EXITS_OF_MANY = _exits_statement()
+
+
+async def mark_exited_many(
+    session: AsyncSession, exits: Sequence[tuple[ProcessExitRecord, int | None]]
+) -> list[models.ProcessRecord | None]:
+    """_mark_exited for each (exit, team or None) in turn, in one statement on PostgreSQL: for each,
+    the record it changed, else None. No two exits may name the same process (capsule and tag)."""
+    if len(exits) < 2 or session.get_bind().dialect.name != "postgresql":
+        return [await _mark_exited(session, exit, team_id) for exit, team_id in exits]
+    params: dict[str, Any] = {
+        "exited": ProcessStatus.EXITED,
+        "running": ProcessStatus.RUNNING,
+        "x_index": list(range(len(exits))),
+        "x_team_id": [team_id for _, team_id in exits],
+        "x_capsule_id": [exit.capsule_id for exit, _ in exits],
+        "x_tag": [exit.tag for exit, _ in exits],
+    }
+    for name in _EXIT_FIELDS:
+        values = [getattr(exit, name) for exit, _ in exits]
+        params[name] = [as_utc(v) if isinstance(v, datetime) else v for v in values]
+    found: list[models.ProcessRecord | None] = [None] * len(exits)
+    for row in (await session.exec(_EXITS_OF_MANY, params=params)).all():
+        columns = dict(row._mapping)
+        found[columns.pop("x_index")] = models.ProcessRecord(**columns)
+    return found
+
+
 class SystemRepository:
     """Across teams, for the server's own background work (exits, idle capsules, reconciling hosts).
 

@@ -203,3 +203,87 @@ async def test_a_start_whose_exit_came_first_gets_it(teams: Teams) -> None:
     record = await teams.record(capsule.id, info.tag)
     assert isinstance(record, models.ProcessRecord)
     assert (record.status, record.exit_code) == (ProcessStatus.EXITED, 5)
+
+
+def _exit_updates(platform: Any) -> tuple[list[int], Any]:
+    """How many exits each UPDATE of process records the store runs from now on carries, and how to
+    stop counting."""
+    updates: list[int] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, _many: bool) -> None:
+        words = statement.split()
+        if words[:2] == ["UPDATE", "process_record"]:
+            arrays = [
+                value
+                for value in (params if isinstance(params, (list, tuple)) else ())
+                if isinstance(value, list)
+            ]
+            updates.append(len(arrays[0]) if arrays else 1)
+
+    for engine in platform.db.writing_engines:
+        sqlalchemy.event.listen(engine, "before_cursor_execute", count)
+
+    def stop() -> None:
+        for engine in platform.db.writing_engines:
+            sqlalchemy.event.remove(engine, "before_cursor_execute", count)
+
+    return updates, stop
+
+
+async def test_exits_of_one_batch_mark_their_records_together(teams: Teams) -> None:
+    """Exits that share a transaction mark their records in one statement on PostgreSQL (one each on
+    SQLite, whose writer runs on the loop): each changes its own record once, and one that finds no
+    record of its own (none, or another's) changes nothing, whatever its neighbours do."""
+    platform = teams.state.platform
+    records = ProcessRecords(db=platform.db, bus=platform.bus)
+    capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)
+    infos = [running(capsule, pid) for pid in range(4000, 4030)]
+    await asyncio.gather(*(records.record_start(teams.ours.team.id, info) for info in infos))
+    stranger = running(capsule, 4999)  # never recorded
+    others = teams.theirs.team.id  # a request of another team cannot mark this team's records
+    updates, stop = _exit_updates(platform)
+    try:
+        async with teams.events(capsule.id) as events:
+            won = await asyncio.gather(
+                *(
+                    records.record_exit(ended(info, exit_code=n), team_id=None)
+                    for n, info in enumerate(infos)
+                ),
+                records.record_exit(ended(stranger), team_id=teams.ours.team.id),
+                records.record_exit(ended(infos[0], exit_code=99), team_id=others),
+            )
+            seen = await events.settled()
+    finally:
+        stop()
+    assert won == [True] * len(infos) + [False, False]
+    assert sorted(e.process.tag for e in seen if e.kind is EXITED) == sorted(info.tag for info in infos)
+    if platform.db.dialect == "postgresql":
+        assert max(updates) > 1 and sum(updates) == len(infos) + 2, updates
+    for n, info in enumerate(infos):
+        record = await teams.record(capsule.id, info.tag)
+        assert record is not None
+        assert (record.status, record.exit_code, record.pid) == (ProcessStatus.EXITED, n, info.pid)
+        assert record.ended_at is not None and record.ended_at.tzinfo is not None
+
+
+async def test_two_exits_of_one_process_in_one_batch_mark_it_once(teams: Teams) -> None:
+    """A request's stop and the host's exit of the same process, at once: one of them wins."""
+    platform = teams.state.platform
+    records = ProcessRecords(db=platform.db, bus=platform.bus)
+    capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)
+    infos = [running(capsule, pid) for pid in range(5000, 5010)]
+    await asyncio.gather(*(records.record_start(teams.ours.team.id, info) for info in infos))
+    async with teams.events(capsule.id) as events:
+        won = await asyncio.gather(
+            *(
+                write
+                for info in infos
+                for write in (
+                    records.record_exit(ended(info, 1), team_id=teams.ours.team.id),
+                    records.record_exit(ended(info, 2), team_id=None),
+                )
+            )
+        )
+        seen = await events.settled()
+    assert [won[i] + won[i + 1] for i in range(0, len(won), 2)] == [1] * len(infos)
+    assert sorted(e.process.tag for e in seen if e.kind is EXITED) == sorted(info.tag for info in infos)

@@ -397,7 +397,6 @@ async def test_the_loop_writer_leaves_checkpoints_to_the_async_engine(
         async with asyncio.timeout(10):
             while not any("wal_checkpoint" in statement for statement in on_engine):
                 await asyncio.sleep(0.01)
-        assert await _scalar(db, "PRAGMA wal_checkpoint(PASSIVE)") == 0  # not busy
     finally:
         stop()
         await db.dispose()
