@@ -5,6 +5,7 @@ Repositories flush; the service that opened the session commits (Database.transa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -226,6 +227,22 @@ _DROP_EVENTS = sa.delete(_EVENTS_TABLE).where(
     _EVENTS_TABLE.c.capsule_id == sa.bindparam("of_capsule"), _EVENTS_TABLE.c.seq <= sa.bindparam("through")
 )
 
+# On PostgreSQL, _COUNT_EVENTS and the insert of the events in one statement: the events come in as
+# one array per column (their place among them, kind, moment, process as JSON text), and take the
+# seqs that end at the counter's new value; the statement returns that value, as _COUNT_EVENTS does
+# (no row: no such capsule of the team, and nothing is inserted).
+_COUNT_AND_INSERT_EVENTS = sa.text(
+    "WITH counted AS (UPDATE capsule SET last_event_seq = last_event_seq + CAST(:count AS integer) "
+    "WHERE team_id = CAST(:of_team AS integer) AND id = CAST(:of_capsule AS text) "
+    "RETURNING last_event_seq), "
+    "added AS (INSERT INTO process_event (capsule_id, seq, team_id, kind, at, process) "
+    "SELECT CAST(:of_capsule AS text), counted.last_event_seq - CAST(:count AS integer) + x.n, "
+    "CAST(:of_team AS integer), x.kind, x.at, "
+    "CAST(x.process AS json) FROM counted, unnest(CAST(:x_n AS integer[]), CAST(:x_kind AS text[]), "
+    "CAST(:x_at AS timestamptz[]), CAST(:x_process AS text[])) AS x(n, kind, at, process)) "
+    "SELECT last_event_seq FROM counted"
+)
+
 
 class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
     """One team's process events, each capsule's in the order of their seqs."""
@@ -247,7 +264,20 @@ class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
         reader that has seen seq n has seen every seq below it (an autoincrement id would let a later
         commit land below a seen one).
         """
-        params = {"of_team": self._team_id, "of_capsule": capsule_id, "count": len(events)}
+        params: dict[str, Any] = {"of_team": self._team_id, "of_capsule": capsule_id, "count": len(events)}
+        if self._session.get_bind().dialect.name == "postgresql":
+            # The counter's update and the insert in one statement: a round trip less per batch.
+            params.update(
+                x_n=list(range(1, len(events) + 1)),
+                x_kind=[kind.name for kind, _, _ in events],
+                x_at=[as_utc(at) for _, at, _ in events],
+                x_process=[json.dumps(process) for _, _, process in events],
+            )
+            last = (await self._session.exec(_COUNT_AND_INSERT_EVENTS, params=params)).scalar_one_or_none()
+            if last is None:
+                raise LookupError(f"no capsule {capsule_id} of team {self._team_id} for its events")
+            await self._drop_past(capsule_id, int(last), keep)
+            return int(last)
         counted = await self._session.exec(_COUNT_EVENTS, params=params)
         last = counted.scalar_one_or_none()
         if last is None:
@@ -265,9 +295,12 @@ class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
             for index, (kind, at, process) in enumerate(events)
         ]
         await self._session.exec(_INSERT_EVENTS, params=rows)
+        await self._drop_past(capsule_id, int(last), keep)
+        return int(last)
+
+    async def _drop_past(self, capsule_id: str, last: int, keep: int) -> None:
         if last > keep:
             await self._session.exec(_DROP_EVENTS, params={"of_capsule": capsule_id, "through": last - keep})
-        return int(last)
 
     async def after(self, capsule_id: str, seq: int, *, limit: int) -> Sequence[models.ProcessEvent]:
         """The capsule's events past seq, oldest first, at most limit of them."""
