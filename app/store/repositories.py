@@ -231,7 +231,7 @@ _DROP_EVENTS = sa.delete(_EVENTS_TABLE).where(
 # one array per column (their place among them, kind, moment, process as JSON text), and take the
 # seqs that end at the counter's new value; the statement returns that value, as _COUNT_EVENTS does
 # (no row: no such capsule of the team, and nothing is inserted).
-_COUNT_AND_INSERT_EVENTS = sa.text(
+_COUNT_AND_INSERT_EVENTS: Any = sa.text(
     "WITH counted AS (UPDATE capsule SET last_event_seq = last_event_seq + CAST(:count AS integer) "
     "WHERE team_id = CAST(:of_team AS integer) AND id = CAST(:of_capsule AS text) "
     "RETURNING last_event_seq), "
@@ -241,7 +241,7 @@ _COUNT_AND_INSERT_EVENTS = sa.text(
     "CAST(x.process AS json) FROM counted, unnest(CAST(:x_n AS integer[]), CAST(:x_kind AS text[]), "
     "CAST(:x_at AS timestamptz[]), CAST(:x_process AS text[])) AS x(n, kind, at, process)) "
     "SELECT last_event_seq FROM counted"
-)
+).columns(sa.column("last_event_seq", sa.BigInteger))
 
 
 class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
