@@ -126,6 +126,7 @@ class RecordWriter:
         self._db, self._events, self._max_batch = db, events, max_batch
         self._queue: list[_Pending[Any]] = []
         self._task: asyncio.Task[None] | None = None
+        self._announcing: set[asyncio.Task[None]] = set()
 
     async def run(
         self, write: Callable[[Batch], Awaitable[T]], *, key: tuple[str, str], adds_only: bool = False
@@ -182,12 +183,20 @@ class RecordWriter:
             for pending in batch:
                 _settle(pending, exc=exc)
             return
+        # The next transaction need not wait for the bus: it begins while this one's news goes out.
+        task = asyncio.create_task(self._announce(batch, results, last), name="process-record-news")
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce(self, batch: list[_Pending[Any]], results: list[Any], last: dict[str, int]) -> None:
+        """Tells every replica of a committed batch's events, then gives each write its result."""
         try:
             await asyncio.gather(*(self._events.announce(capsule, seq) for capsule, seq in last.items()))
         except Exception:  # committed all the same: subscribers find the events on their next poll
             logger.exception("announcing %d capsules' events failed", len(last))
-        for pending, result in zip(batch, results, strict=True):
-            _settle(pending, result=result)
+        finally:
+            for pending, result in zip(batch, results, strict=True):
+                _settle(pending, result=result)
 
     async def _apply(self, batch: list[_Pending[Any]]) -> tuple[list[Any], dict[str, int]]:
         undo: list[Callable[[], object]] = []
