@@ -267,11 +267,10 @@ class ProcessRecords:
                 return False
 
         async def claimed(batch: Batch, record: models.ProcessRecord | None) -> models.ProcessRecord | None:
-            system = SystemRepository(batch.session)
             if (
                 record is None
                 and team_id is None
-                and not await system.has_record(info.capsule_id, info.pid, info.tag)
+                and not await SystemRepository(batch.session).has_record(info.capsule_id, info.pid, info.tag)
             ):
                 self._park(ProcessEvent(ProcessEventKind.EXITED, info))
             if record is not None:

@@ -3,11 +3,12 @@ the next one, with their events.
 
 Each write is a function of the batch it runs in: its own statements on the batch's session, the
 events it reports through Batch.event, which are added together once every write of the batch ran
-(one seq update and one insert per capsule), and the new records it adds through Batch.add_record,
-which go in together before the next write that runs a statement of its own. Writes run one after
-another, in the order they came (stable-sorted by process, so two replicas' batches lock the same
-records in the same order), so a write never sees another's half done. Nothing waits to fill a
-batch: the first write of a quiet moment commits at once, alone.
+(per capsule: one statement on PostgreSQL, a seq update and an insert on SQLite), and the new
+records it adds through Batch.add_record, which go in together before the next write that runs a
+statement of its own. Writes run one after another, in the order they came (stable-sorted by
+process, so two replicas' batches lock the same records in the same order), so a write never sees
+another's half done. Nothing waits to fill a batch: the first write of a quiet moment commits at
+once, alone.
 
 A batch that fails is tried again one write at a time, so that one bad write fails alone; the
 undo callbacks of a rolled-back attempt restore what its writes changed outside the store.

@@ -586,24 +586,15 @@ async def _mark_exited(
     return None if row is None else models.ProcessRecord(**row._mapping)
 
 
-# The PostgreSQL array type of each exit field, for the exits of a batch in one statement.
-_EXIT_ARRAYS = {
-    "pid": "integer[]",
-    "restarts": "integer[]",
-    "ready": "boolean[]",
-    "ready_at": "timestamptz[]",
-    "exit_code": "integer[]",
-    "signal": "text[]",
-    "timed_out": "boolean[]",
-    "oom_killed": "boolean[]",
-    "cpu_sec": "double precision[]",
-    "memory_bytes": "bigint[]",
-    "memory_peak_bytes": "bigint[]",
-    "processes_alive": "integer[]",
-    "ended_at": "timestamptz[]",
-}
 _EXIT_KEYS = ("x_index", "x_team_id", "x_capsule_id", "x_tag")
-_EXIT_KEY_ARRAYS = ("integer[]", "integer[]", "text[]", "text[]")
+
+
+_POSTGRESQL: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _array_of(column: sa.Column[Any]) -> str:
+    """The PostgreSQL array type of a column's values."""
+    return f"{column.type.compile(dialect=_POSTGRESQL)}[]"
 
 
 def _exits_statement() -> Any:
@@ -612,7 +603,9 @@ def _exits_statement() -> Any:
     returned record carries x_index, the position of the exit that changed it."""
     table = _RECORDS_TABLE
     names = (*_EXIT_KEYS, *_EXIT_FIELDS)
-    arrays = (*_EXIT_KEY_ARRAYS, *(_EXIT_ARRAYS[name] for name in _EXIT_FIELDS))
+    # Each array of the type of the column it goes into; x_index, a position among the exits.
+    columns = [table.c[name.removeprefix("x_")] for name in names[1:]]
+    arrays = ("integer[]", *(_array_of(column) for column in columns))
     unnest = ", ".join(f"CAST(:{name} AS {array})" for name, array in zip(names, arrays, strict=True))
     sets = ", ".join(f"{name} = x.{name}" for name in _EXIT_FIELDS)
     returned = ", ".join(f"r.{column.name}" for column in table.columns)

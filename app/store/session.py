@@ -50,16 +50,31 @@ def ensure_sqlite_dir(url: str | URL) -> None:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+def _set_up_sqlite(dbapi_connection: Any, *, busy_timeout_ms: int, extra: tuple[str, ...] = ()) -> None:
+    """The settings of every connection to a SQLite file, then extra pragmas."""
     cursor = dbapi_connection.cursor()
     try:
         # busy_timeout first: switching to WAL needs a lock another connection may hold.
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
         cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")  # in WAL mode a commit then writes, never syncs
         cursor.execute("PRAGMA foreign_keys = ON")
+        for pragma in extra:
+            cursor.execute(pragma)
     finally:
         cursor.close()
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    _set_up_sqlite(dbapi_connection, busy_timeout_ms=SQLITE_BUSY_TIMEOUT_MS)
+
+
+def _sqlite_file(url: str | URL) -> URL | None:
+    """The URL of a SQLite file (not an in-memory database), or None for any other store."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -71,7 +86,7 @@ def create_engine(url: str) -> AsyncEngine:
         return engine
     ensure_sqlite_dir(url)
     pool: dict[str, Any] = {}
-    if make_url(url).database not in (None, "", ":memory:"):  # an in-memory database has one connection
+    if _sqlite_file(url) is not None:  # an in-memory database has one connection
         pool = {"pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW}
     # The driver's own busy handler also covers the moment before the pragmas run.
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
@@ -118,8 +133,8 @@ def _point_reader(url: str) -> Engine | None:
     request that looks its capsule up. In WAL mode a reader takes no lock a writer holds, so the
     read does not wait; when it would, it fails at once and the caller reads the usual way.
     """
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    parsed = _sqlite_file(url)
+    if parsed is None:
         return None
     engine = sa.create_engine(parsed.set(drivername="sqlite"), pool_size=1, max_overflow=0)
     event.listen(engine, "connect", _point_reader_on_connect)
@@ -128,17 +143,9 @@ def _point_reader(url: str) -> Engine | None:
 
 def _loop_writer_on_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # the driver begins nothing: _begin_immediate does
-    cursor = dbapi_connection.cursor()
-    try:
-        # Never wait on the loop: a writer that finds the lock taken writes the usual way instead.
-        cursor.execute("PRAGMA busy_timeout = 0")
-        cursor.execute("PRAGMA journal_mode = WAL")  # as the async engine's connections set it
-        cursor.execute("PRAGMA synchronous = NORMAL")  # in WAL mode a commit then writes, never syncs
-        cursor.execute("PRAGMA foreign_keys = ON")
-        # A checkpoint syncs the file: it runs on a thread of the async engine (Database._checkpoint).
-        cursor.execute("PRAGMA wal_autocheckpoint = 0")
-    finally:
-        cursor.close()
+    # Never wait on the loop: a writer that finds the lock taken writes the usual way instead. A
+    # checkpoint syncs the file: it runs on a thread of the async engine (Database._checkpoint).
+    _set_up_sqlite(dbapi_connection, busy_timeout_ms=0, extra=("PRAGMA wal_autocheckpoint = 0",))
 
 
 def _begin_immediate(connection: sa.Connection) -> None:
@@ -156,8 +163,8 @@ def _loop_writer(url: str) -> Engine | None:
     of every request waited for it in turn. On the loop it takes its CPU time alone. It never waits
     for a lock: where another connection writes, the transaction goes through the async engine.
     """
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    parsed = _sqlite_file(url)
+    if parsed is None:
         return None
     engine = sa.create_engine(parsed.set(drivername="sqlite"), pool_size=1, max_overflow=0)
     event.listen(engine, "connect", _loop_writer_on_connect)
@@ -168,8 +175,9 @@ def _loop_writer(url: str) -> Engine | None:
 class LoopSession(AsyncSession):
     """An AsyncSession over a synchronous connection: each call runs at once, on the loop.
 
-    The record writer's statements go through exec, get and flush; the rest of AsyncSession runs
-    through greenlets as usual, which a synchronous driver never leaves.
+    exec and execute run the statement themselves (AsyncSession's would expect the async driver's
+    cursor); the rest of AsyncSession runs through greenlets as usual, which a synchronous driver
+    never leaves.
     """
 
     def __init__(self, *, bind: sa.Connection) -> None:
@@ -181,12 +189,6 @@ class LoopSession(AsyncSession):
 
     async def execute(self, statement: Any, *args: Any, **options: Any) -> Any:
         return self.sync_session.execute(statement, *args, **options)
-
-    async def get(self, *args: Any, **options: Any) -> Any:
-        return self.sync_session.get(*args, **options)
-
-    async def flush(self, objects: Any = None) -> None:
-        self.sync_session.flush(objects)
 
 
 # The loop writer's commits between two checkpoints of the write-ahead log (each commit adds a few
@@ -285,6 +287,7 @@ class Database:
                 connection.rollback()
                 raise
             try:
+                await session.flush()  # what the session holds goes in, as transaction()'s commit does
                 connection.commit()
             except _CONNECTION_ERRORS as exc:
                 logger.warning("database unreachable: %s", type(exc).__name__)
