@@ -56,8 +56,8 @@ def decode_cursor(cursor: str, capsule_id: str) -> int:
     return seq
 
 
-def event_from_row(row: models.ProcessEvent) -> CapsuleEvent:
-    """A stored event as the value subscribers get."""
+def event_from_row(row: models.ProcessEvent | Any) -> CapsuleEvent:
+    """A stored event (its model, or a row of its columns) as the value subscribers get."""
     return CapsuleEvent(
         seq=row.seq,
         kind=row.kind,

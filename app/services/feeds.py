@@ -21,7 +21,7 @@ from app.bus.events import capsule_events_channel
 from app.domain import CapsuleEvent
 from app.errors import InvalidRequest, Unavailable
 from app.services.events import EXPIRED, NOT_A_CURSOR, event_from_row
-from app.store.repositories import ProcessEventRepository, SystemRepository
+from app.store.repositories import ProcessEventRepository, SystemRepository, events_after
 from app.store.session import Database
 
 logger = logging.getLogger(__name__)
@@ -132,10 +132,7 @@ class EventFeeds:
         return await self._page(feed, position)
 
     async def _page(self, feed: _Feed, position: int) -> Sequence[CapsuleEvent]:
-        async with self._db.session() as session:
-            rows = await ProcessEventRepository(session, feed.team_id).after(
-                feed.capsule_id, position, limit=PAGE_EVENTS
-            )
+        rows = await events_after(self._db, feed.team_id, feed.capsule_id, position, limit=PAGE_EVENTS)
         if not rows or rows[0].seq != position + 1:  # dropped by the retention since
             raise InvalidRequest(EXPIRED)
         return [event_from_row(row) for row in rows]
@@ -170,10 +167,7 @@ class EventFeeds:
     async def _read(self, feed: _Feed) -> None:
         """Reads everything past the feed's head, one page at a time."""
         while True:
-            async with self._db.session() as session:
-                rows = await ProcessEventRepository(session, feed.team_id).after(
-                    feed.capsule_id, feed.head, limit=PAGE_EVENTS
-                )
+            rows = await events_after(self._db, feed.team_id, feed.capsule_id, feed.head, limit=PAGE_EVENTS)
             if not rows:
                 return
             events = [event_from_row(row) for row in rows]

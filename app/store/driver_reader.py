@@ -1,4 +1,5 @@
-"""PostgreSQL point reads straight through the driver (asyncpg), on a small pool of their own.
+"""PostgreSQL point reads, and short reads of a few rows, straight through the driver (asyncpg), on
+a small pool of their own.
 
 Loaded only for a PostgreSQL store: the embedded default (SQLite) imports no server driver.
 """
@@ -6,6 +7,7 @@ Loaded only for a PostgreSQL store: the embedded default (SQLite) imports no ser
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import namedtuple
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +84,29 @@ class _CompiledRead:
         )
 
 
+def _json_of(data: bytes) -> Any:
+    return json.loads(data.decode())
+
+
+def _jsonb_of(data: bytes) -> Any:
+    return json.loads(data[1:].decode())  # after the jsonb format's version byte
+
+
+def _jsonb_bytes(text: str) -> bytes:
+    return b"\x01" + text.encode()
+
+
+async def _decode_json(connection: Any) -> None:
+    """Decodes json and jsonb columns as SQLAlchemy's adapter of the driver does, on each of its
+    connections: its result processors for those types expect the decoded value."""
+    await connection.set_type_codec(
+        "json", encoder=str.encode, decoder=_json_of, schema="pg_catalog", format="binary"
+    )
+    await connection.set_type_codec(
+        "jsonb", encoder=_jsonb_bytes, decoder=_jsonb_of, schema="pg_catalog", format="binary"
+    )
+
+
 async def _keep_as_is(_connection: Any) -> None:
     """A point reader's connection needs no reset on release: it only ever ran one SELECT, outside
     any transaction, and changed no setting (the driver's reset is a round trip of its own)."""
@@ -125,11 +150,27 @@ class DriverReader:
             if self._pool is None:
                 options = {"statement_cache_size": 32, **self._connect}  # the URL's, where it sets one
                 self._pool = await asyncpg.create_pool(
-                    **options, min_size=0, max_size=POINT_READ_POOL_SIZE, reset=_keep_as_is
+                    **options,
+                    min_size=0,
+                    max_size=POINT_READ_POOL_SIZE,
+                    init=_decode_json,
+                    reset=_keep_as_is,
                 )
         return self._pool
 
     async def read(self, statement: Executable, params: dict[str, Any]) -> Any:
+        """The one row (or None) the statement selects."""
+        compiled, records = await self._fetch(statement, params, one=True)
+        return None if not records else compiled.make(records[0])
+
+    async def read_all(self, statement: Executable, params: dict[str, Any]) -> list[Any]:
+        """Every row the statement selects."""
+        compiled, records = await self._fetch(statement, params, one=False)
+        return [compiled.make(record) for record in records]
+
+    async def _fetch(
+        self, statement: Executable, params: dict[str, Any], *, one: bool
+    ) -> tuple[_CompiledRead, list[Any]]:
         compiled = self._statement(statement)
         args = compiled.arguments(params)
         for attempt in range(2):
@@ -139,12 +180,14 @@ class DriverReader:
                     if compiled.processors is None:
                         prepared = await connection.prepare(compiled.sql)
                         compiled.typed([attribute.type.oid for attribute in prepared.get_attributes()])
-                    record = await connection.fetchrow(compiled.sql, *args)
+                    if one:
+                        record = await connection.fetchrow(compiled.sql, *args)
+                        return compiled, [] if record is None else [record]
+                    return compiled, list(await connection.fetch(compiled.sql, *args))
             except _DROPPED_CONNECTION_ERRORS:
                 if attempt:
                     raise
                 continue  # the server dropped that connection; the pool opens a new one
-            return None if record is None else compiled.make(record)
         raise AssertionError("unreachable")
 
     async def close(self) -> None:

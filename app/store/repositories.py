@@ -84,6 +84,27 @@ async def capsule_of_team(db: Database, team_id: int, capsule_id: str) -> Capsul
     return None if row is None else models.capsule_info(row)
 
 
+_EVENT = models.ProcessEvent
+# Built once, as the capsule lookup: each replica's feed runs it on every piece of news.
+_EVENTS_AFTER = (
+    sa.select(*_EVENT.__table__.columns)  # type: ignore[attr-defined]
+    .where(
+        col(_EVENT.team_id) == sa.bindparam("team_id"),
+        col(_EVENT.capsule_id) == sa.bindparam("capsule_id"),
+        col(_EVENT.seq) > sa.bindparam("seq"),
+    )
+    .order_by(col(_EVENT.seq))
+    .limit(sa.bindparam("limit"))
+)
+
+
+async def events_after(db: Database, team_id: int, capsule_id: str, seq: int, *, limit: int) -> Sequence[Any]:
+    """The team's capsule's events past seq, oldest first, at most limit of them, read outside any
+    session (rows with the event's columns): a feed's read."""
+    params = {"team_id": team_id, "capsule_id": capsule_id, "seq": seq, "limit": limit}
+    return await db.short_read(_EVENTS_AFTER, params)
+
+
 class CapsuleRepository(TeamScoped[models.Capsule]):
     """One team's capsules."""
 
@@ -301,17 +322,6 @@ class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
     async def _drop_past(self, capsule_id: str, last: int, keep: int) -> None:
         if last > keep:
             await self._session.exec(_DROP_EVENTS, params={"of_capsule": capsule_id, "through": last - keep})
-
-    async def after(self, capsule_id: str, seq: int, *, limit: int) -> Sequence[models.ProcessEvent]:
-        """The capsule's events past seq, oldest first, at most limit of them."""
-        event = models.ProcessEvent
-        statement = (
-            self._select()
-            .where(col(event.capsule_id) == capsule_id, col(event.seq) > seq)
-            .order_by(col(event.seq))
-            .limit(limit)
-        )
-        return (await self._session.exec(statement)).all()
 
     async def bounds(self, capsule_id: str) -> tuple[int, int | None]:
         """The capsule's newest seq (0 before its first event) and its oldest retained one (or None)."""
