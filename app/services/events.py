@@ -89,10 +89,15 @@ class EventLog:
         return (await self.append_many(session, [(team_id, kind, process)]))[process.capsule_id]
 
     async def append_many(
-        self, session: AsyncSession, events: Sequence[tuple[int, ProcessEventKind, ProcessInfo]]
+        self,
+        session: AsyncSession,
+        events: Sequence[tuple[int, ProcessEventKind, ProcessInfo]],
+        *,
+        records: Sequence[models.ProcessRecord] = (),
     ) -> dict[str, int]:
         """Adds (team, kind, process) events inside the caller's transaction, each capsule's in the order
-        given; each capsule's last seq.
+        given; each capsule's last seq. New process records go in first (on PostgreSQL in the same
+        statement as the first capsule's events).
 
         The capsules' rows are locked in the order of their ids, so two transactions that write events
         of the same capsules never wait for each other in a cycle.
@@ -105,8 +110,9 @@ class EventLog:
         last: dict[str, int] = {}
         for (capsule_id, team_id), appended in sorted(by_capsule.items()):
             last[capsule_id] = await ProcessEventRepository(session, team_id).append_many(
-                capsule_id, appended, keep=self._retention.max_per_capsule
+                capsule_id, appended, keep=self._retention.max_per_capsule, records=records
             )
+            records = ()
         return last
 
     async def announce(self, capsule_id: str, seq: int) -> None:

@@ -5,7 +5,8 @@ Each write is a function of the batch it runs in: its own statements on the batc
 events it reports through Batch.event, which are added together once every write of the batch ran
 (per capsule: one statement on PostgreSQL, a seq update and an insert on SQLite), and the new
 records it adds through Batch.add_record, which go in together before the next write that runs a
-statement of its own. Writes run one after another, in the order they came (stable-sorted by
+statement of its own (exits: before those about the same processes), or else with the events (on
+PostgreSQL in their statement). Writes run one after another, in the order they came (stable-sorted by
 process, so two replicas' batches lock the same records in the same order), so a write never sees
 another's half done. Nothing waits to fill a batch: the first write of a quiet moment commits at
 once, alone.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -49,15 +50,29 @@ class Batch:
         self._records: list[models.ProcessRecord] = []
 
     def add_record(self, record: models.ProcessRecord) -> None:
-        """Inserts a new process record before the batch's next statement: those that several
-        writes add one after another go in as one statement."""
+        """Inserts a new process record before the batch's next statement that may read it, or with
+        its events: those that several writes add one after another go in as one statement."""
         self._records.append(record)
 
     async def insert_records(self) -> None:
         """Inserts the records added since the last statement."""
         if self._records:
-            records, self._records = self._records, []
-            await insert_records(self.session, records)
+            await insert_records(self.session, self.take_records())
+
+    async def insert_records_of(self, keys: Collection[tuple[str, str]]) -> None:
+        """Inserts the records added since the last statement that are of these processes (capsule,
+        tag); the others wait on."""
+        of = [record for record in self._records if (record.capsule_id, record.tag) in keys]
+        if of:
+            self._records = [
+                record for record in self._records if (record.capsule_id, record.tag) not in keys
+            ]
+            await insert_records(self.session, of)
+
+    def take_records(self) -> list[models.ProcessRecord]:
+        """The records added since the last statement, for a statement that inserts them."""
+        records, self._records = self._records, []
+        return records
 
     def event(self, team_id: int, kind: ProcessEventKind, process: ProcessInfo) -> None:
         """Adds the event to the batch's transaction, after the events reported before it."""
@@ -111,8 +126,10 @@ class _Exits:
         if not self._waiting:
             return
         waiting, self._waiting = self._waiting, []
-        await self._context.insert_records()  # what the writes before them added, for their UPDATE
         exits = [pending.exit for _, pending in waiting if pending.exit is not None]
+        # What the writes before them added of the same processes goes in first, for their UPDATE
+        # (and what follows it); the rest later, with the events.
+        await self._context.insert_records_of({(exit.capsule_id, exit.tag) for exit, _ in exits})
         records = await mark_exited_many(self._context.session, exits)
         for (index, pending), record in zip(waiting, records, strict=True):
             assert pending.after_exit is not None
@@ -217,8 +234,11 @@ class RecordWriter:
                         await context.insert_records()
                     results[index] = await pending.write(context)
                 await exits.run()
+                last: dict[str, int] = {}
+                if context.events:  # with the records still to go in (one statement on PostgreSQL)
+                    records = context.take_records()
+                    last = await self._events.append_many(session, context.events, records=records)
                 await context.insert_records()
-                last = await self._events.append_many(session, context.events) if context.events else {}
         except BaseException:
             for step in reversed(undo):
                 step()

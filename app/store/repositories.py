@@ -221,6 +221,13 @@ _RECORDS_TABLE: sa.Table = models.ProcessRecord.__table__  # type: ignore[attr-d
 _INSERT_RECORD = _RECORDS_TABLE.insert()
 _RECORD_COLUMNS = tuple(column.name for column in _RECORDS_TABLE.columns if column.name != "id")
 
+_POSTGRESQL: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _array_of(column: sa.Column[Any]) -> str:
+    """The PostgreSQL array type of a column's values."""
+    return f"{column.type.compile(dialect=_POSTGRESQL)}[]"
+
 
 async def insert_records(session: AsyncSession, records: Sequence[models.ProcessRecord]) -> None:
     """Inserts new process records as they are, in one table statement: the ORM's unit of work (a
@@ -252,8 +259,8 @@ _DROP_EVENTS = sa.delete(_EVENTS_TABLE).where(
 # one array per column (their place among them, kind, moment, process as JSON text), and take the
 # seqs that end at the counter's new value; the statement returns that value, as _COUNT_EVENTS does
 # (no row: no such capsule of the team, and nothing is inserted).
-_COUNT_AND_INSERT_EVENTS: Any = sa.text(
-    "WITH counted AS (UPDATE capsule SET last_event_seq = last_event_seq + CAST(:count AS integer) "
+_COUNT_AND_INSERT_EVENTS_SQL = (
+    "counted AS (UPDATE capsule SET last_event_seq = last_event_seq + CAST(:count AS integer) "
     "WHERE team_id = CAST(:of_team AS integer) AND id = CAST(:of_capsule AS text) "
     "RETURNING last_event_seq), "
     "added AS (INSERT INTO process_event (capsule_id, seq, team_id, kind, at, process) "
@@ -262,7 +269,46 @@ _COUNT_AND_INSERT_EVENTS: Any = sa.text(
     "CAST(x.process AS json) FROM counted, unnest(CAST(:x_n AS integer[]), CAST(:x_kind AS text[]), "
     "CAST(:x_at AS timestamptz[]), CAST(:x_process AS text[])) AS x(n, kind, at, process)) "
     "SELECT last_event_seq FROM counted"
-).columns(sa.column("last_event_seq", sa.BigInteger))
+)
+
+
+def _insert_records_sql() -> str:
+    """A data-modifying CTE that inserts process records given as one array per column (r_<column>,
+    each of the column's type; JSON as text)."""
+    columns = [_RECORDS_TABLE.c[name] for name in _RECORD_COLUMNS]
+    as_json = {column.name for column in columns if isinstance(column.type, sa.JSON)}
+    arrays = ", ".join(
+        f"CAST(:r_{column.name} AS {'text[]' if column.name in as_json else _array_of(column)})"
+        for column in columns
+    )
+    names = ", ".join(_RECORD_COLUMNS)
+    values = ", ".join(
+        f"CAST(r.{name} AS json)" if name in as_json else f"r.{name}" for name in _RECORD_COLUMNS
+    )
+    return (
+        f"inserted AS (INSERT INTO {_RECORDS_TABLE.name} ({names}) "
+        f"SELECT {values} FROM unnest({arrays}) AS r({names}))"
+    )
+
+
+_LAST_EVENT_SEQ = sa.column("last_event_seq", sa.BigInteger)
+_COUNT_AND_INSERT_EVENTS: Any = sa.text(f"WITH {_COUNT_AND_INSERT_EVENTS_SQL}").columns(_LAST_EVENT_SEQ)
+# The same, with the insert of new process records (which goes in whether or not the capsule is
+# found: the caller's transaction is rolled back when it is not).
+_INSERT_RECORDS_COUNT_AND_INSERT_EVENTS: Any = sa.text(
+    f"WITH {_insert_records_sql()}, {_COUNT_AND_INSERT_EVENTS_SQL}"
+).columns(_LAST_EVENT_SEQ)
+
+
+def _record_arrays(session: AsyncSession, records: Sequence[models.ProcessRecord]) -> dict[str, list[Any]]:
+    """The records as _insert_records_sql's arrays: each column's values as SQLAlchemy binds them."""
+    dialect = session.get_bind().dialect
+    arrays: dict[str, list[Any]] = {}
+    for name in _RECORD_COLUMNS:
+        bind = _RECORDS_TABLE.c[name].type._cached_bind_processor(dialect)
+        values = [getattr(record, name) for record in records]
+        arrays[f"r_{name}"] = values if bind is None else [None if v is None else bind(v) for v in values]
+    return arrays
 
 
 class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
@@ -276,9 +322,11 @@ class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
         events: Sequence[tuple[ProcessEventKind, datetime, dict[str, Any]]],
         *,
         keep: int,
+        records: Sequence[models.ProcessRecord] = (),
     ) -> int:
         """Adds the capsule's next events, in order, and drops those more than keep behind the last;
-        returns the last one's seq.
+        returns the last one's seq. New process records (of any capsule) go in first, on PostgreSQL
+        in the same statement as the events.
 
         The seqs come from the capsule's row (one counter update for all of them), which stays locked
         until the transaction ends: events of one capsule commit in the order of their seqs, so a
@@ -287,18 +335,24 @@ class ProcessEventRepository(TeamScoped[models.ProcessEvent]):
         """
         params: dict[str, Any] = {"of_team": self._team_id, "of_capsule": capsule_id, "count": len(events)}
         if self._session.get_bind().dialect.name == "postgresql":
-            # The counter's update and the insert in one statement: a round trip less per batch.
+            # The counter's update and the inserts in one statement: a round trip or two less per batch.
+            statement = _COUNT_AND_INSERT_EVENTS
+            if records:
+                statement = _INSERT_RECORDS_COUNT_AND_INSERT_EVENTS
+                params.update(_record_arrays(self._session, records))
             params.update(
                 x_n=list(range(1, len(events) + 1)),
                 x_kind=[kind.name for kind, _, _ in events],
                 x_at=[as_utc(at) for _, at, _ in events],
                 x_process=[json.dumps(process) for _, _, process in events],
             )
-            last = (await self._session.exec(_COUNT_AND_INSERT_EVENTS, params=params)).scalar_one_or_none()
+            last = (await self._session.exec(statement, params=params)).scalar_one_or_none()
             if last is None:
                 raise LookupError(f"no capsule {capsule_id} of team {self._team_id} for its events")
             await self._drop_past(capsule_id, int(last), keep)
             return int(last)
+        if records:
+            await insert_records(self._session, records)
         counted = await self._session.exec(_COUNT_EVENTS, params=params)
         last = counted.scalar_one_or_none()
         if last is None:
@@ -597,14 +651,6 @@ async def _mark_exited(
 
 
 _EXIT_KEYS = ("x_index", "x_team_id", "x_capsule_id", "x_tag")
-
-
-_POSTGRESQL: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
-
-
-def _array_of(column: sa.Column[Any]) -> str:
-    """The PostgreSQL array type of a column's values."""
-    return f"{column.type.compile(dialect=_POSTGRESQL)}[]"
 
 
 def _exits_statement() -> Any:

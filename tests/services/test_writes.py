@@ -34,6 +34,8 @@ from tests.services.conftest import MISSING, Teams
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 STARTED, EXITED = ProcessEventKind.STARTED, ProcessEventKind.EXITED
+# How PostgreSQL's statement that inserts new records with their events begins.
+WITH_RECORDS = "WITH INSERTED AS (INSERT INTO PROCESS_RECORD"
 
 
 def running(capsule: CapsuleInfo, pid: int) -> ProcessInfo:
@@ -98,8 +100,11 @@ async def test_starts_of_one_batch_go_in_as_one_insert_before_the_next_statement
     inserts: list[int] = []
 
     def count(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, many: bool) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO PROCESS_RECORD"):
+        text = statement.lstrip().upper()
+        if text.startswith("INSERT INTO PROCESS_RECORD"):
             inserts.append(len(params) if many else 1)
+        elif text.startswith(WITH_RECORDS):  # PostgreSQL's, with the events: one array per column
+            inserts.append(len(params[0]))
 
     starts = [running(capsule, pid) for pid in range(2000, 2030)]
     stopped = [running(capsule, pid) for pid in range(3000, 3030)]
@@ -287,3 +292,54 @@ async def test_two_exits_of_one_process_in_one_batch_mark_it_once(teams: Teams) 
         seen = await events.settled()
     assert [won[i] + won[i + 1] for i in range(0, len(won), 2)] == [1] * len(infos)
     assert sorted(e.process.tag for e in seen if e.kind is EXITED) == sorted(info.tag for info in infos)
+
+
+async def test_new_records_wait_for_the_events_past_exits_of_other_processes(teams: Teams) -> None:
+    """A batch of starts and of exits of processes recorded before: the exits' UPDATE runs first,
+    and the new records go in with the events (on PostgreSQL in one statement with them); a start
+    and the exit of that same process in one batch still go in one after the other."""
+    platform = teams.state.platform
+    records = ProcessRecords(db=platform.db, bus=platform.bus)
+    capsule = await teams.stored_capsule(CapsuleStatus.RUNNING)
+    team_id = teams.ours.team.id
+    earlier = [running(capsule, pid) for pid in range(6000, 6020)]
+    await asyncio.gather(*(records.record_start(team_id, info) for info in earlier))
+    starts = [running(capsule, pid) for pid in range(7000, 7020)]
+    starts[0] = replace(starts[0], args=("-c", "echo 'a b' \"c\""), cwd="/work/sub dir")
+    stopped = running(capsule, 7999)
+    statements: list[str] = []
+
+    def seen_statement(_c: Any, _k: Any, statement: str, _p: Any, _x: Any, _many: bool) -> None:
+        statements.append(statement.lstrip().upper())
+
+    for engine in platform.db.writing_engines:
+        sqlalchemy.event.listen(engine, "before_cursor_execute", seen_statement)
+    try:
+        async with teams.events(capsule.id) as events:
+            won = await asyncio.gather(
+                *(records.record_start(team_id, info) for info in starts),
+                *(records.record_exit(ended(info, 4), team_id=team_id) for info in earlier),
+                records.record_start(team_id, stopped),
+                records.record_exit(ended(stopped, 6), team_id=team_id),
+            )
+            seen = await events.settled()
+    finally:
+        for engine in platform.db.writing_engines:
+            sqlalchemy.event.remove(engine, "before_cursor_execute", seen_statement)
+    assert won[len(starts) :] == [True] * len(earlier) + [None, True]
+    for info in (*starts, *earlier, stopped):
+        kinds = [e.kind for e in seen if e.process.tag == info.tag]
+        assert kinds == ([STARTED] if info in starts else [EXITED] if info in earlier else [STARTED, EXITED])
+    for info in starts:
+        record = await teams.record(capsule.id, info.tag)
+        assert record is not None and record.status is ProcessStatus.RUNNING
+        assert (record.pid, record.args, record.cwd) == (info.pid, list(info.args), info.cwd or None)
+        assert record.started_at == info.started_at and record.ended_at is None
+    for info, code in [*((info, 4) for info in earlier), (stopped, 6)]:
+        record = await teams.record(capsule.id, info.tag)
+        assert record is not None and (record.status, record.exit_code) == (ProcessStatus.EXITED, code)
+    if platform.db.dialect == "postgresql":
+        # Records went in with the events, but the one an exit of its batch needed first.
+        alone = [s for s in statements if s.startswith("INSERT INTO PROCESS_RECORD")]
+        together = [s for s in statements if s.startswith(WITH_RECORDS)]
+        assert together and len(alone) <= 1, "\n".join(s[:50] for s in statements)
