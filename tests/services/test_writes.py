@@ -8,7 +8,9 @@ The capsules are the store's alone (on a host nothing follows), as in test_recor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -53,6 +55,19 @@ def running(capsule: CapsuleInfo, pid: int) -> ProcessInfo:
 
 def ended(info: ProcessInfo, exit_code: int = 0) -> ProcessInfo:
     return replace(info, status=ProcessStatus.EXITED, exit_code=exit_code, ended_at=utcnow())
+
+
+@contextlib.contextmanager
+def statements_seen(platform: Any, seen: Callable[..., None]) -> Iterator[None]:
+    """Calls seen(conn, cursor, statement, params, context, executemany) for every statement the
+    store's writing engines run within the block."""
+    for engine in platform.db.writing_engines:
+        sqlalchemy.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield
+    finally:
+        for engine in platform.db.writing_engines:
+            sqlalchemy.event.remove(engine, "before_cursor_execute", seen)
 
 
 class _Counting(RecordWriter):
@@ -108,9 +123,7 @@ async def test_starts_of_one_batch_go_in_as_one_insert_before_the_next_statement
 
     starts = [running(capsule, pid) for pid in range(2000, 2030)]
     stopped = [running(capsule, pid) for pid in range(3000, 3030)]
-    for engine in platform.db.writing_engines:
-        sqlalchemy.event.listen(engine, "before_cursor_execute", count)
-    try:
+    with statements_seen(platform, count):
         async with teams.events(capsule.id) as events:
             await asyncio.gather(*(records.record_start(team_id, info) for info in starts))
             started_together = list(inserts)
@@ -126,9 +139,6 @@ async def test_starts_of_one_batch_go_in_as_one_insert_before_the_next_statement
                 )
             )
             seen = await events.settled()
-    finally:
-        for engine in platform.db.writing_engines:
-            sqlalchemy.event.remove(engine, "before_cursor_execute", count)
     assert sum(started_together) == len(starts) and len(started_together) < len(starts), started_together
     assert [o for o in outcomes if o is not None] == [True] * len(stopped)  # every exit marked its record
     for info in stopped:
@@ -210,9 +220,9 @@ async def test_a_start_whose_exit_came_first_gets_it(teams: Teams) -> None:
     assert (record.status, record.exit_code) == (ProcessStatus.EXITED, 5)
 
 
-def _exit_updates(platform: Any) -> tuple[list[int], Any]:
-    """How many exits each UPDATE of process records the store runs from now on carries, and how to
-    stop counting."""
+def _exit_updates() -> tuple[list[int], Callable[..., None]]:
+    """How many exits each UPDATE of process records carries, and the listener that counts them
+    (for statements_seen)."""
     updates: list[int] = []
 
     def count(_conn: Any, _cursor: Any, statement: str, params: Any, _context: Any, _many: bool) -> None:
@@ -225,14 +235,7 @@ def _exit_updates(platform: Any) -> tuple[list[int], Any]:
             ]
             updates.append(len(arrays[0]) if arrays else 1)
 
-    for engine in platform.db.writing_engines:
-        sqlalchemy.event.listen(engine, "before_cursor_execute", count)
-
-    def stop() -> None:
-        for engine in platform.db.writing_engines:
-            sqlalchemy.event.remove(engine, "before_cursor_execute", count)
-
-    return updates, stop
+    return updates, count
 
 
 async def test_exits_of_one_batch_mark_their_records_together(teams: Teams) -> None:
@@ -246,8 +249,8 @@ async def test_exits_of_one_batch_mark_their_records_together(teams: Teams) -> N
     await asyncio.gather(*(records.record_start(teams.ours.team.id, info) for info in infos))
     stranger = running(capsule, 4999)  # never recorded
     others = teams.theirs.team.id  # a request of another team cannot mark this team's records
-    updates, stop = _exit_updates(platform)
-    try:
+    updates, count = _exit_updates()
+    with statements_seen(platform, count):
         async with teams.events(capsule.id) as events:
             won = await asyncio.gather(
                 *(
@@ -258,8 +261,6 @@ async def test_exits_of_one_batch_mark_their_records_together(teams: Teams) -> N
                 records.record_exit(ended(infos[0], exit_code=99), team_id=others),
             )
             seen = await events.settled()
-    finally:
-        stop()
     assert won == [True] * len(infos) + [False, False]
     assert sorted(e.process.tag for e in seen if e.kind is EXITED) == sorted(info.tag for info in infos)
     if platform.db.dialect == "postgresql":
@@ -312,9 +313,7 @@ async def test_new_records_wait_for_the_events_past_exits_of_other_processes(tea
     def seen_statement(_c: Any, _k: Any, statement: str, _p: Any, _x: Any, _many: bool) -> None:
         statements.append(statement.lstrip().upper())
 
-    for engine in platform.db.writing_engines:
-        sqlalchemy.event.listen(engine, "before_cursor_execute", seen_statement)
-    try:
+    with statements_seen(platform, seen_statement):
         async with teams.events(capsule.id) as events:
             won = await asyncio.gather(
                 *(records.record_start(team_id, info) for info in starts),
@@ -323,9 +322,6 @@ async def test_new_records_wait_for_the_events_past_exits_of_other_processes(tea
                 records.record_exit(ended(stopped, 6), team_id=team_id),
             )
             seen = await events.settled()
-    finally:
-        for engine in platform.db.writing_engines:
-            sqlalchemy.event.remove(engine, "before_cursor_execute", seen_statement)
     assert won[len(starts) :] == [True] * len(earlier) + [None, True]
     for info in (*starts, *earlier, stopped):
         kinds = [e.kind for e in seen if e.process.tag == info.tag]
