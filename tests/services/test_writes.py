@@ -339,3 +339,28 @@ async def test_new_records_wait_for_the_events_past_exits_of_other_processes(tea
         alone = [s for s in statements if s.startswith("INSERT INTO PROCESS_RECORD")]
         together = [s for s in statements if s.startswith(WITH_RECORDS)]
         assert together and len(alone) <= 1, "\n".join(s[:50] for s in statements)
+
+
+async def test_starts_in_two_capsules_in_one_batch_each_get_their_record_and_events(teams: Teams) -> None:
+    """The batch's new records go in with the first capsule's events (on PostgreSQL); the records of
+    the other capsule are among them, and each capsule counts only its own events."""
+    records = ProcessRecords(db=teams.state.platform.db, bus=teams.state.platform.bus)
+    capsules = [await teams.stored_capsule(CapsuleStatus.RUNNING) for _ in range(2)]
+    infos = {capsule.id: [running(capsule, pid) for pid in range(8000, 8010)] for capsule in capsules}
+    async with teams.events(capsules[0].id) as first, teams.events(capsules[1].id) as second:
+        await asyncio.gather(
+            *(
+                records.record_start(teams.ours.team.id, info)
+                for started in zip(*infos.values(), strict=True)
+                for info in started
+            )
+        )
+        seen = {capsules[0].id: await first.settled(), capsules[1].id: await second.settled()}
+    for capsule in capsules:
+        # (a batch goes in sorted by process: events of starts that came together need not keep their order)
+        assert sorted(e.process.tag for e in seen[capsule.id]) == sorted(
+            info.tag for info in infos[capsule.id]
+        )
+        for info in infos[capsule.id]:
+            record = await teams.record(capsule.id, info.tag)
+            assert record is not None and (record.pid, record.status) == (info.pid, ProcessStatus.RUNNING)
