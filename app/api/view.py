@@ -40,6 +40,7 @@ from app.api.negotiation import GRAPHQL_RESPONSE_JSON, request_error_status, wan
 from app.api.revocation import FORBIDDEN, RevocableGraphQLWS, RevocableTransportWS
 from app.api.schema import schema
 from app.api.sharing import encode_message
+from app.api.ws_adapter import LeanWebSocketAdapter
 from app.api.ws_messages import StrictGraphQLWS, StrictTransportWS
 from app.errors import ErrorCode, RateLimited
 from app.services.team import Platform
@@ -139,6 +140,7 @@ class GraphQLView(GraphQL[Context, None]):
 
     graphql_ws_handler_class = GraphQLWSHandler
     graphql_transport_ws_handler_class = GraphQLTransportWSHandler
+    websocket_adapter_class = LeanWebSocketAdapter
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(schema, keep_alive=True, keep_alive_interval=15, **kwargs)

@@ -1,0 +1,70 @@
+"""The WebSocket protocol `capsule serve` runs uvicorn with: a connection keeps no handshake once
+open, and everything else works as uvicorn's own (a real uvicorn, a real client, on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+import websockets
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.typing import Subprotocol
+
+from app.cli.ws_protocol import LeanWebSocketsProtocol
+
+
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept(subprotocol="echo")
+    agent = dict(websocket.scope["headers"]).get(b"user-agent", b"").decode()
+    await websocket.send_text(f"user-agent {agent}")
+    async for text in websocket.iter_text():
+        await websocket.send_text(text)
+
+
+@asynccontextmanager
+async def serving() -> AsyncIterator[tuple[uvicorn.Server, str]]:
+    app = Starlette(routes=[WebSocketRoute("/ws", echo)])
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws=LeanWebSocketsProtocol)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(15):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield server, f"ws://127.0.0.1:{port}/ws"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_an_open_connection_keeps_no_handshake_and_works_on() -> None:
+    async with serving() as (server, url):
+        offer = [Subprotocol("echo")]
+        async with websockets.connect(url, subprotocols=offer, user_agent_header="probe/1") as client:
+            assert client.subprotocol == "echo"
+            assert await client.recv() == "user-agent probe/1"  # the app still reads the request's headers
+            (protocol,) = [
+                c for c in server.server_state.connections if isinstance(c, LeanWebSocketsProtocol)
+            ]
+            assert protocol.request is None and protocol.response is None
+            assert dict(protocol.scope["headers"])[b"user-agent"] == b"probe/1"
+            for text in ("one", "x" * 100_000):
+                await client.send(text)
+                assert await client.recv() == text
+        async with asyncio.timeout(10):
+            while server.server_state.connections:
+                await asyncio.sleep(0.01)
+
+
+async def test_a_refused_handshake_is_answered_as_before() -> None:
+    async with serving() as (_server, url):
+        try:
+            async with websockets.connect(url.replace("/ws", "/nowhere")):
+                raise AssertionError("connected to a route that is not there")
+        except websockets.InvalidStatus as refused:
+            assert refused.response.status_code == 403
