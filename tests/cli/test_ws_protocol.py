@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import uvicorn
 import websockets
 from starlette.applications import Starlette
@@ -14,7 +15,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.typing import Subprotocol
 
-from app.cli.ws_protocol import LeanWebSocketsProtocol
+from app.cli.ws_protocol import Flag, Inbox, LeanWebSocketsProtocol
 
 
 async def echo(websocket: WebSocket) -> None:
@@ -68,3 +69,57 @@ async def test_a_refused_handshake_is_answered_as_before() -> None:
                 raise AssertionError("connected to a route that is not there")
         except websockets.InvalidStatus as refused:
             assert refused.response.status_code == 403
+
+
+async def test_while_the_socket_cannot_take_more_the_app_waits_to_send() -> None:
+    """The transport says its buffer is full (pause_writing, as asyncio's transports call it): the
+    app's next send waits, and goes once the transport can take more again."""
+    async with (
+        serving() as (server, url),
+        websockets.connect(url, subprotocols=[Subprotocol("echo")]) as client,
+    ):
+        await client.recv()  # the greeting: the connection is open
+        (protocol,) = server.server_state.connections
+        protocol.pause_writing()
+        await client.send("held")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.recv()
+        protocol.resume_writing()
+        async with asyncio.timeout(5):
+            assert await client.recv() == "held"
+
+
+async def test_the_inbox_hands_items_out_in_order_and_survives_a_cancelled_reader() -> None:
+    inbox: Inbox[int] = Inbox()
+    assert inbox.empty()
+    inbox.put_nowait(1)
+    inbox.put_nowait(2)
+    assert [await inbox.get(), await inbox.get()] == [1, 2] and inbox.empty()
+    first = asyncio.create_task(inbox.get())
+    second = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait(3)  # wakes the first reader, which is cancelled before it runs
+    first.cancel()
+    async with asyncio.timeout(5):
+        assert await second == 3  # the item went to the next reader
+    assert first.cancelled() and inbox.empty()
+
+
+async def test_the_flag_wakes_every_waiter_and_waits_again_once_cleared() -> None:
+    flag = Flag()
+    waiters = [asyncio.create_task(flag.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    flag.set()
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*waiters) == [True] * 3
+    assert await flag.wait()  # set: no wait at all
+    flag.clear()
+    waiting = asyncio.create_task(flag.wait())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    waiting.cancel()
+    flag.set()
+    async with asyncio.timeout(5):
+        assert await flag.wait()
