@@ -158,19 +158,8 @@ class DriverReader:
                 )
         return self._pool
 
-    async def read(self, statement: Executable, params: dict[str, Any]) -> Any:
-        """The one row (or None) the statement selects."""
-        compiled, records = await self._fetch(statement, params, one=True)
-        return None if not records else compiled.make(records[0])
-
     async def read_all(self, statement: Executable, params: dict[str, Any]) -> list[Any]:
         """Every row the statement selects."""
-        compiled, records = await self._fetch(statement, params, one=False)
-        return [compiled.make(record) for record in records]
-
-    async def _fetch(
-        self, statement: Executable, params: dict[str, Any], *, one: bool
-    ) -> tuple[_CompiledRead, list[Any]]:
         compiled = self._statement(statement)
         args = compiled.arguments(params)
         for attempt in range(2):
@@ -180,10 +169,8 @@ class DriverReader:
                     if compiled.processors is None:
                         prepared = await connection.prepare(compiled.sql)
                         compiled.typed([attribute.type.oid for attribute in prepared.get_attributes()])
-                    if one:
-                        record = await connection.fetchrow(compiled.sql, *args)
-                        return compiled, [] if record is None else [record]
-                    return compiled, list(await connection.fetch(compiled.sql, *args))
+                    records = await connection.fetch(compiled.sql, *args)
+                return [compiled.make(record) for record in records]
             except _DROPPED_CONNECTION_ERRORS:
                 if attempt:
                     raise

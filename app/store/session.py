@@ -196,13 +196,6 @@ class LoopSession(AsyncSession):
 CHECKPOINT_EVERY_COMMITS = 200
 
 
-def _rows(result: sa.CursorResult[Any], *, one: bool) -> Sequence[Row[Any]]:
-    if one:
-        row = result.one_or_none()
-        return [] if row is None else [row]
-    return result.all()
-
-
 class Database:
     """The engine and session factory of one database; built once per process and passed down."""
 
@@ -225,20 +218,14 @@ class Database:
     async def point_read(self, statement: Executable, params: dict[str, Any]) -> Row[Any] | None:
         """The one row (or None) a query of a primary or unique key selects; on a SQLite file read
         on the event loop, without a thread hop; on PostgreSQL through the driver's own pool."""
-        rows = await self._read(statement, params, one=True)
+        rows = await self.short_read(statement, params)
         return rows[0] if rows else None
 
     async def short_read(self, statement: Executable, params: dict[str, Any]) -> Sequence[Row[Any]]:
         """Every row of a short indexed read (a page of a few hundred rows at most), read outside
         any transaction as point_read reads: one round trip on PostgreSQL, none on a SQLite file."""
-        return await self._read(statement, params, one=False)
-
-    async def _read(self, statement: Executable, params: dict[str, Any], *, one: bool) -> Sequence[Row[Any]]:
         if self._driver_reader is not None:
             try:
-                if one:
-                    row: Row[Any] | None = await self._driver_reader.read(statement, params)
-                    return [] if row is None else [row]
                 rows: list[Row[Any]] = await self._driver_reader.read_all(statement, params)
                 return rows
             except self._driver_reader.connection_errors as exc:
@@ -247,12 +234,12 @@ class Database:
         if self._reader is not None:
             try:
                 with self._reader.connect() as connection:
-                    return _rows(connection.execute(statement, params), one=one)
+                    return connection.execute(statement, params).all()
             except sa_exc.OperationalError:  # busy, or the file is not there yet: the usual way
                 pass
         try:
             async with self.engine.connect() as connection:  # SQLite's: in memory, or a busy file
-                return _rows(await connection.execute(statement, params), one=one)
+                return (await connection.execute(statement, params)).all()
         except _CONNECTION_ERRORS as exc:
             logger.warning("database unreachable: %s", type(exc).__name__)
             raise Unavailable(UNREACHABLE) from exc
