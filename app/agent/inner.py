@@ -20,6 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from app import malloc
 from app.agent import link
 from app.agent.events import ProcessEvents
 from app.agent.meter import CgroupMeters, Meters
@@ -173,7 +174,7 @@ async def serve(argument: str) -> None:
     capsule = OneCapsule(
         given["capsule_id"], settings, events, rlimit=bool(given.get("rlimit")), meters=meters
     )
-    server = await link.serve(SOCKET, AgentServicer(capsule, events))
+    server = await link.serve(SOCKET, AgentServicer(capsule, events, serialized_output=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if given.get("lifeline") is not None:
@@ -198,6 +199,7 @@ def _not_dumpable() -> None:
 def main() -> None:
     """Entry point inside the sandbox."""
     _not_dumpable()
+    malloc.tune()  # batches of output of a megabyte go through here
     logging.basicConfig(level=logging.WARNING, format="capsule supervisor: %(levelname)s %(message)s")
     asyncio.run(serve(sys.argv[1]))
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from app import logs
+from app import logs, malloc
 from app.config import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"capsule: {exc}", file=sys.stderr)
         return 2
     logs.configure(kind=settings.log_format, level=args.log_level)
+    malloc.tune()  # the agent's and the server's output path move buffers of a megabyte
     # Alembic narrates every plugin and step at INFO; a migration that happens is logged by app.store.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
