@@ -11,7 +11,9 @@ A frame is a header (the body's length, the frame's kind, the call's id, a code)
   for none) then the serialized request.
 - CANCEL: the caller gave up; the handler is cancelled.
 - HEADERS: a streaming handler has begun (what gRPC's initial metadata tells).
-- REPLY: a unary call's reply, or one message of a stream.
+- REPLY: a unary call's reply, or one message of a stream (a handler may yield a message serialized
+  already, as the supervisor's StreamOutput does; a body of SEPARATE_BODY_BYTES or more is written
+  after its header, not copied to join it).
 - END: a stream ended.
 - ERROR: code, a gRPC status code; body, its details (UTF-8).
 
@@ -56,6 +58,9 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # as the agent's gRPC server allows
 # What a connection's reader buffers before it stops reading the socket (the writer then waits).
 BUFFER_BYTES = 1024 * 1024
 CALL, CANCEL, HEADERS, REPLY, END, ERROR = range(1, 7)
+# A body of this size or more is written after its header rather than joined to it: a copy of a
+# batch of output costs more than one more write.
+SEPARATE_BODY_BYTES = 64 * 1024
 # How long a link waits for a supervisor that has bound its socket but does not listen yet.
 CONNECT_RETRY_SEC = 0.005
 
@@ -196,8 +201,13 @@ async def _call(servicer: Any, writer: asyncio.StreamWriter, call_id: int, index
         if len(payload) > MAX_BODY_BYTES:  # as gRPC refuses a message over its limit: this call fails
             kind, code = ERROR, Status.RESOURCE_EXHAUSTED
             payload = f"a reply of {len(payload)} bytes, over the link's {MAX_BODY_BYTES}".encode()
-        if not writer.is_closing():
+        if writer.is_closing():
+            return
+        if len(payload) < SEPARATE_BODY_BYTES:
             writer.write(frame(kind, call_id, code, payload))
+        else:
+            writer.write(HEADER.pack(len(payload), kind, call_id, code))
+            writer.write(payload)
 
     try:
         if index >= len(METHODS) or len(body) < DEADLINE.size:
@@ -214,7 +224,8 @@ async def _call(servicer: Any, writer: asyncio.StreamWriter, call_id: int, index
             context = CallContext(None, on_headers=lambda: send(HEADERS))
             async for reply in handler(request, context):
                 await context.send_initial_metadata(())
-                send(REPLY, payload=reply.SerializeToString())
+                # A reply serialized already (StreamOutput's) goes as it is.
+                send(REPLY, payload=reply if isinstance(reply, bytes) else reply.SerializeToString())
                 await writer.drain()
             await context.send_initial_metadata(())
             send(END)

@@ -165,9 +165,12 @@ class AgentServicer:
     CallError, its gRPC status, which each way of calling it (gRPC, the link, the in-process agent)
     says its own way."""
 
-    def __init__(self, capsules: Capsules, events: ProcessEvents) -> None:
+    def __init__(self, capsules: Capsules, events: ProcessEvents, *, serialized_output: bool = False) -> None:
+        """serialized_output: StreamOutput yields each batch serialized already (the link sends
+        bytes as they are), where gRPC and the in-process agent take messages."""
         self._capsules = capsules
         self._events = events
+        self._serialized_output = serialized_output
 
     @abort_on_capsule_error
     async def CreateCapsule(self, request: pb.CreateCapsuleRequest, context: Context) -> pb.CapsuleInfo:
@@ -259,11 +262,11 @@ class AgentServicer:
     @routed_stream(_process_capsule)
     async def StreamOutput(
         self, request: pb.OutputRequest, context: Context
-    ) -> AsyncIterator[pb.OutputBatch]:
+    ) -> AsyncIterator[pb.OutputBatch | bytes]:
         ref = request.process
         supervisor = self._capsules.supervisor(ref.capsule_id)
         async for batch in supervisor.output(parse_selector(ref.selector), request.from_seq):
-            yield wire.output_batch(batch)
+            yield wire.serialized_output_batch(batch) if self._serialized_output else wire.output_batch(batch)
 
     @abort_on_capsule_error
     @routed(_capsule)

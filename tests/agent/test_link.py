@@ -16,13 +16,14 @@ from typing import Any
 import grpc
 import pytest
 
-from app import wire
+from app import domain, wire
 from app.agent import link, tally
 from app.agent.server import AgentHandle, start_agent
+from app.agent.service import AgentServicer
 from app.agent.supervisor_link import SupervisorLink
 from app.pb import agent_pb2 as pb
 from tests.agent.conftest import agent_settings
-from tests.agent.helpers import eventually, exec_sh, grpc_error, read_output, ref, start_sh
+from tests.agent.helpers import chunks, eventually, exec_sh, grpc_error, read_output, ref, start_sh
 
 CAPSULE = "c1"
 
@@ -104,6 +105,36 @@ async def test_a_stream_brings_every_message_then_ends(supervisor: SupervisorLin
     assert watch.cancel()
     error = await grpc_error(read_output(stub, CAPSULE, "nobody"))
     assert error.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_output_the_supervisor_sends_serialized_arrives_as_written(tmp_path: Path) -> None:
+    """A capsule's supervisor yields StreamOutput's batches as bytes, joined by hand: the agent's
+    end reads the same events, the batches of a flood (a megabyte each) among them."""
+    settings = agent_settings(tmp_path / "data", runtime="plain", output_cap_bytes=16 * 1024 * 1024)
+    agent = await start_agent(None, settings)  # its log holds the whole flood: no gap
+    servicer = AgentServicer(agent._capsules, agent._events, serialized_output=True)
+    path, fd = short_path(tmp_path, "serialized.sock")
+    server = await link.serve(tmp_path / "serialized.sock", servicer)
+    opened = SupervisorLink(path)
+    try:
+        await opened.open()
+        stub = opened.stub
+        await stub.CreateCapsule(pb.CreateCapsuleRequest(capsule_id=CAPSULE))
+        script = "head -c 6000000 /dev/zero | tr '\\0' x; echo; echo err >&2; exit 4"
+        info = await start_sh(stub, CAPSULE, script)
+        events = await read_output(stub, CAPSULE, info.pid, within=30)
+    finally:
+        await opened.close()
+        server.close()
+        os.close(fd)
+        await agent.stop()
+    assert b"".join(c.data for c in chunks(events, domain.Stream.STDOUT)) == b"x" * 6_000_000 + b"\n"
+    assert b"".join(c.data for c in chunks(events, domain.Stream.STDERR)) == b"err\n"
+    assert [e.seq for e in events] == sorted({e.seq for e in events})
+    # The batches were big enough to be written apart from their headers.
+    assert len(chunks(events)) < 6_000_000 // link.SEPARATE_BODY_BYTES
+    end = events[-1]
+    assert isinstance(end, domain.ProcessExit) and end.exit_code == 4
 
 
 async def test_a_deadline_ends_the_call_on_both_ends(supervisor: SupervisorLink) -> None:
