@@ -6,7 +6,6 @@ import asyncio
 from typing import Any, Generic, TypeVar
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.protocol import OPEN
 
 T = TypeVar("T")
 
@@ -87,26 +86,11 @@ class Flag:
             self._waiters.remove(waiter)
 
 
-def text_frame_header(length: int) -> bytes:
-    """The header of a server's unmasked, final text frame of length bytes (RFC 6455, 5.2)."""
-    if length < 126:
-        return bytes((0x81, length))
-    if length < 1 << 16:
-        return bytes((0x81, 126)) + length.to_bytes(2, "big")
-    return bytes((0x81, 127)) + length.to_bytes(8, "big")
-
-
 class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
     """uvicorn's protocol, keeping less of each open connection: once it is accepted, the
     handshake's request and response go (uvicorn keeps both for the connection's life, and
     websockets' parser the request: some 3 KiB that nothing reads again; what the app sees of the
-    request is its ASGI scope, which stays), and its inbox and writable flag hold no deque.
-
-    A text message goes out with one copy of its text, the UTF-8 encoding, written after its
-    frame's header: through websockets' frames it was copied twice more (into the frame, then into
-    the bytes written), which for a batch of output of a megabyte cost more than its encoding. A
-    connection that negotiated per-message compression, or that is not open, sends as uvicorn does.
-    """
+    request is its ASGI scope, which stays), and its inbox and writable flag hold no deque."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -115,17 +99,7 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
         self.writable.set()
 
     async def send(self, message: Any) -> None:
-        if message["type"] == "websocket.send" and message.get("bytes") is None:
-            text = message.get("text")
-            if text is not None and self.handshake_complete and not self.conn.extensions:
-                await self.writable.wait()
-                if self.conn.state is OPEN and not (
-                    self.disconnected or self.close_sent or self.initial_response
-                ):
-                    data = text.encode()
-                    self.transport.writelines((text_frame_header(len(data)), data))
-                    return
-        await super().send(message)  # which says what is wrong with a message it cannot send
+        await super().send(message)
         if message["type"] == "websocket.accept" and self.handshake_complete and self.request is not None:
             self.request.headers.clear()  # websockets' parser holds the request itself till the end
             self.request = self.response = None  # type: ignore[assignment]

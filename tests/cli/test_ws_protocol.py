@@ -15,7 +15,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.typing import Subprotocol
 
-from app.cli.ws_protocol import Flag, Inbox, LeanWebSocketsProtocol, text_frame_header
+from app.cli.ws_protocol import Flag, Inbox, LeanWebSocketsProtocol
 
 
 async def echo(websocket: WebSocket) -> None:
@@ -123,30 +123,3 @@ async def test_the_flag_wakes_every_waiter_and_waits_again_once_cleared() -> Non
     flag.set()
     async with asyncio.timeout(5):
         assert await flag.wait()
-
-
-@pytest.mark.parametrize("compression", [None, "deflate"])
-async def test_text_of_every_frame_length_arrives_whole_compressed_or_not(compression: str | None) -> None:
-    """Text goes out as frames written here (none compressed), or, on a connection that negotiated
-    per-message compression, as websockets frames them: each arrives as it was sent, every length
-    of the frame header's three forms (RFC 6455, 5.2) and its edges."""
-    lengths = [0, 1, 125, 126, 127, 65_535, 65_536, 65_537, 3_000_000]
-    async with (
-        serving() as (_server, url),
-        websockets.connect(
-            url, subprotocols=[Subprotocol("echo")], compression=compression, max_size=None
-        ) as client,
-    ):
-        await client.recv()  # the greeting
-        assert bool(client.protocol.extensions) == (compression is not None)
-        for text in ["x" * length for length in lengths] + ["é" * 40_000]:  # UTF-8 of many bytes a char
-            await client.send(text)
-            async with asyncio.timeout(10):
-                assert await client.recv() == text
-
-
-def test_a_frame_header_carries_its_length_in_as_few_bytes_as_the_rfc_allows() -> None:
-    assert text_frame_header(125) == b"\x81\x7d"
-    assert text_frame_header(126) == b"\x81\x7e\x00\x7e"
-    assert text_frame_header(65_535) == b"\x81\x7e\xff\xff"
-    assert text_frame_header(65_536) == b"\x81\x7f" + (65_536).to_bytes(8, "big")
