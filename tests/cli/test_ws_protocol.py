@@ -1,9 +1,12 @@
-"""The WebSocket protocol `capsule serve` runs uvicorn with: a connection keeps no handshake once
-open, and everything else works as uvicorn's own (a real uvicorn, a real client, on loopback)."""
+"""The protocols `capsule serve` runs uvicorn with: a WebSocket keeps no handshake once open, nor the
+HTTP protocol it came through, and everything else works as uvicorn's own (a real uvicorn, a real
+client, on loopback)."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,9 +16,10 @@ import websockets
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.typing import Subprotocol
 
-from app.cli.ws_protocol import Flag, Inbox, LeanWebSocketsProtocol
+from app.cli.ws_protocol import Flag, Inbox, LeanHttpToolsProtocol, LeanWebSocketsProtocol
 
 
 async def echo(websocket: WebSocket) -> None:
@@ -27,9 +31,13 @@ async def echo(websocket: WebSocket) -> None:
 
 
 @asynccontextmanager
-async def serving() -> AsyncIterator[tuple[uvicorn.Server, str]]:
+async def serving(
+    http: type[HttpToolsProtocol] = LeanHttpToolsProtocol,
+) -> AsyncIterator[tuple[uvicorn.Server, str]]:
     app = Starlette(routes=[WebSocketRoute("/ws", echo)])
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws=LeanWebSocketsProtocol)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", http=http, ws=LeanWebSocketsProtocol
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
@@ -123,3 +131,38 @@ async def test_the_flag_wakes_every_waiter_and_waits_again_once_cleared() -> Non
     flag.set()
     async with asyncio.timeout(5):
         assert await flag.wait()
+
+
+Made = list[weakref.ref[HttpToolsProtocol]]
+ECHO = Subprotocol("echo")
+
+
+def _recording(base: type[HttpToolsProtocol]) -> tuple[type[HttpToolsProtocol], Made]:
+    made: Made = []
+
+    class Recorded(base):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    return Recorded, made
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["ours", "uvicorn's"])
+async def test_the_http_protocol_a_websocket_came_through_is_freed_without_the_collector(lean: bool) -> None:
+    http, made = _recording(LeanHttpToolsProtocol if lean else HttpToolsProtocol)
+    gc.collect()
+    gc.disable()
+    try:
+        async with (
+            serving(http) as (_, url),
+            websockets.connect(url, subprotocols=[ECHO], user_agent_header="probe/1") as client,
+        ):
+            assert await client.recv() == "user-agent probe/1"
+            await client.send("still open")
+            assert await client.recv() == "still open"
+            assert len(made) == 1
+            # uvicorn's own stays in a cycle with its parser till a collection finds it.
+            assert (made[0]() is None) is lean
+    finally:
+        gc.enable()
