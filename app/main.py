@@ -13,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import metrics
 from app.api.graphiql import static_route
@@ -29,9 +30,29 @@ from app.state import AppState
 # all a server makes) are still collected young; a full pass waits for 100 passes of the middle
 # generation and, by CPython's own rule, for a quarter of the old objects to be new since the last.
 GC_THRESHOLDS = (50_000, 20, 100)
+GRAPHQL_PATH = "/graphql"
 
 
-def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
+class Api(Starlette):
+    """Starlette's app with one shortcut: a WebSocket to /graphql goes straight to the view through
+    SizeLimits, not through Starlette's error and exception middleware and its router. Each of those
+    holds a coroutine frame or two for the whole life of every open WebSocket (some 2.5 KiB of each)
+    and does nothing for one: the error middleware passes a WebSocket's exception on to uvicorn as
+    it is, the exception middleware answers only the HTTP and WebSocket exceptions of Starlette,
+    which the view does not raise, and the router only matches the path. Everything else, a
+    WebSocket to another path included, takes Starlette's way."""
+
+    graphql_websocket: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == GRAPHQL_PATH and self.graphql_websocket:
+            scope["app"] = self  # as Starlette sets it: the view's WebSocket reads the app's state
+            await self.graphql_websocket(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings, *, freeze_gc: bool = False) -> Api:
     """The API server for these settings; nothing connects until the lifespan starts.
 
     freeze_gc (for `capsule serve`, which has the process to itself): once started, the objects made
@@ -45,7 +66,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         # The view's handlers bound operations per connection themselves, with RATE_LIMITED.
         max_subscriptions_per_connection=None,
     )
-    viewer = ViewerPage(graphql_path="/graphql")
+    viewer = ViewerPage(graphql_path=GRAPHQL_PATH)
     if settings.otel_endpoint:  # else nothing of OpenTelemetry is imported
         from app import tracing
 
@@ -91,26 +112,22 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
             await health.refresh_gauges()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app = Starlette(
+    limits = {"max_body_bytes": settings.max_body_bytes, "max_message_bytes": settings.max_ws_message_bytes}
+    app = Api(
         routes=[
             Route("/", home),
             Route("/healthz", health),
             Route("/readyz", ready),
             Route("/metrics", metrics_page),
-            Route("/graphql", view, methods=["GET", "POST"]),
-            WebSocketRoute("/graphql", view),
+            Route(GRAPHQL_PATH, view, methods=["GET", "POST"]),
+            WebSocketRoute(GRAPHQL_PATH, view),
             Route("/viewer", viewer.page),
             static_route(),
         ],
-        middleware=[
-            Middleware(
-                SizeLimits,
-                max_body_bytes=settings.max_body_bytes,
-                max_message_bytes=settings.max_ws_message_bytes,
-            )
-        ],
+        middleware=[Middleware(SizeLimits, **limits)],
         lifespan=lifespan,
     )
+    app.graphql_websocket = SizeLimits(view, **limits)
     app.state.going_away = view.going_away  # for `capsule serve`'s shutdown: WebSockets close with 1001
     return app
 

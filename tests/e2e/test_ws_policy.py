@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
 from app.agent.server import AgentHandle
@@ -217,3 +217,31 @@ async def test_replicas_on_redis_share_connection_slots(settings: Settings, agen
                 await send_init(refused, key)
                 assert (await close_of(refused))[0] == 1013
         await until_served(second, TRANSPORT, key)
+
+
+def _frames(task: asyncio.Task[Any]) -> list[str]:
+    """The files of the coroutine frames a task is suspended in, outermost first."""
+    files: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is not None:
+            files.append(frame.f_code.co_filename)
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return files
+
+
+async def test_a_graphql_websocket_holds_no_frame_of_starlettes_middleware(server: Server, key: str) -> None:
+    async with socket(server, TRANSPORT) as ws:
+        assert (await init(ws, key))["type"] == "connection_ack"
+        chains = [_frames(task) for task in asyncio.all_tasks()]
+        (mine,) = [files for files in chains if any("strawberry/subscriptions" in f for f in files)]
+        assert any("app/api/size_limits.py" in f for f in mine)  # its limits still apply
+        assert not [f for f in mine if "/starlette/" in f]
+        # Another path still goes Starlette's way: its router refuses the handshake.
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(server.ws_url.removesuffix("/graphql") + "/elsewhere", open_timeout=10):
+                pass
+        assert refused.value.response.status_code == 403
+        await ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(await ws.recv())["type"] == "pong"
