@@ -8,8 +8,48 @@ from typing import Any, Generic, TypeVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 T = TypeVar("T")
+
+# Request headers whose values come alike on connection after connection (a client's host, upgrade,
+# version, subprotocol and extension offers, user agent, origin): one copy of each such header,
+# name and value, serves every connection's ASGI scope, where each kept its own (some 1 KiB of
+# every open WebSocket). Others (the key of the handshake, credentials) share only their name.
+SHARED_HEADERS = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"upgrade",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+        b"user-agent",
+        b"origin",
+        b"pragma",
+        b"cache-control",
+        b"accept-encoding",
+        b"accept-language",
+    }
+)
+_SHARED_KEPT = 1024  # headers, and names apart, each; once full, what is new is kept per connection
+_headers: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+_names: dict[bytes, bytes] = {}
+
+
+def _shared(table: dict[Any, Any], item: Any) -> Any:
+    if len(table) < _SHARED_KEPT:
+        return table.setdefault(item, item)
+    return table.get(item, item)
+
+
+def shared_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """headers, each the one copy kept of it where its name is in SHARED_HEADERS, else with the
+    one copy kept of its name."""
+    return [
+        _shared(_headers, (name, value)) if name in SHARED_HEADERS else (_shared(_names, name), value)
+        for name, value in headers
+    ]
 
 
 class Inbox(Generic[T]):
@@ -105,13 +145,20 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
     """uvicorn's protocol, keeping less of each open connection: once it is accepted, the
     handshake's request and response go (uvicorn keeps both for the connection's life, and
     websockets' parser the request: some 3 KiB that nothing reads again; what the app sees of the
-    request is its ASGI scope, which stays), and its inbox and writable flag hold no deque."""
+    request is its ASGI scope, which stays), the scope's headers share what repeats
+    (SHARED_HEADERS), and its inbox and writable flag hold no deque."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
         self.writable.set()
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # none when the handshake was refused
+        if scope is not None:  # the app has not run yet: it reads the scope once its task starts
+            scope["headers"] = shared_headers(scope["headers"])
 
     async def send(self, message: Any) -> None:
         await super().send(message)

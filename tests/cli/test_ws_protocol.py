@@ -19,7 +19,8 @@ from starlette.websockets import WebSocket
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.typing import Subprotocol
 
-from app.cli.ws_protocol import Flag, Inbox, LeanHttpToolsProtocol, LeanWebSocketsProtocol
+from app.cli import ws_protocol
+from app.cli.ws_protocol import Flag, Inbox, LeanHttpToolsProtocol, LeanWebSocketsProtocol, shared_headers
 
 
 async def echo(websocket: WebSocket) -> None:
@@ -166,3 +167,41 @@ async def test_the_http_protocol_a_websocket_came_through_is_freed_without_the_c
             assert (made[0]() is None) is lean
     finally:
         gc.enable()
+
+
+async def test_open_connections_share_the_headers_that_repeat() -> None:
+    async with serving() as (server, url):
+        offer = [ECHO]
+        async with (
+            websockets.connect(url, subprotocols=offer, user_agent_header="probe/2") as one,
+            websockets.connect(url, subprotocols=offer, user_agent_header="probe/2") as two,
+        ):
+            for client in (one, two):
+                assert await client.recv() == "user-agent probe/2"  # the app reads them as sent
+            first, second = (
+                dict(c.scope["headers"])
+                for c in server.server_state.connections
+                if isinstance(c, LeanWebSocketsProtocol)
+            )
+    assert first[b"user-agent"] is second[b"user-agent"]
+    assert first[b"sec-websocket-protocol"] is second[b"sec-websocket-protocol"] == b"echo"
+    assert first[b"sec-websocket-key"] != second[b"sec-websocket-key"]  # each its own
+
+
+def test_shared_headers_keep_bounded_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ws_protocol, "_headers", {})
+    monkeypatch.setattr(ws_protocol, "_names", {})
+    monkeypatch.setattr(ws_protocol, "_SHARED_KEPT", 2)
+
+    def new(text: str) -> bytes:  # a bytes object of its own, as a parser makes one
+        return text.encode()
+
+    one = shared_headers([(new("host"), new("ab")), (new("x-secret"), new("s1"))])
+    two = shared_headers([(new("host"), new("ab")), (new("x-secret"), new("s2"))])
+    assert one[0] is two[0]  # a header that repeats: one copy
+    assert one[1][0] is two[1][0] and two[1] == (b"x-secret", b"s2")  # elsewhere only the name
+    assert shared_headers([(new("host"), new("cd"))])[0] is shared_headers([(new("host"), new("cd"))])[0]
+    # The table of headers is full: a new one is kept as it came, the ones kept are still shared.
+    late = shared_headers([(new("host"), new("ef")), (new("host"), new("ab"))])
+    assert late[0] == (b"host", b"ef") and late[1] is one[0]
+    assert len(ws_protocol._headers) == 2 and len(ws_protocol._names) == 1
