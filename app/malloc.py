@@ -27,7 +27,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 # Over the biggest buffer a batch needs: a serialized batch of 1 MiB grows its buffer past 2 MiB.
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
-TRIM_THRESHOLD_BYTES = 8 * 1024 * 1024
+# Room at the top for the biggest of those buffers, freed and asked for again, and no more: every
+# mebibyte kept free there counts in the RSS of a supervisor that holds a full output log.
+TRIM_THRESHOLD_BYTES = MMAP_THRESHOLD_BYTES
 
 
 def tune() -> bool:

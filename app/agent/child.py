@@ -39,6 +39,15 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 Sink = Callable[[Stream, bytes], None]
 
 
+def _waiting(fd: int) -> int:
+    """How many bytes a pipe or terminal holds for reading (FIONREAD); 0 when it cannot say."""
+    try:
+        (count,) = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))  # a C int
+    except OSError:
+        return 0
+    return int(count)
+
+
 def _pipe(*, grow: bool) -> tuple[int, int]:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     if grow:
@@ -267,8 +276,12 @@ class Child:
 
     def _on_readable(self, stream: Stream, fd: int) -> None:
         size = self._read_sizes[stream]
+        # A read of what the pipe holds, no more: os.read allocates all it asks for, then shrinks
+        # the bytes to what came, which left the rest of each buffer a hole in the heap that the
+        # log's chunks (kept, then evicted oldest first) fragmented into several MiB over the cap.
+        waiting = _waiting(fd)
         try:
-            data = os.read(fd, size)
+            data = os.read(fd, min(waiting, size) if waiting > 0 else size)
         except BlockingIOError:
             return
         except OSError:
