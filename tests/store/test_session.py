@@ -122,6 +122,7 @@ async def test_an_unreachable_database_is_unavailable(url: str, tmp_path: Path) 
     directory = tmp_path / "a-directory"  # where the database file should be
     directory.mkdir()
     db = Database(url.format(port=free_port(), directory=directory))
+    threads = set(threading.enumerate())
     try:
         with pytest.raises(Unavailable, match="database cannot be reached; retry") as raised:
             async with db.session() as session:
@@ -134,6 +135,11 @@ async def test_an_unreachable_database_is_unavailable(url: str, tmp_path: Path) 
             await capsule_of_team(db, 1, "cap-any")
     finally:
         await db.dispose()
+        # aiosqlite stops a connection that failed to open on the connection's own thread, which
+        # then hands its result to this loop: that must happen before the test's loop closes.
+        for thread in set(threading.enumerate()) - threads:
+            if "_connection_worker_thread" in thread.name:
+                await asyncio.to_thread(thread.join, 10)
 
 
 async def test_a_point_read_gives_what_a_session_reads(database: Database) -> None:
