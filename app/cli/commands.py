@@ -15,7 +15,7 @@ import uvicorn
 
 from app import logs
 from app.bus.broadcast import Bus
-from app.cli.ws_protocol import LeanHttpToolsProtocol, LeanWebSocketsProtocol
+from app.cli.ws_protocol import uvicorn_protocols
 from app.config import Settings, bus_backend_kind
 from app.datadir import lock_data_dir
 from app.errors import BusUnavailable
@@ -158,8 +158,7 @@ def _serve(settings: Settings, *, host: str, port: int) -> int:
         lifespan="on",
         ws_max_size=settings.max_ws_message_bytes,
         ws_per_message_deflate=settings.ws_per_message_deflate,
-        http=LeanHttpToolsProtocol,
-        ws=LeanWebSocketsProtocol,
+        **uvicorn_protocols(),
     )
     server = GracefulServer(config, going_away=app.state.going_away)
     # uvicorn raises the signal it caught again once it has shut down: SIGTERM and Ctrl-C are a

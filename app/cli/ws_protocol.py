@@ -11,6 +11,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.http11 import Request
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 # Request headers whose values come alike on connection after connection (a client's host, upgrade,
 # version, subprotocol and extension offers, user agent, origin): one copy of each such header,
@@ -37,7 +38,7 @@ _headers: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
 _names: dict[bytes, bytes] = {}
 
 
-def _shared(table: dict[Any, Any], item: Any) -> Any:
+def _shared(table: dict[K, K], item: K) -> K:
     if len(table) < _SHARED_KEPT:
         return table.setdefault(item, item)
     return table.get(item, item)
@@ -165,3 +166,8 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.accept" and self.handshake_complete and self.request is not None:
             self.request.headers.clear()  # websockets' parser holds the request itself till the end
             self.request = self.response = None  # type: ignore[assignment]
+
+
+def uvicorn_protocols() -> dict[str, Any]:
+    """The protocol arguments of uvicorn.Config that `capsule serve` runs with (and its tests)."""
+    return {"http": LeanHttpToolsProtocol, "ws": LeanWebSocketsProtocol}

@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 
 from app.agent.server import AgentHandle, start_agent
-from app.cli.ws_protocol import LeanHttpToolsProtocol, LeanWebSocketsProtocol
+from app.cli.ws_protocol import uvicorn_protocols
 from app.config import Settings
 from app.main import create_app
 from app.state import AppState
@@ -38,13 +38,7 @@ async def running_server(settings: Settings) -> AsyncIterator[Server]:
     """Serves create_app(settings) on a free loopback port until the block ends."""
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="on",
-        http=LeanHttpToolsProtocol,
-        ws=LeanWebSocketsProtocol,
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **uvicorn_protocols()
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
